@@ -1,0 +1,126 @@
+"""SFD (Semantic-First Diffusion) DiT training, one variant per paper row.
+
+    python -m sfd_jax.main --config=configs/sfd.py:tiny --workdir=/tmp/sfd_tiny --config.train.num_steps=20
+
+Variants (SPEC §4, §11):
+- `xl`        SFD-XL/1, 800-epoch recipe: lr 1e-4, betas (0.9, 0.999), REPA 'cos' λ=1, batch 256, 4M steps.
+- `xl_80ep`   the later official recipe: lr 2e-4, beta2 0.95, REPA 'cos_mse' λ=0.5, 400K steps (FID 3.43 unguided).
+- `xxl`       SFD-XXL/1 ("1p0B"), 800-epoch recipe.
+- `guide_b`   B/1 AutoGuidance guide: same objective, used at 60K-120K steps (every 20K kept).
+- `ablate_sync`        Δt = 0: synchronous joint denoising (ReDi/REG-style baseline), XL, 400K steps.
+- `ablate_no_repa`     REPA off (λ = 0; the projector is not built), XL, 400K steps.
+- `ablate_no_semantic` no semantic latent: texture channels [0:32] only (diffusion.semantic_chans=0, so the
+                       model has 32 in/out channels), Δt = 0, REPA on -- the paper's LightningDiT+REPA row. The data
+                       keep the 48-channel format; the train step feeds the model x1[..., :32].
+- `tiny`      CPU smoke test: the 2-block width-64 DiT on learnable synthetic latents, fp32.
+
+Override any field: `--config.optim.lr=2e-4 --config.mesh.ici="(1,-1,1)" --config.data.source=arrayrecord
+--config.data.path=/data/imagenet_latents`. Real training needs `data.source=arrayrecord` (latents extracted
+with `--mode=extract`); 'synthetic' is for smoke tests and throughput measurements.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+VARIANTS = ("xl", "xl_80ep", "xxl", "guide_b", "ablate_sync", "ablate_no_repa", "ablate_no_semantic", "tiny")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "train"
+    c.seed = 0
+    c.distributed = "auto"  # 'auto': jax.distributed.initialize() when the environment shows several processes
+
+    c.model = ml_collections.ConfigDict(dict(
+        size="xl",            # tiny | b | l | xl | xxl
+        dtype="bfloat16",     # compute dtype; params, norms, softmax and losses stay float32
+        remat=False,          # rematerialise blocks in the backward pass (memory for ~30% more compute)
+        attention_impl="",    # '' lets XLA pick; 'cudnn' for flash attention on GPUs
+        repa_depth=2,         # REPA projector after this block
+    ))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        delta_t=0.3,          # Δt: semantic channels lead the texture by this much time
+        semantic_weight=2.0,  # β on the semantic channels of the MSE
+        semantic_chans=16,    # 0 = texture-only ablation (no SemVAE latent)
+        use_cosine_loss=True,
+        time_dist="lognorm",  # lognorm | uniform
+    ))
+    c.repa = ml_collections.ConfigDict(dict(weight=1.0, mode="cos"))  # mode: cos | mse | cos_mse
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        warmup_steps=0,       # linear warm-up from 0 (off in the reference)
+        grad_clip=0.0,        # global-norm clipping (0 = off, as the reference)
+        ema_decay=0.9999,
+        label_dropout=0.1,    # y -> null class (1000) with this probability, for classifier-free guidance
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=256,       # global batch
+        num_steps=4_000_000,
+        log_every=100,
+        ckpt_every=10_000,
+        keep_last=3,          # newest checkpoints kept ...
+        keep_every=100_000,   # ... plus every step divisible by this (FID curves); 0 = off
+        async_checkpoint=True,
+        nonfinite="stop",     # NaN/Inf loss or gradient: 'stop' (raise with the step) | 'skip' (drop the update)
+        peak_flops_per_device=config_dict.placeholder(float),  # for MFU; None = look up the device kind
+        export_ema=True,      # at the end, write <workdir>/ema (sfd_jax.convert.dit weights directory)
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",   # synthetic | arrayrecord
+        path="",              # arrayrecord: directory written by --mode=extract
+        num_classes=1000,
+        latent_multiplier=1.0, random_flip=True, read_threads=8, prefetch_batches=8,  # arrayrecord
+        noise_scale=0.5, dino_dtype="float32",                                         # synthetic
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        ici=(1, -1, 1),       # (data, fsdp, tensor) inside a slice/node; one entry may be -1 ("the rest")
+        dcn=(1, 1, 1),        # across slices/nodes
+        # logical weight axis -> mesh axes ('' = replicated, 'data+fsdp' = both)
+        rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
+    ))
+    c.eval = eval_block()
+    return c
+
+
+def eval_block() -> ml_collections.ConfigDict:
+    """`every` and `fn` drive the loop's eval hook; the other fields are the settings of the default hook, the
+    in-training FID of sfd_jax.eval.in_training (listed here so that they can be overridden from the command line)."""
+    block = dict(
+        every=0,                                # run the hook every this many steps and after the last (0 = off)
+        fn="sfd_jax.eval.in_training:fid",      # 'module:function', fn(EvalContext) -> {name: float}
+    )
+    try:
+        from sfd_jax.eval.in_training import DEFAULTS
+    except ImportError:  # the eval stack is optional for training
+        DEFAULTS = {}
+    for name, value in DEFAULTS.items():
+        block[name] = config_dict.placeholder(float) if value is None else value
+    return ml_collections.ConfigDict(block)
+
+
+def get_config(arg: str = "xl") -> ml_collections.ConfigDict:
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/sfd.py:{arg} is not a variant; choose one of {', '.join(VARIANTS)}")
+    c = base()
+    if arg == "xl_80ep":
+        c.optim.update(lr=2e-4, b2=0.95)
+        c.repa.update(weight=0.5, mode="cos_mse")
+        c.train.update(num_steps=400_000, keep_every=50_000)
+    elif arg == "xxl":
+        c.model.size = "xxl"
+    elif arg == "guide_b":
+        c.model.size = "b"
+        c.train.update(num_steps=120_000, keep_every=20_000)
+    elif arg.startswith("ablate_"):
+        c.train.update(num_steps=400_000, keep_every=50_000)
+        if arg == "ablate_sync":
+            c.diffusion.delta_t = 0.0
+        elif arg == "ablate_no_repa":
+            c.repa.weight = 0.0
+        else:
+            c.diffusion.update(semantic_chans=0, delta_t=0.0)
+    elif arg == "tiny":
+        c.model.update(size="tiny", dtype="float32")
+        c.optim.update(lr=1e-3, ema_decay=0.99)
+        c.train.update(batch_size=16, num_steps=200, log_every=5, ckpt_every=50, keep_last=2, keep_every=0)
+        c.data.update(num_classes=10)
+    return c
