@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= demo_workdir
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo install install-torch clean-venv
+.PHONY: test demo fashion-mnist install install-torch clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +18,31 @@ install: $(VENV)/.installed
 
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-		$(PY) -m pytest -q --durations=15 tests $(PYTEST_ARGS)
+		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
+
+# The whole pipeline on Fashion-MNIST (docs/demo.md). Re-running resumes: finished stages are skipped.
+demo: install fashion-mnist
+	$(PY) -m sfd_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=demo \
+		--config.demo.data_dir=$(FASHION_MNIST) $(DEMO_ARGS)
+
+# The Debian package dataset-fashion-mnist holds the four IDX files; elsewhere put them in FASHION_MNIST yourself.
+fashion-mnist:
+	@if [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte ]; then \
+		if [ "$(FASHION_MNIST)" = /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] \
+				&& command -v apt-get >/dev/null 2>&1; then \
+			echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist"; \
+			apt-get install -y dataset-fashion-mnist \
+				|| { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
+		fi; \
+	fi
+	@if [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte ]; then \
+		echo "error: Fashion-MNIST not found in $(FASHION_MNIST)."; \
+		echo "  Debian/Ubuntu (as root): apt-get install dataset-fashion-mnist"; \
+		echo "  Elsewhere: put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and"; \
+		echo "  t10k-labels-idx1-ubyte.gz (from github.com/zalandoresearch/fashion-mnist) in a directory DIR and run"; \
+		echo "  make demo FASHION_MNIST=DIR"; \
+		exit 1; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

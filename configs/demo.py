@@ -1,0 +1,124 @@
+"""The whole SFD pipeline on Fashion-MNIST, end to end on a 2-core CPU (`make demo`, docs/demo.md).
+
+    python -m sfd_jax.main --config=configs/demo.py --workdir=demo_workdir --mode=demo
+
+Stages (each cached in the workdir; a re-run skips finished stages, a killed run resumes): texture VAE (f8, 32×32 →
+4×4×32) → random DINOv2-with-registers (patch 8: a 4×4 token grid, the same grid as the latent) + SemVAE (→ 4×4×16)
+→ latent extraction (ArrayRecord + stats.json) → SFD DiT (Δt = 0.3, REPA on the DINOv2 tokens) with an early EMA
+snapshot as the AutoGuidance guide → class-balanced Dopri5 sampling, unguided and guided → a SmallCNN judge:
+test accuracy, class consistency, FID in its feature space. Expected: ≤ 10 minutes; report.json, samples.png and
+loss.png in the workdir (numbers in docs/demo.md).
+
+Variants:
+- `default` the real demo.
+- `tiny`    the same stages with seconds-long settings (tests/test_demo.py, inside `make test`).
+
+Useful overrides: `--config.demo.data_dir=DIR` (IDX files), `--config.demo.vfm_checkpoint=DIR` (a transformers
+Dinov2WithRegisters save_pretrained directory instead of the random one), `--config.dit.train.num_steps=N`.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+VARIANTS = ("default", "tiny")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
+    """get_config(variant) of another file in configs/ (configs/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_sfd_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+    variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/demo.py:{variant} is not a variant; choose one of {', '.join(VARIANTS)}")
+    tiny = variant == "tiny"
+    c = ml_collections.ConfigDict()
+    c.mode = "demo"
+    c.seed = 0
+    c.variant = variant
+
+    # ---- data and what is shown ----------------------------------------------------------------------------------
+    c.demo = ml_collections.ConfigDict(dict(
+        data_dir=FASHION_MNIST_DIR,
+        num_train_images=24000,   # images of the train split used for the latents and the DiT (first N)
+        vfm_checkpoint="",        # transformers Dinov2WithRegisters directory; '' = a random small DINOv2
+        samples_per_class=100,    # per guidance mode; rows of samples.png show the first `grid_columns` of each
+        grid_columns=8,
+        guidance_scale=3.0,       # AutoGuidance w
+        fid_test_images=10000,    # real reference set for the classifier-feature FID
+    ))
+
+    # ---- 1. texture VAE: 32×32×3 → 4×4×32 (f8) -------------------------------------------------------------------
+    # f8 rather than f4: 16 DiT tokens instead of 64 make a DiT step ~4.5× cheaper on the CPU, which buys the DiT the
+    # training steps it needs inside the time budget.
+    tv = _sibling("texture_vae", "demo")
+    tv.model.ch_mult = (1, 2, 2, 2)
+    tv.optim.lr = 2e-3
+    tv.train.update(num_steps=400, batch_size=64, log_every=50, ckpt_every=200)
+    tv.eval.update(every=400)
+    c.texture_vae = tv
+
+    # ---- 2. DINOv2-with-registers (random unless demo.vfm_checkpoint) + SemVAE -------------------------------------
+    # Patch 8 on the 32×32 image gives the 4×4 grid of the texture latent; the DiT's REPA targets are these tokens.
+    c.dino = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                                            image_size=32, num_register_tokens=4, mlp_ratio=4, seed=1))
+    sv = _sibling("semvae", "demo")
+    sv.model.update(input_dim=64, hidden_dim=64, bottleneck_dim=16, num_heads=4, num_blocks=1)
+    sv.optim.update(lr=2e-3, warmup_steps=20, decay_start=100, decay_end=200)
+    sv.train.update(batch_size=64, num_steps=200, log_every=50, ckpt_every=100, async_checkpoint=False)
+    sv.eval.update(every=200, num_images=512, batch_size=128)
+    sv.data.update(resize=32, crop=32)
+    c.semvae = sv
+
+    # ---- 3. latent extraction -------------------------------------------------------------------------------------
+    c.extract = ml_collections.ConfigDict(dict(batch_size_per_device=250, shard_size=5000, stats_images=10000,
+                                               latent_dtype="float32", feature_dtype="float16", num_workers=2))
+
+    # ---- 4. SFD DiT (Δt = 0.3) and the early-EMA AutoGuidance guide -----------------------------------------------
+    dit = _sibling("sfd", "tiny")
+    # A DiT narrower than every size in the table; input_size / repa_dim / num_classes follow the pieces above.
+    dit.model.update(size="tiny", dtype="float32", depth=4, hidden_size=128, num_heads=4, repa_projector_dim=256,
+                     repa_depth=2)
+    dit.diffusion.delta_t = 0.3
+    # grad_clip: the zero-initialised output layer makes the velocity-cosine loss's first gradients ~1e6; unclipped
+    # they would inflate Adam's second moment for thousands of steps.
+    dit.optim.update(lr=1e-3, ema_decay=0.995, warmup_steps=100, grad_clip=1.0)
+    dit.train.update(batch_size=128, num_steps=2000, log_every=50, ckpt_every=200, keep_last=2, keep_every=0,
+                     async_checkpoint=False, export_ema=True)
+    dit.data.update(source="arrayrecord", num_classes=10, read_threads=2, prefetch_batches=4)
+    dit.mesh.ici = (-1, 1, 1)
+    dit.eval.every = 0
+    c.dit = dit
+    c.guide = ml_collections.ConfigDict(dict(step=1000))  # the EMA weights of this step guide the final model
+
+    # ---- 5. sampling ----------------------------------------------------------------------------------------------
+    c.sample = ml_collections.ConfigDict(dict(solver="dopri5", rtol=1e-2, atol=1e-3, step_control="per_sample",
+                                              phase_mode="jump", max_steps=1024, per_device_batch=250, seed=0))
+
+    # ---- 6. evaluation: the SmallCNN judge ------------------------------------------------------------------------
+    c.classifier = ml_collections.ConfigDict(dict(steps=400, batch_size=128, lr=2e-3, width=16, feature_dim=128))
+
+    if tiny:
+        c.demo.update(num_train_images=512, samples_per_class=4, grid_columns=4, fid_test_images=256)
+        tv.train.update(num_steps=20, batch_size=16, log_every=10, ckpt_every=10)
+        tv.eval.update(every=20, num_images=8)
+        c.dino.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+        sv.model.update(input_dim=32, hidden_dim=32, num_heads=2)
+        sv.train.update(batch_size=16, num_steps=10, log_every=5, ckpt_every=10)
+        sv.eval.update(every=10, num_images=32, batch_size=16)
+        sv.data.workers = 0
+        c.extract.update(batch_size_per_device=8, shard_size=256, stats_images=256)
+        dit.model.update(depth=2, hidden_size=32, num_heads=2, repa_projector_dim=32, repa_depth=1)
+        dit.optim.update(warmup_steps=0)
+        dit.train.update(batch_size=16, num_steps=12, log_every=4, ckpt_every=4)
+        c.guide.step = 4
+        c.sample.update(max_steps=64, per_device_batch=1)
+        c.classifier.update(steps=20, batch_size=32, width=8, feature_dim=16)
+    return c

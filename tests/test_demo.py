@@ -1,0 +1,147 @@
+"""The demo's CI guard: configs/demo.py:tiny runs every stage of `make demo` end to end (seconds-long settings) on
+a small synthetic dataset written in Fashion-MNIST's IDX format, then a re-run skips every stage and an interrupted
+DiT stage resumes to exactly the weights of the uninterrupted run."""
+import gzip
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(root, n_train=512, n_test=256, seed=0):
+    """Class k: a bright block whose height and width grow with k, on a dark noisy background."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            h, w = 6 + 2 * (k // 2), 6 + 4 * (k % 2) + k
+            top, left = (28 - h) // 2, (28 - min(w, 24)) // 2
+            images[i, top:top + h, left:left + min(w, 24)] = rng.integers(150, 256)
+        _write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), images)
+        _write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return root
+
+
+def _config(data_dir):
+    cfg = _load_config("tiny")
+    cfg.demo.data_dir = str(data_dir)
+    return cfg
+
+
+def _load_config(variant):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+    spec = importlib.util.spec_from_file_location("_demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from sfd_jax import demo
+    root = tmp_path_factory.mktemp("demo")
+    os.makedirs(root / "idx")
+    data = _fake_fashion_mnist(str(root / "idx"))
+    workdir = str(root / "run")
+    report = demo.run(_config(data), workdir)
+    return {"data": data, "workdir": workdir, "report": report, "root": root}
+
+
+def test_every_stage_runs_and_reports(finished):
+    report, workdir = finished["report"], finished["workdir"]
+    stages = ("texture_vae", "semvae", "extract", "dit", "classifier", "sample_unguided", "sample_autoguidance",
+              "evaluate")
+    assert set(report["wall_time_s"]["stages"]) == set(stages)
+    assert all(report["wall_time_s"]["stages"][s] > 0 for s in stages)
+    assert report["wall_time_s"]["cached_in_this_run"] == []
+    with open(os.path.join(workdir, "report.json")) as f:
+        assert json.load(f)["summary"] == json.loads(json.dumps(report["summary"]))
+
+    s = report["summary"]
+    for mode in ("unguided", "autoguidance"):
+        assert 0.0 <= s["class_consistency"][mode] <= 1.0
+        assert np.isfinite(s["fid_classifier_features"][mode]) and s["fid_classifier_features"][mode] >= 0
+        assert s["nfe_per_image"][mode] >= 6  # at least one Dopri5 step in each of the three phases
+    assert 0.0 <= s["classifier_test_accuracy"] <= 1.0
+    assert s["autoguidance"]["guide_step"] == 4 and s["autoguidance"]["final_step"] == 12
+
+    # One grid for the latent, the semantic tokens and REPA: the DiT's token count is the DINOv2 patch count.
+    g = report["geometry"]
+    with open(os.path.join(workdir, "latents", "dataset.json")) as f:
+        layout = json.load(f)["layout"]
+    with open(os.path.join(workdir, "dinov2", "config.json")) as f:
+        patch = json.load(f)["patch_size"]
+    assert g["latent"][:2] == [g["dino_size"] // patch] * 2 == list(layout["texture_shape"][:2])
+    assert layout["dino_shape"] == [g["tokens"], g["dino_width"]]
+    with open(os.path.join(workdir, "dit", "ema", "config.json")) as f:
+        dit_cfg = json.load(f)
+    assert dit_cfg["input_size"] ** 2 == g["tokens"] and dit_cfg["repa_dim"] == g["dino_width"]
+    assert report["dinov2"]["random"] is True
+
+    with np.load(os.path.join(workdir, "samples", "autoguidance.npz")) as z:
+        images, labels = z["images"], z["labels"]
+    assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(labels), [4] * 10)  # class-balanced
+    for name in ("samples.png", "loss.png"):
+        with Image.open(os.path.join(workdir, name)) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_rerun_skips_finished_stages(finished):
+    from sfd_jax import demo
+    before = finished["report"]["wall_time_s"]["stages"]
+    report = demo.run(_config(finished["data"]), finished["workdir"])
+    assert sorted(report["wall_time_s"]["cached_in_this_run"]) == sorted(before)
+    assert report["wall_time_s"]["stages"] == before
+    assert report["summary"] == finished["report"]["summary"]
+
+
+def test_interrupted_dit_resumes_to_the_uninterrupted_weights(finished):
+    """A copy of the finished workdir rolled back to how a run killed after the step-8 checkpoint leaves it."""
+    from sfd_jax import demo
+    from sfd_jax.convert.dit import restore_dit
+    from flax import nnx
+    src, dst = finished["workdir"], str(finished["root"] / "killed")
+    shutil.copytree(src, dst)
+    for stage in ("dit", "sample_unguided", "sample_autoguidance", "evaluate"):
+        os.remove(os.path.join(dst, "stages", f"{stage}.json"))
+    shutil.rmtree(os.path.join(dst, "dit", "ema"))
+    ckpt_dir = os.path.join(dst, "dit", "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    assert steps[-1] == 12 and 8 in steps
+    shutil.rmtree(os.path.join(ckpt_dir, "12"))
+
+    report = demo.run(_config(finished["data"]), dst)
+    assert report["stages"]["dit"]["steps"] == 12
+    assert "texture_vae" in report["wall_time_s"]["cached_in_this_run"]
+    with open(os.path.join(dst, "dit", "metrics.jsonl")) as f:
+        steps_logged = [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
+    assert steps_logged == [4, 8, 12]  # steps 9-12 ran once more; nothing before step 8 was repeated
+    a = nnx.to_flat_state(nnx.state(restore_dit(os.path.join(src, "dit", "ema"))[1], nnx.Param))
+    b = dict(nnx.to_flat_state(nnx.state(restore_dit(os.path.join(dst, "dit", "ema"))[1], nnx.Param)))
+    for path, value in a:
+        np.testing.assert_allclose(np.asarray(b[path][...]), np.asarray(value[...]), rtol=0, atol=1e-6,
+                                   err_msg=str(path))
+
+
+def test_workdir_refuses_other_settings_and_missing_data(finished, tmp_path):
+    from sfd_jax import demo
+    other = _config(finished["data"])
+    other.dit.train.num_steps = 13
+    with pytest.raises(ValueError, match="dit.train.num_steps"):
+        demo.run(other, finished["workdir"])
+    with pytest.raises(FileNotFoundError, match="IDX files"):
+        demo.run(_config(tmp_path / "empty"), str(tmp_path / "w"))
