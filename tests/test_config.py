@@ -70,6 +70,7 @@ def test_unknown_variant_lists_the_valid_ones():
 
 @pytest.mark.parametrize("field, value, device_count, message", [
     ("model.size", "huge", 8, r"config.model.size: 'huge' is not a model size; valid sizes: \('tiny', 'b'"),
+    ("model.remat_policy", "some", 8, r"config.model.remat_policy: 'some'; valid: \('full', 'dots', 'dots_no_batch'\)"),
     ("train.batch_size", 12, 8, r"config.train.batch_size: 12 is not divisible by the data-parallel size 8"),
     ("mesh.ici", (2, 2, 1), 8, r"config.mesh.ici=\(2, 2, 1\): mesh size 4 != 8 .*device count 8"),
     ("mesh.ici", (3, -1, 1), 8, r"config.mesh.ici=\(3, -1, 1\)"),

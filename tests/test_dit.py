@@ -187,6 +187,34 @@ def test_remat_same_values_and_grads(main_model, inputs):
     chex.assert_trees_all_close(plain, remat, atol=1e-6, rtol=1e-5)
 
 
+def test_remat_policies_same_values_and_grads(inputs):
+    """Every remat policy keeps the parameter tree and gives the same loss and gradients."""
+    cfg = DiTConfig.from_size("tiny", depth=3, repa_depth=1)
+    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Perturb everything so that the zero-initialised adaLN / final layers do not hide a wrong recomputation.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    names = lambda m: [(p, v.shape) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))]  # noqa: E731
+    graphdefs = []
+    for policy in ("dots_no_batch", "dots"):
+        abstract = nnx.eval_shape(lambda: LightningDiT(dataclasses.replace(cfg, remat=True, remat_policy=policy),
+                                                       rngs=nnx.Rngs(0)))
+        assert names(abstract) == names(model)
+        graphdefs.append(nnx.graphdef(abstract))
+
+    def loss(params, graphdef):
+        out, repa = nnx.merge(graphdef, params, rest)(*inputs, train=True)
+        return jnp.mean(out ** 2) + jnp.mean(repa ** 2)
+
+    results = jax.jit(lambda p: [jax.value_and_grad(loss)(p, g) for g in [graphdef] + graphdefs])(params)
+    for other in results[1:]:
+        chex.assert_trees_all_close(results[0], other, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="remat_policy"):
+        dataclasses.replace(cfg, remat_policy="everything")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sharding
 

@@ -17,16 +17,28 @@ from flax import nnx
 from sfd_jax.models import layers
 
 # Width / depth / heads of the reference sizes (SPEC §3). "xxl" is the reference's "1p0B"; "tiny" is the
-# golden-test model of ../shared/testdata/official/dit.npz.
+# golden-test model of ../shared/testdata/official/dit.npz; "s" is for benchmarks.
 SIZES: dict[str, dict] = {
     "tiny": dict(depth=2, hidden_size=64, num_heads=4, repa_projector_dim=128),
     "b": dict(depth=12, hidden_size=768, num_heads=12),
     "l": dict(depth=24, hidden_size=1024, num_heads=16),
     "xl": dict(depth=28, hidden_size=1152, num_heads=16),
     "xxl": dict(depth=24, hidden_size=1536, num_heads=24),
+    # DiT-S width (not a released SFD model): the CPU benchmark size between tiny and B.
+    "s": dict(depth=12, hidden_size=384, num_heads=6),
 }
 _ALIASES = {"1p0b": "xxl", "b/1": "b", "l/1": "l", "xl/1": "xl", "xxl/1": "xxl", "1p0b/1": "xxl"}
 _DTYPES = ("float32", "bfloat16", "float16")
+# What a rematerialised block (remat=True) keeps for the backward pass; everything else is recomputed there.
+#   'full': nothing but the block's inputs (recomputes the whole block: +1 forward, the least memory);
+#   'dots': every matmul output, attention logits included;
+#   'dots_no_batch': the outputs of the linear layers (qkv, proj, w12, w3, adaLN) only -- norms, RoPE, the
+#     attention core (logits, softmax, probs @ v) and activations are recomputed (a few % more FLOPs).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +57,7 @@ class DiTConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     mlp_ratio: float = 4.0  # SwiGLU hidden = int(2/3 · mlp_ratio · D)
     remat: bool = False  # rematerialise each block in the backward pass (memory for compute)
+    remat_policy: str = "full"  # what a rematerialised block saves: one of REMAT_POLICIES
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: XLA picks)
 
     def __post_init__(self):
@@ -61,6 +74,8 @@ class DiTConfig:
                 problems.append(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
             if not 0 <= self.semantic_chans <= self.in_channels:
                 problems.append(f"semantic_chans={self.semantic_chans} must be in [0, in_channels]")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy={self.remat_policy!r} must be one of {tuple(REMAT_POLICIES)}")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype={self.dtype!r} must be one of {_DTYPES}")
         if self.use_repa and self.repa_depth < 1:
@@ -160,8 +175,8 @@ class LightningDiT(nnx.Module):
         repa = None
         for i, block in enumerate(self.blocks):
             if cfg.remat and train:
-                hidden = nnx.remat(lambda blk, hh, cc, rc, rs: blk(hh, cc, rc, rs))(
-                    block, hidden, cond, rope_cos, rope_sin)
+                hidden = nnx.remat(lambda blk, hh, cc, rc, rs: blk(hh, cc, rc, rs),
+                                   policy=REMAT_POLICIES[cfg.remat_policy])(block, hidden, cond, rope_cos, rope_sin)
             else:
                 hidden = block(hidden, cond, rope_cos, rope_sin)
             if want_repa and i + 1 == cfg.repa_depth:

@@ -51,7 +51,8 @@ def model_config(config, model_channels: int = 48):
     from sfd_jax.models.lightningdit import DiTConfig
     m = config.model
     return DiTConfig.from_size(
-        str(m.size), dtype=str(m.dtype), remat=bool(m.remat), attention_impl=(m.attention_impl or None),
+        str(m.size), dtype=str(m.dtype), remat=bool(m.remat), remat_policy=str(m.get("remat_policy", "full")),
+        attention_impl=(m.attention_impl or None),
         repa_depth=int(m.repa_depth), use_repa=float(config.repa.weight) > 0,
         in_channels=int(model_channels), semantic_chans=int(config.diffusion.semantic_chans))
 

@@ -42,6 +42,9 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     sizes = model_sizes()
     _require(str(m.size).lower() in sizes, "model.size", f"{m.size!r} is not a model size; valid sizes: {sizes}")
     _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; valid: {DTYPES}")
+    from sfd_jax.models.lightningdit import REMAT_POLICIES
+    policy = m.get("remat_policy", "full")
+    _require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
     _require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
     _require(int(d.semantic_chans) in (0, 16), "diffusion.semantic_chans",
