@@ -51,7 +51,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         vfm_checkpoint="",        # transformers Dinov2WithRegisters directory; '' = a random small DINOv2
         samples_per_class=100,    # per guidance mode; rows of samples.png show the first `grid_columns` of each
         grid_columns=8,
-        guidance_scale=3.0,       # AutoGuidance w
+        guidance_scale=5.0,       # AutoGuidance w (docs/demo.md has a sweep)
         fid_test_images=10000,    # real reference set for the classifier-feature FID
     ))
 
@@ -83,13 +83,14 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     # ---- 4. SFD DiT (Δt = 0.3) and the early-EMA AutoGuidance guide -----------------------------------------------
     dit = _sibling("sfd", "tiny")
-    # A DiT narrower than every size in the table; input_size / repa_dim / num_classes follow the pieces above.
+    # A DiT between the table's sizes (sfd_jax.train.build.ARCHITECTURE_FIELDS); the demo sets input_size, repa_dim and
+    # num_classes from the stages above (the latent grid, the DINOv2 width, Fashion-MNIST's 10 classes).
     dit.model.update(size="tiny", dtype="float32", depth=4, hidden_size=128, num_heads=4, repa_projector_dim=256,
                      repa_depth=2)
     dit.diffusion.delta_t = 0.3
     # grad_clip: the zero-initialised output layer makes the velocity-cosine loss's first gradients ~1e6; unclipped
     # they would inflate Adam's second moment for thousands of steps.
-    dit.optim.update(lr=1e-3, ema_decay=0.995, warmup_steps=100, grad_clip=1.0)
+    dit.optim.update(lr=2e-3, ema_decay=0.995, warmup_steps=100, grad_clip=1.0)
     dit.train.update(batch_size=128, num_steps=2000, log_every=50, ckpt_every=200, keep_last=2, keep_every=0,
                      async_checkpoint=False, export_ema=True)
     dit.data.update(source="arrayrecord", num_classes=10, read_threads=2, prefetch_batches=4)
@@ -107,9 +108,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     if tiny:
         c.demo.update(num_train_images=512, samples_per_class=4, grid_columns=4, fid_test_images=256)
+        # f2 and patch 2 (a 16×16 grid): two VAE levels instead of four compile in half the time.
+        tv.model.update(ch=8, ch_mult=(1, 2))
         tv.train.update(num_steps=20, batch_size=16, log_every=10, ckpt_every=10)
         tv.eval.update(every=20, num_images=8)
-        c.dino.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+        c.dino.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2)
         sv.model.update(input_dim=32, hidden_dim=32, num_heads=2)
         sv.train.update(batch_size=16, num_steps=10, log_every=5, ckpt_every=10)
         sv.eval.update(every=10, num_images=32, batch_size=16)

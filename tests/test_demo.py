@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 
-
 def _write_idx(path, array):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
@@ -35,18 +34,15 @@ def _fake_fashion_mnist(root, n_train=512, n_test=256, seed=0):
 
 
 def _config(data_dir):
-    cfg = _load_config("tiny")
-    cfg.demo.data_dir = str(data_dir)
-    return cfg
-
-
-def _load_config(variant):
+    """configs/demo.py:tiny reading `data_dir` (configs/ is not a package: loaded from its path)."""
     import importlib.util
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
     spec = importlib.util.spec_from_file_location("_demo_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(variant)
+    cfg = module.get_config("tiny")
+    cfg.demo.data_dir = str(data_dir)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +107,10 @@ def test_rerun_skips_finished_stages(finished):
 
 def test_interrupted_dit_resumes_to_the_uninterrupted_weights(finished):
     """A copy of the finished workdir rolled back to how a run killed after the step-8 checkpoint leaves it."""
+    from flax import nnx
+
     from sfd_jax import demo
     from sfd_jax.convert.dit import restore_dit
-    from flax import nnx
     src, dst = finished["workdir"], str(finished["root"] / "killed")
     shutil.copytree(src, dst)
     for stage in ("dit", "sample_unguided", "sample_autoguidance", "evaluate"):
@@ -125,16 +122,15 @@ def test_interrupted_dit_resumes_to_the_uninterrupted_weights(finished):
     shutil.rmtree(os.path.join(ckpt_dir, "12"))
 
     report = demo.run(_config(finished["data"]), dst)
-    assert report["stages"]["dit"]["steps"] == 12
+    assert report["stages"]["dit"]["steps"] == 12 and report["stages"]["dit"]["resumed_from_step"] == 8
     assert "texture_vae" in report["wall_time_s"]["cached_in_this_run"]
     with open(os.path.join(dst, "dit", "metrics.jsonl")) as f:
         steps_logged = [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
     assert steps_logged == [4, 8, 12]  # steps 9-12 ran once more; nothing before step 8 was repeated
     a = nnx.to_flat_state(nnx.state(restore_dit(os.path.join(src, "dit", "ema"))[1], nnx.Param))
     b = dict(nnx.to_flat_state(nnx.state(restore_dit(os.path.join(dst, "dit", "ema"))[1], nnx.Param)))
-    for path, value in a:
-        np.testing.assert_allclose(np.asarray(b[path][...]), np.asarray(value[...]), rtol=0, atol=1e-6,
-                                   err_msg=str(path))
+    for path, value in a:  # the same program on the same restored state and batches: bit for bit
+        np.testing.assert_array_equal(np.asarray(b[path][...]), np.asarray(value[...]), err_msg=str(path))
 
 
 def test_workdir_refuses_other_settings_and_missing_data(finished, tmp_path):
@@ -145,3 +141,21 @@ def test_workdir_refuses_other_settings_and_missing_data(finished, tmp_path):
         demo.run(other, finished["workdir"])
     with pytest.raises(FileNotFoundError, match="IDX files"):
         demo.run(_config(tmp_path / "empty"), str(tmp_path / "w"))
+
+
+def test_a_vfm_checkpoint_replaces_the_random_dinov2_and_sets_the_geometry(tmp_path):
+    """With demo.vfm_checkpoint the given DINOv2 is used as is: its patch size fixes the input size that gives the
+    latent grid, its width the SemVAE input and the REPA target width."""
+    from flax import nnx
+
+    from sfd_jax.convert.dinov2 import save_pretrained
+    from sfd_jax.demo import train_stages
+    from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
+    cfg = Dinov2Config(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=56)
+    save_pretrained(nnx.jit(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)))(), str(tmp_path / "vfm"))
+    config = _config(tmp_path)
+    config.demo.vfm_checkpoint = str(tmp_path / "vfm")
+    path, is_random = train_stages.dinov2(config, str(tmp_path / "work"))
+    assert path == str(tmp_path / "vfm") and not is_random
+    assert not os.path.exists(tmp_path / "work" / "dinov2")
+    assert train_stages.dino_geometry(path, 4) == (56, 48)

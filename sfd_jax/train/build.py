@@ -47,14 +47,22 @@ class Run:
         return self.compiled[key]
 
 
+# DiTConfig fields a config's `model` block may set on top of the size table: a model between the table's sizes,
+# another latent grid (input_size), a REPA target of another width (repa_dim: the DINOv2 hidden size), a label table
+# for fewer classes (num_classes). Absent or None: the table's / DiTConfig's value. Used by configs/demo.py.
+ARCHITECTURE_FIELDS = ("depth", "hidden_size", "num_heads", "mlp_ratio", "repa_projector_dim", "input_size",
+                       "repa_dim", "num_classes")
+
+
 def model_config(config, model_channels: int = 48):
     from sfd_jax.models.lightningdit import DiTConfig
     m = config.model
+    overrides = {k: m[k] for k in ARCHITECTURE_FIELDS if m.get(k) is not None}
     return DiTConfig.from_size(
         str(m.size), dtype=str(m.dtype), remat=bool(m.remat), remat_policy=str(m.get("remat_policy", "full")),
         attention_impl=(m.attention_impl or None),
         repa_depth=int(m.repa_depth), use_repa=float(config.repa.weight) > 0,
-        in_channels=int(model_channels), semantic_chans=int(config.diffusion.semantic_chans))
+        in_channels=int(model_channels), semantic_chans=int(config.diffusion.semantic_chans), **overrides)
 
 
 def loss_config(config):

@@ -12,10 +12,24 @@ from sfd_jax.data.sources import FASHION_MNIST_CLASSES
 MODE_TITLES = {"unguided": "unguided", "autoguidance": "AutoGuidance"}
 
 
+def write_json(path: str, obj) -> None:
+    """Written to a temporary name, then renamed: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return np.asarray(obj).tolist()
+    return str(obj)
+
+
 def write_report(config, workdir: str, records: dict, *, random_vfm: bool, geometry: dict,
                  run_wall_s: float) -> dict:
     """report.json: every stage's result, per-stage wall time (of the run that finished the stage), and a summary."""
-    from sfd_jax.demo import RANDOM_VFM_WARNING, _write_json
+    from sfd_jax.demo.train_stages import RANDOM_VFM_WARNING
     results = {name: rec["result"] for name, rec in records.items()}
     ev, clf = results["evaluate"], results["classifier"]
     modes = [m for m in MODE_TITLES if f"sample_{m}" in results]
@@ -43,7 +57,7 @@ def write_report(config, workdir: str, records: dict, *, random_vfm: bool, geome
         "nfe_note": "NFE counts velocity evaluations of the batch; with AutoGuidance each is one main-model and one "
                     "guide forward.",
     }
-    _write_json(os.path.join(workdir, "report.json"), report)
+    write_json(os.path.join(workdir, "report.json"), report)
     return report
 
 
@@ -77,7 +91,7 @@ def samples_png(workdir: str, samples: dict, scale: float, columns: int, evaluat
                      f"FID_cls {ev.get('fid_classifier', float('nan')):.2f}", fontsize=8)
     fig.tight_layout()
     path = os.path.join(workdir, "samples.png")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -118,7 +132,7 @@ def loss_png(workdir: str) -> str:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(workdir, "loss.png")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
