@@ -43,6 +43,7 @@ from sfd_jax.models import semvae as sv
 from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
 from sfd_jax.train.metrics import MetricsWriter, format_duration
 from sfd_jax.train.state import TrainSetup, TrainState
+from sfd_jax.train.step import guarded_update
 
 DATA_KINDS = ("images", "features")
 EXPORT_DIR = "semvae"
@@ -222,15 +223,8 @@ def make_steps(config, setup: TrainSetup, dino_graphdef, mesh, dino_shardings):
             return terms["total"], terms
 
         (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state.ema_params, params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-                               opt_state=keep(opt_state, state.opt_state), step=state.step + 1, rng=state.rng)
-        return new_state, {**terms, "grad_norm": grad_norm, "finite": finite}
+        new_state, guard = guarded_update(state, setup.tx, grads, loss, decay)
+        return new_state, {**terms, "grad_norm": guard["grad_norm"], "finite": guard["finite"]}
 
     def eval_step(params, dino_params, batch, index):
         """Sums over this batch of per-token squared error / cosine similarity, from a sample and from μ."""

@@ -56,20 +56,29 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
             return loss.astype(jnp.float32), terms
 
         (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state.ema_params, params)
-
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-                               opt_state=keep(opt_state, state.opt_state), step=state.step + 1, rng=state.rng)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        new_state, metrics = guarded_update(state, tx, grads, loss, decay)
         metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in terms.items() if k != "loss"})
         return new_state, metrics
 
     return train_step
+
+
+def guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, loss: jax.Array,
+                   ema_decay: float) -> tuple[TrainState, dict]:
+    """optimizer step + EMA, kept only when `loss` and the gradient norm are finite (the step counter advances
+    either way). Shared by every trainer (DiT, SemVAE, texture VAE) so they skip bad steps the same way.
+
+    Returns (new_state, {'loss', 'grad_norm', 'finite'}).
+    """
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state.ema_params, params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
+                           opt_state=keep(opt_state, state.opt_state), step=state.step + 1, rng=state.rng)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 def jit_train_step(train_step, setup, mesh: jax.sharding.Mesh):

@@ -35,7 +35,7 @@ from sfd_jax.convert.texture_vae import save_texture_vae
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 from sfd_jax.train.metrics import MetricsWriter, format_duration
 from sfd_jax.train.state import TrainSetup, TrainState, make_optimizer
-from sfd_jax.train.step import jit_train_step
+from sfd_jax.train.step import guarded_update, jit_train_step
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,8 @@ def make_vae_train_step(graphdef, tx: optax.GradientTransformation, *, recon_los
             return vae_loss(images, recon, mean, logvar, recon_loss=recon_loss, kl_weight=kl_weight)
 
         (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state.ema_params, params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-                               opt_state=keep(opt_state, state.opt_state), step=state.step + 1, rng=state.rng)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **terms}
+        new_state, guard = guarded_update(state, tx, grads, loss, ema_decay)
+        return new_state, {**guard, **terms}
 
     return train_step
 
