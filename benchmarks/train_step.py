@@ -55,7 +55,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     set_host_device_count(args.devices)
     import jax
-    import numpy as np
 
     from sfd_jax import parallel
     from sfd_jax.data.synthetic import make_iterator

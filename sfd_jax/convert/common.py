@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterable, Mapping
 
@@ -137,3 +138,23 @@ def assign_params(model: nnx.Module, values: Mapping[tuple, np.ndarray], *, what
 
 def _fmt_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
+
+
+# A safetensors weights directory (SemVAE, texture VAE): config.json + model.safetensors [+ meta.json].
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def write_weights_dir(directory: str | os.PathLike, config: dict, arrays: Mapping[str, np.ndarray], *,
+                      meta: dict | None = None) -> str:
+    """Writes `config` as config.json, `arrays` (reference names and layouts) as model.safetensors and `meta` as
+    meta.json; returns the directory."""
+    from safetensors.numpy import save_file
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(dict(arrays), os.path.join(directory, WEIGHTS_NAME))
+    if meta is not None:
+        with open(os.path.join(directory, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+    return directory

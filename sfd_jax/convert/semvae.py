@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfd_jax.convert.common import (ConversionError, assign_params, check_state_dict, read_checkpoint, to_numpy)
+from sfd_jax.convert.common import (CONFIG_NAME, WEIGHTS_NAME, ConversionError, assign_params, check_state_dict,
+                                    read_checkpoint, to_numpy, write_weights_dir)
 from sfd_jax.models.semvae import SemVAE, SemVAEConfig
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 # Prefixes that wrappers add in front of the module's own names (DistributedDataParallel, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -161,16 +161,8 @@ def export_semvae(model: SemVAE) -> dict[str, np.ndarray]:
 def save_semvae(directory: str | os.PathLike, model: SemVAE, *, meta: dict | None = None) -> str:
     """Weights directory: config.json (SemVAEConfig, including num_heads) + model.safetensors (reference key
     names, so the reference code can load it after `torch.from_numpy`) [+ meta.json]. `load_semvae` reads it."""
-    from safetensors.numpy import save_file
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(dataclasses.replace(model.cfg, dtype="float32").to_dict(), f, indent=2)
-    save_file(export_semvae(model), os.path.join(directory, WEIGHTS_NAME))
-    if meta is not None:
-        with open(os.path.join(directory, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-    return directory
+    return write_weights_dir(directory, dataclasses.replace(model.cfg, dtype="float32").to_dict(),
+                             export_semvae(model), meta=meta)
 
 
 # CLI: python -m sfd_jax.convert semvae semantic_ae_final.pt OUT_DIR [--num-heads 6]

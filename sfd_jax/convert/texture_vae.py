@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfd_jax.convert.common import ConversionError, check_state_dict, read_checkpoint, to_numpy
+from sfd_jax.convert.common import (CONFIG_NAME, ConversionError, check_state_dict, read_checkpoint, to_numpy,
+                                    write_weights_dir)
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 
 # Training-only modules found in VA-VAE / LDM Lightning checkpoints: the LPIPS + discriminator loss, and VA-VAE's
@@ -33,7 +34,6 @@ TRAINING_ONLY_PREFIXES = ("loss.", "foundation_model.", "linear_proj.")
 INFERRED_LATENT_RESOLUTION = 16
 
 _WHAT = "texture VAE (LDM AutoencoderKL)"
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 _LEAF_TO_REF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
@@ -162,16 +162,8 @@ def export_texture_vae(model: TextureVAE) -> dict[str, np.ndarray]:
 def save_texture_vae(directory: str | os.PathLike, model: TextureVAE, *, meta: dict | None = None) -> str:
     """Weights directory: config.json (TextureVAEConfig, float32 compute) + model.safetensors in reference names and
     layouts [+ meta.json]. `load_texture_vae(directory)` reads it back; no torch needed either way."""
-    from safetensors.numpy import save_file
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump({**model.cfg.to_dict(), "dtype": "float32"}, f, indent=2)
-    save_file(export_texture_vae(model), os.path.join(directory, WEIGHTS_NAME))
-    if meta is not None:
-        with open(os.path.join(directory, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-    return directory
+    return write_weights_dir(directory, {**model.cfg.to_dict(), "dtype": "float32"}, export_texture_vae(model),
+                             meta=meta)
 
 
 # CLI: python -m sfd_jax.convert texture_vae ldm-imagenet256-f16d32-50ep.ckpt OUT_DIR
