@@ -16,8 +16,8 @@ $(VENV)/.installed: requirements.txt requirements-torch.txt
 
 install: $(VENV)/.installed
 
-test: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+test: install fashion-mnist
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu FASHION_MNIST=$(FASHION_MNIST) \
 		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 # The whole pipeline on Fashion-MNIST (docs/demo.md). Re-running resumes: finished stages are skipped.
@@ -40,7 +40,7 @@ fashion-mnist:
 		echo "  Debian/Ubuntu (as root): apt-get install dataset-fashion-mnist"; \
 		echo "  Elsewhere: put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and"; \
 		echo "  t10k-labels-idx1-ubyte.gz (from github.com/zalandoresearch/fashion-mnist) in a directory DIR and run"; \
-		echo "  make demo FASHION_MNIST=DIR"; \
+		echo "  make demo FASHION_MNIST=DIR (or make test FASHION_MNIST=DIR)"; \
 		exit 1; \
 	fi
 

@@ -162,7 +162,7 @@ def test_not_a_weights_directory(tmp_path):
 
 
 def test_position_resize_matches_torch_antialiased_bicubic():
-    torch = pytest.importorskip("torch")
+    import torch
     grid = np.random.default_rng(0).normal(size=(37, 37, 8)).astype(np.float32)
     for h, w in ((16, 16), (7, 7), (5, 9), (40, 40)):
         want = torch.nn.functional.interpolate(torch.from_numpy(grid.transpose(2, 0, 1))[None], size=(h, w),
@@ -173,8 +173,8 @@ def test_position_resize_matches_torch_antialiased_bicubic():
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     torch.manual_seed(0)
     config = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                     mlp_ratio=4, patch_size=14, image_size=42,

@@ -72,7 +72,7 @@ def net_weights(golden):
 
 @pytest.fixture(scope="module")
 def model(net_weights, tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    import torch
     path = tmp_path_factory.mktemp("inception") / "pt_inception-golden.pth"
     torch.save({k: torch.from_numpy(v) for k, v in net_weights.items()}, path)
     return load_inception(path)

@@ -318,7 +318,7 @@ def test_reference_latents_conversion(tmp_path):
 
 
 def test_reference_latents_uses_reference_stats(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     from sfd_jax.data import reference_latents
 
     src = str(tmp_path / "ref")

@@ -95,7 +95,7 @@ def test_export_round_trip(golden, tmp_path):
 
 
 def test_reference_pt_file(golden, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     _, sd, cfg, _ = golden
     path = tmp_path / "semantic_ae_final.pt"
     torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 3,

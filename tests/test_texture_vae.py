@@ -39,7 +39,7 @@ def ref_sd(gold):
 @pytest.fixture(scope="module")
 def loaded(gold, ref_sd, tmp_path_factory):
     """The golden weights written as a reference Lightning .ckpt (with loss.* entries) and loaded from disk."""
-    torch = pytest.importorskip("torch")
+    import torch
     path = tmp_path_factory.mktemp("tvae") / "ldm-tiny.ckpt"
     state_dict = {k: torch.from_numpy(v.copy()) for k, v in ref_sd.items()}
     state_dict["loss.logvar"] = torch.zeros(())
