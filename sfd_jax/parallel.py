@@ -244,6 +244,23 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> 
     return out
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host values that every process holds identically (weights, statistics, a PRNG key) → global arrays laid out by
+    `shardings` (one sharding, or a matching tree). `jax.device_put` when the target devices are all this process's;
+    with several processes each process fills only its own shards (device_put refuses other processes' devices)."""
+    def one(x, sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def global_to_host(tree: Any) -> Any:
     """Fully replicated (or fully addressable) arrays -> numpy on this host; used for scalars and small trees."""
     return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -316,7 +316,9 @@ def restore_dit(directory, *, dtype: str | None = None) -> tuple[DiTConfig, Ligh
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     model = abstract_model(cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's own first device: with several processes jax.devices()[0] belongs to process 0, and restoring
+    # onto it from another process makes orbax wait for a cross-process transfer that never comes.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
                           _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     with ocp.StandardCheckpointer() as ckptr:

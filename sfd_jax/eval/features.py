@@ -28,6 +28,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sfd_jax import parallel
 from sfd_jax.models.inception import INPUT_SIZE, RESIZE_MODES, InceptionV3, preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -189,7 +190,7 @@ class InceptionExtractor:
         self.resize, self.size = resize, size
         self._data = NamedSharding(self.mesh, P(self.mesh.axis_names))  # batch over every mesh axis
         graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        self._state = parallel.put_global(state, NamedSharding(self.mesh, P()))
         self._step = _step_fn(graphdef, self.mesh, resize, size, model.dtype)
 
     def _local_rows(self, source: ImageSource, start: int, n: int) -> np.ndarray:

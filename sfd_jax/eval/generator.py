@@ -167,7 +167,7 @@ def place_on_mesh(module: nnx.Module, mesh: Mesh, rules: dict | None = None) -> 
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), pure)
     else:
         shardings = parallel.state_shardings(state, mesh, rules)
-    nnx.replace_by_pure_dict(state, jax.device_put(pure, shardings))
+    nnx.replace_by_pure_dict(state, parallel.put_global(pure, shardings))
     return graphdef, state
 
 
@@ -289,8 +289,8 @@ class ImageGenerator:
                                     if isinstance(guidance, AutoGuidance) else (None, None))
         fn = self._program(model_graph, guide_graph, guidance_key(guidance), latent_shape)
         rep = NamedSharding(self.mesh, P())
-        mean, std = (jax.device_put(self.decoder.mean, rep), jax.device_put(self.decoder.std, rep))
-        noise_key = jax.device_put(jax.random.key(self.seed), rep)
+        mean, std = parallel.put_global((self.decoder.mean, self.decoder.std), rep)
+        noise_key = parallel.put_global(jax.random.key(self.seed), rep)
 
         gb, n = self.global_batch, indices.size
         pending, last = None, time.perf_counter()
