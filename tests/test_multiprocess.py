@@ -1,11 +1,14 @@
-"""Multi-process training: two real processes (4 CPU devices each) form one 8-device mesh through
+"""Multi-process training and sampling: two real processes (4 CPU devices each) form one 8-device mesh through
 jax.distributed, started the way `launch/slurm_multi_node.sbatch` starts them (the SLURM variables jax's cluster
 detection reads, `config.distributed='auto'`), with gloo for the cross-process collectives.
 
 They must train exactly like one process with 8 devices (same global batch, same losses, same EMA weights), write
-one checkpoint and one EMA export between them, and that checkpoint must resume in a single process.
+one checkpoint and one EMA export between them, and that checkpoint must resume in a single process. Sampling over
+two processes must give the single-process run's images bit for bit.
 """
+import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -18,6 +21,9 @@ from flax import nnx
 from sfd_jax.convert.dit import restore_dit
 from sfd_jax.train import loop
 from sfd_jax.train.metrics import read_metrics
+from sfd_jax.eval import evaluate
+from test_extract import OPTS, encoders, folder, reference_run  # noqa: F401 (fixtures)
+from test_sample import INCEPTION_SIZE, N, PER_DEVICE, SETTINGS, assets, eval_config, sampled  # noqa: F401 (fixtures)
 from test_train import REPO, losses_by_step, tiny_config
 
 STEPS = 4
@@ -41,12 +47,10 @@ def _free_slurm_job_id() -> int:
     raise RuntimeError("no free port in 61440-65535 for the jax coordinator")
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("two_processes")
+def run_two_processes(args, workdir, timeout=300):
+    """`python -m sfd_jax.main ARGS --workdir=WORKDIR` as SLURM tasks 0 and 1 of one step; returns their outputs."""
     job_id = _free_slurm_job_id()
-    cmd = [sys.executable, "-m", "sfd_jax.main", "--config=configs/sfd.py:tiny", f"--workdir={workdir}",
-           f"--config.train.num_steps={STEPS}", "--config.train.log_every=1", "--config.train.ckpt_every=2"]
+    cmd = [sys.executable, "-m", "sfd_jax.main", *args, f"--workdir={workdir}"]
     procs = []
     for rank in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
@@ -56,13 +60,21 @@ def two_processes(tmp_path_factory):
     outputs = []
     for p in procs:
         try:
-            outputs.append(p.communicate(timeout=300)[0].decode())
+            outputs.append(p.communicate(timeout=timeout)[0].decode())
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {rank} failed:\n{out[-4000:]}"
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_processes")
+    outputs = run_two_processes(["--config=configs/sfd.py:tiny", f"--config.train.num_steps={STEPS}",
+                                 "--config.train.log_every=1", "--config.train.ckpt_every=2"], workdir)
     return workdir, outputs
 
 
@@ -119,3 +131,73 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
         assert steps == list(range(1, STEPS + 3)), f"{name}: steps logged {steps} (resume must not repeat steps)"
         continued[name] = dst
     _assert_same_weights(_ema(continued["multi"] / "ema"), _ema(continued["single"] / "ema"), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ --mode=sample
+def test_two_processes_sample_the_same_images_as_one(assets, sampled, tmp_path):
+    """`--mode=sample` over two processes (8 devices, 2 images each per batch): every process generates its share of
+    each batch, process 0 writes the chunks and the npz — byte-identical to the single-process run's images."""
+    overrides = {"model": assets.dit_dir, "texture_vae": assets.vae_dir, "latent_stats": assets.stats,
+                 "num_images": N, "per_device_batch": PER_DEVICE, "num_steps": SETTINGS.num_steps, "chunk_size": 16,
+                 "log_every_s": 0.0}
+    outputs = run_two_processes(["--config=configs/sample.py:tiny", "--mode=sample"]
+                                + [f"--config.sample.{k}={v}" for k, v in overrides.items()], tmp_path / "two")
+    assert "process 1 of 2, 4 local / 8 global devices" in outputs[1]
+    workdir, summary = sampled
+    with np.load(summary["npz"]) as one, np.load(tmp_path / "two" / os.path.basename(summary["npz"])) as two:
+        np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+        np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
+
+
+# ---------------------------------------------------------------------------------------------- --mode=evaluate
+def test_two_processes_score_like_one(assets, sampled, tmp_path):
+    """`--mode=evaluate` over two processes (Inception features of each batch split between them, statistics and
+    metrics on process 0) gives the single-process scores. The reference is the samples flipped and brightened, so
+    that every metric is away from its trivial value."""
+    _, summary = sampled
+    with np.load(summary["npz"]) as z:
+        ref_images = np.clip(z["arr_0"][:, :, ::-1].astype(np.int32) + 40, 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "ref_images.npz", arr_0=ref_images)
+    ref = tmp_path / "ref.npz"
+    evaluate.run(eval_config(assets, "build_reference", images=str(tmp_path / "ref_images.npz"),
+                             reference_out=str(ref)), str(tmp_path / "build"))
+    fields = dict(samples=summary["npz"], ref_batch=str(ref))
+    evaluate.run(eval_config(assets, "score", output=str(tmp_path / "one.json"), **fields), str(tmp_path / "one"))
+    cli = dict(inception_weights=assets.inception, input_size=INCEPTION_SIZE, batch_size=N, reference_keep=0,
+               cache_reference=False, output=str(tmp_path / "two.json"), **fields)
+    run_two_processes(["--config=configs/eval.py:score", "--mode=evaluate"]
+                      + [f"--config.eval.{k}={v}" for k, v in cli.items()], tmp_path / "two")
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    # (measured: FID 0.122, sFID 0.092, precision 0.0625, recall 0.281 with the random Inception; two processes
+    # agree to 2e-7 relative)
+    assert one["fid"] > 0.01 and one["sfid"] > 0.01 and one["precision"] < 1 and one["recall"] < 1, one
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------- --mode=extract
+def test_two_processes_extract_the_same_dataset(encoders, folder, reference_run, tmp_path):
+    """`--mode=extract` over two processes: each encodes its own shards, process 0 the statistics after a barrier;
+    the shards are byte-identical to the single-process extraction's and the statistics equal."""
+    from sfd_jax.convert.dinov2 import save_pretrained
+    from sfd_jax.convert.semvae import save_semvae
+    from sfd_jax.convert.texture_vae import save_texture_vae
+    from sfd_jax.data import records
+    save_texture_vae(tmp_path / "tvae", encoders.texture_vae)
+    save_pretrained(encoders.dinov2, tmp_path / "dino")
+    save_semvae(tmp_path / "semvae", encoders.semvae)
+    fields = dict(texture_vae=tmp_path / "tvae", dinov2=tmp_path / "dino", semvae=tmp_path / "semvae",
+                  semvae_num_heads=2, num_workers=2, progress=False, **OPTS)
+    out = tmp_path / "two"
+    outputs = run_two_processes(["--config=configs/extract.py:folder", "--mode=extract",
+                                 f"--config.extract.source.path={folder}"]
+                                + [f"--config.extract.{k}={v}" for k, v in fields.items()], out)
+    assert "process 1 of 2" in outputs[1]
+    ref_dir, _ = reference_run
+    for name in [records.shard_name("latents", s, 4) for s in range(4)]:
+        assert (out / name).read_bytes() == (pathlib.Path(ref_dir) / name).read_bytes(), name
+    # stats.json: the same moments; `made_by` names the weights files here and "in-memory" there, same sha256
+    two, one = (records.read_json(os.path.join(d, "stats.json"), "stats") for d in (out, ref_dir))
+    made_by_two, made_by_one = two.pop("made_by"), one.pop("made_by")
+    assert two == one
+    assert {k: v["sha256"] for k, v in made_by_two.items()} == {k: v["sha256"] for k, v in made_by_one.items()}
