@@ -133,6 +133,21 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
     _assert_same_weights(_ema(continued["multi"] / "ema"), _ema(continued["single"] / "ema"), atol=1e-6)
 
 
+def test_data_parallel_across_processes_fsdp_inside(one_process, tmp_path):
+    """mesh.dcn=(2,1,1), mesh.ici=(1,4,1): the multi-slice / multi-node layout (data parallel over the slow
+    network, FSDP inside each process) built by create_hybrid_device_mesh with processes as the DCN units. Same
+    losses and EMA weights as FSDP over all 8 devices in one process."""
+    workdir = tmp_path / "hybrid"
+    outputs = run_two_processes(["--config=configs/sfd.py:tiny", f"--config.train.num_steps={STEPS}",
+                                 "--config.train.log_every=1", "--config.train.ckpt_every=2",
+                                 "--config.mesh.dcn=(2,1,1)", "--config.mesh.ici=(1,4,1)"], workdir)
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in outputs[0]
+    hybrid, single = losses_by_step(workdir), losses_by_step(one_process)
+    assert hybrid.keys() == single.keys()
+    np.testing.assert_allclose([hybrid[s] for s in sorted(hybrid)], [single[s] for s in sorted(single)], rtol=1e-6)
+    _assert_same_weights(_ema(workdir / "ema"), _ema(one_process / "ema"), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ --mode=sample
 def test_two_processes_sample_the_same_images_as_one(assets, sampled, tmp_path):
     """`--mode=sample` over two processes (8 devices, 2 images each per batch): every process generates its share of
