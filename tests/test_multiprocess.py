@@ -118,7 +118,8 @@ def test_two_processes_train_like_one(two_processes, one_process):
 
 def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, tmp_path):
     """The two processes' checkpoint (state + both data-iterator states) continues in one process to the same
-    weights as the single-process run continued from its own checkpoint."""
+    weights as the single-process run continued from its own checkpoint, and the single process's checkpoint
+    continues in two processes to those weights too."""
     workdir, _ = two_processes
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
     continued = {}
@@ -131,6 +132,15 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
         assert steps == list(range(1, STEPS + 3)), f"{name}: steps logged {steps} (resume must not repeat steps)"
         continued[name] = dst
     _assert_same_weights(_ema(continued["multi"] / "ema"), _ema(continued["single"] / "ema"), atol=1e-6)
+    # and the other way: the single process's checkpoint continues in two processes (more hosts after a preemption)
+    dst = tmp_path / "single_then_two"
+    shutil.copytree(one_process, dst)
+    shutil.rmtree(dst / "ema")
+    outputs = run_two_processes(["--config=configs/sfd.py:tiny", f"--config.train.num_steps={STEPS + 2}",
+                                 "--config.train.log_every=1", "--config.train.ckpt_every=2"], dst)
+    assert "written by 1 processes, resuming with 2" in outputs[1]
+    assert [r["step"] for r in read_metrics(dst) if "loss" in r] == list(range(1, STEPS + 3))
+    _assert_same_weights(_ema(dst / "ema"), _ema(continued["single"] / "ema"), atol=1e-6)
 
 
 def test_data_parallel_across_processes_fsdp_inside(one_process, tmp_path):
