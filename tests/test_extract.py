@@ -105,16 +105,7 @@ class FailingSource:
         return self.source.describe()
 
 
-def read_all(directory):
-    meta, layout, paths = records.load_dataset(directory)
-    from array_record.python.array_record_module import ArrayRecordReader
-    out = []
-    for p in paths:
-        r = ArrayRecordReader(p)
-        views = r.read_all()
-        out += [layout.unpack_pair(views[k], views[k + 1]) for k in range(0, len(views), 2)]
-        r.close()
-    return meta, layout, out
+read_all = records.read_images  # (meta, layout, unpacked image records)
 
 
 def test_records_hold_image_and_flip_tokens(reference_run, folder, encoders):

@@ -31,19 +31,13 @@ STEPS = 4
 
 def _free_slurm_job_id() -> int:
     """A job id whose coordinator port (jax: 61440 + id mod 4096) is free now."""
-    for _ in range(50):
+    for port in range(61440 + os.getpid() % 2048, 65536):
         with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if port >= 61440:
-            return port - 61440
-    with socket.socket() as s:  # the kernel's ephemeral range is below jax's: try jax's range directly
-        for port in range(61440 + os.getpid() % 2048, 65536):
             try:
                 s.bind(("", port))
-                return port - 61440
             except OSError:
                 continue
+        return port - 61440
     raise RuntimeError("no free port in 61440-65535 for the jax coordinator")
 
 

@@ -285,14 +285,8 @@ def test_reference_latents_conversion(tmp_path):
     meta, layout, paths = records.load_dataset(dst)
     assert layout.texture_shape == (4, 4, 32) and layout.semantic_shape == (4, 4, 16)
     assert layout.dino_shape == (16, 24) and len(paths) == 2
+    _, _, recs = records.read_images(dst)
     allref = {k: np.concatenate([r[k] for r in ref]) for k in ref[0]}
-    from array_record.python.array_record_module import ArrayRecordReader
-    recs = []
-    for p in paths:
-        reader = ArrayRecordReader(p)
-        views = reader.read_all()
-        recs += [layout.unpack_pair(views[k], views[k + 1]) for k in range(0, len(views), 2)]
-        reader.close()
     assert [r["index"] for r in recs] == list(range(8))
     for i, r in enumerate(recs):
         assert r["label"] == allref["labels"][i]

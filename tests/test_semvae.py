@@ -124,7 +124,7 @@ def test_wrong_files(golden):
 def test_config_and_shapes():
     cfg = sv.SemVAEConfig()
     assert sv.SemVAEConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown SemVAEConfig fields"):
         sv.SemVAEConfig.from_dict({**cfg.to_dict(), "heads": 6})
     abstract = nnx.eval_shape(lambda: sv.SemVAE(cfg, rngs=nnx.Rngs(0)))
     assert round(sv.count_params(abstract) / 1e6, 1) == 57.9  # SPEC §6

@@ -211,7 +211,7 @@ def test_bfloat16_compute_keeps_float32_io(ref_sd, gold, outputs):
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="num_groups"):
         TextureVAEConfig(ch=24)
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown TextureVAEConfig fields"):
         TextureVAEConfig.from_dict({"channels": 3})
     model = nnx.eval_shape(lambda: TextureVAE(TextureVAEConfig(ch=32, ch_mult=(1, 2), resolution=32, z_channels=4,
                                                                embed_dim=4), rngs=nnx.Rngs(0)))

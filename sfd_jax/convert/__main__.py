@@ -4,15 +4,15 @@
     python -m sfd_jax.convert dit 0400000.pt weights/sfd_xl_raw --raw
 
 Each converter module `sfd_jax.convert.<name>` listed in CONVERTERS registers its own subcommand through
-`add_cli(subparsers)`: it calls `subparsers.add_parser("<name>", ...)`, adds its arguments and
-`set_defaults(func=handler)`; `handler(args)` returns an exit code (0 or None on success). A module that does not
-exist yet is skipped, and one without `add_cli` gets a subcommand that says so, so the table can name converters
-before their command lines are written.
+`add_cli(subparsers)`: it calls `subparsers.add_parser("<name>", ...)` with the positional `input`, `output_dir`
+and a `--overwrite` flag, adds its own arguments and `set_defaults(func=handler)`; `handler(args)` returns an exit
+code (0 or None on success). The refusal to write into a non-empty `output_dir` without `--overwrite` is here, once.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand → module providing add_cli(subparsers)
@@ -28,28 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sfd_jax.convert",
                                      description="Convert reference (PyTorch) checkpoints into sfd_jax weights.")
     subparsers = parser.add_subparsers(dest="model", metavar="MODEL", required=True)
-    for name, module_name in CONVERTERS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:  # converter not written yet; a missing dependency inside it still raises
-                continue
-            raise
-        if hasattr(module, "add_cli"):
-            module.add_cli(subparsers)
-        else:  # the module's Python API exists but its subcommand does not: say so instead of a bare argparse error
-            sub = subparsers.add_parser(name, help=f"(no command-line converter yet: {module_name} has no add_cli)")
-            sub.set_defaults(func=lambda args, m=module_name: _no_cli(m))
+    for module_name in CONVERTERS.values():
+        importlib.import_module(module_name).add_cli(subparsers)
     return parser
-
-
-def _no_cli(module_name: str) -> int:
-    raise SystemExit(f"error: {module_name} defines no add_cli(subparsers) yet; use its load_* function from Python")
 
 
 def main(argv: list[str] | None = None) -> int:
     import sfd_jax  # noqa: F401  (switches off flax eager sharding before any model is built)
     args = build_parser().parse_args(argv)
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     return int(args.func(args) or 0)
 
 

@@ -288,8 +288,6 @@ def add_cli(subparsers) -> None:
 
 
 def _cli_main(args) -> int:
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     config = None
     if args.config:
         with open(args.config) as f:

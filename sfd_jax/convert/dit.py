@@ -364,8 +364,6 @@ def add_cli(subparsers) -> None:
 
 def _cli_main(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists and is not empty (pass --overwrite to replace it)")
     found = read_dit_state_dict(args.input, use_ema=not args.raw)
     cfg, model = _build(found, config=None, dtype="float32")
     n_params = count_params(cfg)

@@ -180,8 +180,6 @@ def add_cli(subparsers) -> None:
 
 
 def _cli_main(args: argparse.Namespace) -> int:
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     cfg, model = load_semvae(args.input, num_heads=args.num_heads)
     n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"found: SemVAE {cfg.input_dim} → {cfg.bottleneck_dim} (hidden {cfg.hidden_dim}, {cfg.num_blocks} blocks, "

@@ -182,8 +182,6 @@ def add_cli(subparsers) -> None:
 
 
 def _cli_main(args: argparse.Namespace) -> int:
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     cfg = None
     if args.resolution is not None:
         sd, _, _ = _as_state_dict(args.input)

@@ -235,10 +235,12 @@ def stats_selection(num_images: int, max_images: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- json helpers
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any, *, indent: int = 1, default=None) -> None:
+    """Written to a temporary name, synced, then renamed: a reader (or a rerun after a crash) never sees half a
+    file. `default`: json.dump's hook for objects it cannot serialise."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=True, default=default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -334,6 +336,22 @@ def load_dataset(directory: str) -> tuple[dict, RecordLayout, list[str]]:
         raise FileNotFoundError(f"{directory}: {len(missing)} of {len(meta['shards'])} shards are missing or "
                                 f"unfinished (e.g. {missing[0]}); rerun the extraction to complete them")
     return meta, layout, [os.path.join(directory, n) for n in meta["shards"]]
+
+
+def read_images(directory: str) -> tuple[dict, RecordLayout, list[dict[str, Any]]]:
+    """(dataset.json, layout, every image's unpacked pair of records in shard order): for inspecting a dataset and
+    for tests; training reads through `sfd_jax.data.pipeline`."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    meta, layout, paths = load_dataset(directory)
+    images = []
+    for path in paths:
+        reader = ArrayRecordReader(path)
+        try:
+            views = reader.read_all()
+        finally:
+            reader.close()
+        images += [layout.unpack_pair(views[k], views[k + 1]) for k in range(0, len(views), 2)]
+    return meta, layout, images
 
 
 def load_stats(directory: str, layout: RecordLayout) -> dict[str, np.ndarray]:

@@ -7,17 +7,15 @@ import os
 
 import numpy as np
 
+from sfd_jax.data.records import write_json_atomic
 from sfd_jax.data.sources import FASHION_MNIST_CLASSES
 
 MODE_TITLES = {"unguided": "unguided", "autoguidance": "AutoGuidance"}
 
 
 def write_json(path: str, obj) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    """Atomic (records.write_json_atomic); numpy values become lists, anything else unknown its str()."""
+    write_json_atomic(path, obj, indent=2, default=_json_default)
 
 
 def _json_default(obj):

@@ -9,8 +9,9 @@ optimiser built on `nnx.Param` never sees them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -251,3 +252,13 @@ class RepaProjector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))
+
+
+def config_from_dict(cls, d: Mapping[str, Any]):
+    """`cls(**d)` for a config dataclass, refusing keys it does not have (a config.json from another version or a
+    typo would otherwise be dropped or fail with a bare TypeError)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
+    return cls(**dict(d))

@@ -122,11 +122,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields {unknown}; valid fields: {sorted(known)}")
-        return cls(**d)
+        return layers.config_from_dict(cls, d)
 
 
 class LightningDiT(nnx.Module):

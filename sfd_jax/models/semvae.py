@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfd_jax.models import layers
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 COS_AXES = ("feature", "token")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -85,11 +87,7 @@ class SemVAEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SemVAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SemVAEConfig got unknown fields {unknown}; allowed: {sorted(known)}")
-        return cls(**dict(d))
+        return layers.config_from_dict(cls, d)
 
 
 class TransformerBlock(nnx.Module):

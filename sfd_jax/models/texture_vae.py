@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax.models import layers
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 # torch's default conv init (kaiming_uniform with a = sqrt(5) → U(±1/sqrt(fan_in))), so models trained from
@@ -90,11 +92,7 @@ class TextureVAEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TextureVAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TextureVAEConfig.from_dict: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
+        return layers.config_from_dict(cls, d)
 
 
 def _conv(cin: int, cout: int, k: int, cfg: TextureVAEConfig, rngs: nnx.Rngs, *, stride: int = 1,
