@@ -32,7 +32,7 @@ from sfd_jax.convert.dit import load_dit  # noqa: E402
 from sfd_jax.diffusion.sampler import CFG, AutoGuidance, sample  # noqa: E402
 from sfd_jax.models.lightningdit import DiTConfig, LightningDiT  # noqa: E402
 
-OFFICIAL = REPO.parent / "shared" / "testdata" / "official"
+OFFICIAL = REPO / "tests" / "golden" / "official"
 
 
 def _golden():

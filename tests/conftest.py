@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices, fp32 everywhere, golden data from ../shared/testdata."""
+"""Test setup: 8 fake CPU devices, fp32 everywhere, golden data from tests/golden (see tests/golden/README.md)."""
 import os
 import pathlib
 
@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TESTDATA = REPO.parent / "shared" / "testdata"
+TESTDATA = REPO / "tests" / "golden"
 OFFICIAL = TESTDATA / "official"
 EVAL = TESTDATA / "eval"
 
@@ -20,7 +20,7 @@ EVAL = TESTDATA / "eval"
 def load_golden(name: str, folder: pathlib.Path = OFFICIAL) -> dict:
     path = folder / name
     if not path.exists():
-        pytest.fail(f"golden file missing: {path} (tests expect ../shared/testdata beside the repo)")
+        pytest.fail(f"golden file missing: {path} (the golden vectors ship with the repository in tests/golden)")
     with np.load(path, allow_pickle=False) as d:
         return {k: d[k] for k in d.files}
 
