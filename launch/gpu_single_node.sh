@@ -9,6 +9,7 @@
 # Optional: CUDA_VISIBLE_DEVICES; SKIP_INSTALL=1; VENV (default .venv).
 # Ctrl-C or SIGTERM: the trainer saves a checkpoint and exits 0; re-running the same command resumes.
 set -euo pipefail
+# shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 [[ $# -gt 0 ]] || { echo "usage: $0 --config=configs/sfd.py:VARIANT --workdir=DIR [flags]" >&2; exit 2; }
 cd "${SFD_ROOT}"

@@ -8,9 +8,11 @@
 #
 # The workdir must be visible to every host (a gs:// bucket, needs EXTRA_PIP=gcsfs at setup, or a shared mount).
 # Re-running the same command resumes from the newest checkpoint in the workdir.
-# Optional: PROJECT; DETACH=1 runs in the background on the workers (log: ~/sfd_jax/train_<worker>.log), so the
-# job survives a dropped ssh connection; SFD_DIR.
+# Optional: PROJECT; DETACH=1 runs in the background on the workers (log: ~/sfd_jax/train_<worker>.log, pid in
+# ~/sfd_jax/train.pid), so the job survives a dropped ssh connection, and a worker whose detached trainer still
+# runs does not start a second one; SFD_DIR.
 set -euo pipefail
+# shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 sfd_require TPU_NAME ZONE
 [[ $# -gt 0 ]] || { echo "usage: TPU_NAME=.. ZONE=.. $0 --config=configs/sfd.py:VARIANT --workdir=DIR [flags]" >&2; exit 2; }
@@ -18,12 +20,17 @@ sfd_require TPU_NAME ZONE
 project_flag=()
 [[ -n "${PROJECT:-}" ]] && project_flag=(--project="${PROJECT}")
 remote_dir="${SFD_DIR:-sfd_jax}"
-args="$(sfd_quote_args "$@")"
 # SFD_DISTRIBUTED=1: one process per host, jax.distributed.initialize() finds the others through the TPU metadata.
-run="cd ${remote_dir} && SFD_DISTRIBUTED=1 .venv/bin/python -m sfd_jax.main${args}"
+train="SFD_DISTRIBUTED=1 .venv/bin/python -m sfd_jax.main$(sfd_quote_args "$@")"
 if [[ "${DETACH:-0}" == "1" ]]; then
-  run="cd ${remote_dir} && nohup bash -c $(printf '%q' "${run#cd ${remote_dir} && }") \
-> train_\$(hostname).log 2>&1 < /dev/null &"
+  # exec: the pid in train.pid is the trainer's own.
+  start="nohup bash -c $(printf '%q' "exec env ${train}") > train_\$(hostname).log 2>&1 < /dev/null & \
+echo \$! > train.pid"
+  busy="echo \"\$(hostname): already training (pid \$(cat train.pid)), not starting another\""
+else
+  start="${train}"
+  busy="echo \"\$(hostname): a detached trainer runs (pid \$(cat train.pid))\" >&2; exit 1"
 fi
+run="cd ${remote_dir} && if $(sfd_trainer_running .); then ${busy}; else ${start}; fi"
 
 gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all "${project_flag[@]}" --command="${run}"
