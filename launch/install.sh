@@ -43,10 +43,13 @@ if [[ "$("${uv}" --version 2>/dev/null || true)" != "uv ${SFD_UV_VERSION}"* ]]; 
 fi
 
 # A venv left by an older install on the system Python (3.10) cannot take jax 0.10.2: rebuild it.
-if [[ -e "${VENV}/bin/python" ]] &&
-  ! "${VENV}/bin/python" -c "import sys; sys.exit(sys.version_info < (${SFD_PYTHON/./, }))" 2>/dev/null; then
-  echo "install.sh: ${VENV} is not on Python >= ${SFD_PYTHON}; recreating it"
-  rm -rf "${VENV}"
+if [[ -e "${VENV}/bin/python" ]]; then
+  have="$("${VENV}/bin/python" -c 'import sys; print(*sys.version_info[:2], sep=".")' 2>/dev/null || echo broken)"
+  if [[ ! "${have}" =~ ^[0-9]+\.[0-9]+$ ]] ||
+    [[ "$(printf '%s\n' "${SFD_PYTHON}" "${have}" | sort -V | head -n 1)" != "${SFD_PYTHON}" ]]; then
+    echo "install.sh: ${VENV} has Python ${have}, needs >= ${SFD_PYTHON}; recreating it"
+    rm -rf "${VENV}"
+  fi
 fi
 if [[ ! -e "${VENV}/bin/python" ]]; then
   "${uv}" python find "${SFD_PYTHON}" >/dev/null 2>&1 || "${uv}" python install "${SFD_PYTHON}" ||
