@@ -30,16 +30,15 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 # uv at the pinned version, in the user base (PYTHONUSERBASE, default ~/.local) where `pip install --user` puts it.
 export PYTHONUSERBASE="${PYTHONUSERBASE:-${HOME}/.local}"
 uv="${PYTHONUSERBASE}/bin/uv"
-if [[ "$("${uv}" --version 2>/dev/null || true)" != "uv ${SFD_UV_VERSION}"* ]]; then
+uv_ok() { [[ "$("${uv}" --version 2>/dev/null || true)" =~ ^uv\ ${SFD_UV_VERSION//./\\.}( |$) ]]; }
+if ! uv_ok; then
   python3 -m pip --version >/dev/null 2>&1 ||
     die "python3 has no pip to install uv with: sudo apt-get install -y python3-pip, then re-run"
   # Newer Debian/Ubuntu mark the system Python externally managed; the variable lets a --user install through
   # there and is ignored by the older pip of Ubuntu 22.04 images.
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet "uv==${SFD_UV_VERSION}" ||
     die "pip could not install uv==${SFD_UV_VERSION} (is PyPI reachable?)"
-  found="$("${uv}" --version 2>/dev/null || true)"
-  [[ "${found}" == "uv ${SFD_UV_VERSION}"* ]] ||
-    die "expected uv ${SFD_UV_VERSION} at ${uv} after installing it, found '${found:-nothing}'"
+  uv_ok || die "expected uv ${SFD_UV_VERSION} at ${uv} after installing it, found '$("${uv}" --version 2>&1 || true)'"
 fi
 
 # A venv left by an older install on the system Python (3.10) cannot take jax 0.10.2: rebuild it.

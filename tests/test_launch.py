@@ -270,6 +270,17 @@ def test_install_rerun_reuses_uv_and_venv(fakes):
     assert fakes.argvs() == [["uv", "--version"], uv_calls(venv)[-1]]
 
 
+def test_install_replaces_a_uv_of_another_version(fakes):
+    (fakes.home / ".local" / "bin").mkdir(parents=True)
+    launch_fakes.wrapper(fakes.home / ".local" / "bin" / "uv", "uv")
+    venv, r = install(fakes, "cpu", uv_version="0.9.30", python_installed=True)
+    assert r.returncode == 0, r.stderr
+    assert fakes.argvs()[:4] == [["uv", "--version"], ["python3", "-m", "pip", "--version"],
+                                 ["python3", "-m", "pip", "install", "--user", "--quiet", "uv==0.13.8"],
+                                 ["uv", "--version"]]
+    assert fakes.argvs()[4:] == [uv_calls(venv)[0], *uv_calls(venv)[2:]]  # Python 3.11 found: no download
+
+
 def test_install_replaces_a_python_310_venv(fakes):
     venv = fakes.dir / "venv"
     (venv / "bin").mkdir(parents=True)
