@@ -178,6 +178,15 @@ def test_rerun_on_failed_or_preempted_resource_recreates(fakes, dead):
                                          describe("sfd", z), describe("sfd", z), *setup_and_run("sfd", z)]
 
 
+def test_rerun_while_preempted_nodes_are_torn_down_waits_then_recreates(fakes):
+    r = existing(fakes, ["SUSPENDING", "SUSPENDED"], states_after_create=["ACTIVE"])
+    assert r.returncode == 0, r.stderr
+    z = "us-east5-a"
+    create = qr("create", "sfd", z, "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5", "--node-id=sfd")
+    assert normalized(fakes.argvs()) == [describe("sfd", z), describe("sfd", z), qr("delete", "sfd", z, "--quiet"),
+                                         create, describe("sfd", z), *setup_and_run("sfd", z)]
+
+
 def test_rerun_with_another_accelerator_is_refused(fakes):
     r = existing(fakes, ["ACTIVE"], accel="v4-32")
     assert r.returncode == 1
