@@ -1,6 +1,8 @@
-"""FID Inception-v3 vs pytorch-fid golden vectors (../shared/testdata/eval/inception_fid.npz, README section 2).
+"""FID Inception-v3 vs pytorch-fid golden vectors (tests/golden/eval/inception_fid.npz).
 
-The golden network's weights are not stored: they are regenerated here from the README's hash recipe (checked
+See tests/golden/README.md.
+
+The golden network's weights are not stored: they are regenerated here from the golden README's hash recipe (checked
 against `param_sum` / `param_head` first), saved as a `.pth` with torch (the format of pytorch-fid's released file)
 and loaded through `sfd_jax.convert.inception.load_inception`. The golden forward is pytorch-fid's
 (`resize='torch'`); ADM's TF1 resize is checked on its own vector.

@@ -1,5 +1,5 @@
-"""ADM evaluator metrics vs numbers its own code produced (../shared/testdata/eval/adm_metrics.npz, README
-section 1), and an end-to-end `--mode=evaluate` run (reference batch built by the same code, JSON written)."""
+"""ADM evaluator metrics vs numbers its own code produced (tests/golden/eval/adm_metrics.npz,
+see tests/golden/README.md), and an end-to-end `--mode=evaluate` run (reference batch built by the same code, JSON written)."""
 import importlib.util
 import json
 

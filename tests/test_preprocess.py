@@ -1,4 +1,4 @@
-"""Preprocessing parity with the reference (../shared/testdata/eval/preprocess.npz, README §3)."""
+"""Preprocessing parity with the reference (tests/golden/eval/preprocess.npz, see tests/golden/README.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -63,7 +63,7 @@ def test_guided_forwards_match_reference(dit, models):
     np.testing.assert_allclose(out, ref[4:], rtol=0, atol=TOL)
 
     # Interval 0.5, decided per sample. Rows 0, 1 (and their copies 4, 5) agree with the reference, which decides
-    # from element 0 for the whole batch (SPEC §10); rows 2, 3 follow that element-0 rule instead.
+    # from element 0 for the whole batch (docs/diffusion.md#cfg-interval); rows 2, 3 follow that element-0 rule instead.
     out = np.asarray(out_interval)
     ref = nhwc(dit["cfg_interval_out"])
     for row in (0, 1):

@@ -127,7 +127,7 @@ def test_config_and_shapes():
     with pytest.raises(ValueError, match="unknown SemVAEConfig fields"):
         sv.SemVAEConfig.from_dict({**cfg.to_dict(), "heads": 6})
     abstract = nnx.eval_shape(lambda: sv.SemVAE(cfg, rngs=nnx.Rngs(0)))
-    assert round(sv.count_params(abstract) / 1e6, 1) == 57.9  # SPEC §6
+    assert round(sv.count_params(abstract) / 1e6, 1) == 57.9  # the reference's figure
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.ndim, path
