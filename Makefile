@@ -1,4 +1,4 @@
-# `make test` and `make demo` set everything up on a fresh machine (Python 3.11 + network access to PyPI/Debian).
+# `make test` and `make demo` set everything up on a fresh machine (Python >= 3.11 + network access to PyPI/Debian).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,14 +7,24 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo fashion-mnist install install-torch clean-venv
+.PHONY: test demo fashion-mnist install install-torch clean-venv check-python
 
-$(VENV)/.installed: requirements.txt requirements-torch.txt
+# The interpreter that will run everything: the venv's once it exists, else the one that creates it.
+PYTHON_CHECK := import sys; v = sys.version.split()[0]; sys.exit(0 if sys.version_info >= (3, 11) else \
+	f"make: Python {v} found at {sys.executable}; sfd_jax needs >= 3.11 " \
+	"(run e.g. make test PYTHON=python3.11, or make clean-venv first if .venv was made with an older Python)")
+
+check-python:
+	@if [ -x $(PY) ]; then $(PY) -c '$(PYTHON_CHECK)'; \
+	else command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; sfd_jax needs Python >= 3.11"; exit 1; }; \
+		$(PYTHON) -c '$(PYTHON_CHECK)'; fi
+
+$(VENV)/.installed: requirements.txt requirements-torch.txt | check-python
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-torch.txt
 	touch $@
 
-install: $(VENV)/.installed
+install: check-python $(VENV)/.installed
 
 test: install fashion-mnist
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu FASHION_MNIST=$(FASHION_MNIST) \

@@ -6,7 +6,7 @@
         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 writes runs/eval/score.json with fid, sfid, inception_score, precision, recall. Expected for the released
-SFD-XL 800-epoch checkpoint with AutoGuidance (50K class-balanced samples): FID ≈ 1.06 (SPEC §11).
+SFD-XL 800-epoch checkpoint with AutoGuidance (50K class-balanced samples): FID ≈ 1.06 (docs/sampling.md#paper-results).
 
 Variants:
 - `score` (default): score `samples` (ADM npz `arr_0` N×256×256×3 uint8, or a folder of PNGs) against the ADM

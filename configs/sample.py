@@ -7,14 +7,14 @@
 
 writes runs/sample_xl/samples_50000x256x256x3.npz (+ grid.png, sample.json). Scored with configs/eval.py against
 ADM's VIRTUAL_imagenet256_labeled.npz, the released SFD-XL 800-epoch weights with AutoGuidance (B/1 guide at 70K
-steps, w = 1.5, Dopri5 rtol 1e-3 / atol 1e-6) should give FID ≈ 1.06 (SPEC §11); unguided ≈ 2.54.
+steps, w = 1.5, Dopri5 rtol 1e-3 / atol 1e-6) should give FID ≈ 1.06 (docs/sampling.md#paper-results); unguided ≈ 2.54.
 
 Weights: `model` / `guide` are DiT weights directories (`python -m sfd_jax.convert dit 0400000.pt OUT`, or the
 trainer's `<workdir>/ema` export) or reference `.pt` checkpoints (their EMA weights unless use_ema=False);
 `texture_vae` is a directory from `python -m sfd_jax.convert texture_vae ldm-imagenet256-f16d32-50ep.ckpt OUT`
 (or the .ckpt itself); `latent_stats` is the stats.json written by `--mode=extract` (texture mean/std).
 
-Variants (SPEC §5, §11):
+Variants (guides, scales and FIDs from the paper, docs/sampling.md#paper-results):
 - `xl_autoguidance`   SFD-XL 800 ep + AutoGuidance (guide B/1 70K, w = 1.5) — FID 1.06 (default)
 - `xl_80ep_autoguidance`  SFD-XL 80 ep, guide B/1 70K, w = 1.6 — FID 1.30
 - `xxl_autoguidance`  SFD-XXL 800 ep, guide B/1 120K, w = 1.5 — FID 1.04
@@ -53,7 +53,7 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         labels="balanced",        # balanced: image g gets (g·num_classes)//num_images | random | unconditional
         num_classes=0,            # 0: the model's label count (1000)
         label_seed=0,             # labels='random' only
-        # solver (SPEC §5)
+        # solver (docs/diffusion.md#adaptive-solver)
         solver="dopri5",          # dopri5 | euler | heun
         num_steps=0,              # euler/heun steps (the reference's N grid points = N − 1 steps); 0 for dopri5
         rtol=1e-3, atol=1e-6,

@@ -1,4 +1,4 @@
-"""Semantic VAE training (SPEC §6), `--mode=train_semvae`.
+"""Semantic VAE training (docs/semantic.md#training-the-semvae), `--mode=train_semvae`.
 
     python -m sfd_jax.main --config=configs/semvae.py:demo --workdir=/tmp/semvae_demo --mode=train_semvae
 

@@ -2,7 +2,7 @@
 
     python -m sfd_jax.main --config=configs/sfd.py:tiny --workdir=/tmp/sfd_tiny --config.train.num_steps=20
 
-Variants (SPEC §4, §11):
+Variants (objective: docs/diffusion.md#the-objective; paper FIDs: docs/sampling.md#paper-results):
 - `xl`        SFD-XL/1, 800-epoch recipe: lr 1e-4, betas (0.9, 0.999), REPA 'cos' λ=1, batch 256, 4M steps.
 - `xl_80ep`   the later official recipe: lr 2e-4, beta2 0.95, REPA 'cos_mse' λ=0.5, 400K steps (FID 3.43 unguided).
 - `xxl`       SFD-XXL/1 ("1p0B"), 800-epoch recipe.

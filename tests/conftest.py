@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices, fp32 everywhere, golden data from tests/golden (see tests/golden/README.md)."""
 import os
 import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -28,3 +29,93 @@ def load_golden(name: str, folder: pathlib.Path = OFFICIAL) -> dict:
 @pytest.fixture(scope="session")
 def golden():
     return load_golden
+
+
+def assert_close(got, ref, rel: float, *, scale: float | None = None, err_msg: str = "") -> float:
+    """max |got − ref| ≤ rel · scale, with scale = max |ref| unless given; returns the max abs error.
+
+    Float rounding errors (other BLAS kernels, thread counts, summation orders) grow with the magnitude of the
+    values that flow through a computation, not with each element's own size, so an elementwise rtol fails on the
+    small elements of a result and a bare atol means something different for every array. Both the tolerance and
+    the scale go into the failure message.
+    """
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, f"{err_msg}: shape {got.shape} != expected {ref.shape}"
+    if scale is None:
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+    assert err <= rel * scale, (f"{err_msg}: max abs error {err:.3g} > {rel:g} × scale {scale:.4g} "
+                                f"(= {rel * scale:.3g})")
+    return err
+
+
+def assert_trees_close(got, ref, rel: float, *, err_msg: str = "") -> None:
+    """`assert_close` on every leaf of two pytrees (same structure), against the max |value| of the whole `ref` tree.
+
+    The tree's scale, not each leaf's: an optimizer step moves a near-zero leaf by rounding noise of the same
+    absolute size as a large one (e.g. a 1.7e-7 difference in a leaf whose largest value is 1.6e-3).
+    """
+    import jax
+
+    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
+    ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref)
+    assert got_def == ref_def, f"{err_msg}: tree structures differ"
+    scale = max((float(np.max(np.abs(np.asarray(b)))) for _, b in ref_leaves if np.size(b)), default=0.0)
+    for (path, a), (_, b) in zip(got_leaves, ref_leaves):
+        assert_close(np.asarray(a), np.asarray(b), rel, scale=scale, err_msg=f"{err_msg}{jax.tree_util.keystr(path)}")
+
+
+# ------------------------------------------------------------------------------------------- shared, expensive
+_CHILD_JAX_CACHE: pathlib.Path | None = None
+
+
+def pytest_configure(config):
+    global _CHILD_JAX_CACHE
+    if hasattr(config.option, "loadscopereorder"):  # xdist would re-sort files by test count, undoing FILE_SECONDS
+        config.option.loadscopereorder = False
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    _CHILD_JAX_CACHE = (cache.mkdir("jax_compilation_cache") if cache is not None
+                        else pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache")
+
+
+def child_env(**overrides: str) -> dict:
+    """Environment for a `python -m sfd_jax.main` child process: ours plus a persistent JAX compilation cache.
+
+    Every child starts cold and compiles the same small programs as its siblings (the tiny DiT's train step, the
+    sampler, the extractor), so the cache (in pytest's cache directory, kept between runs) lets each program
+    compile once per machine instead of once per process. Only children use it: the test processes compile
+    hundreds of one-off programs that would only fill the cache.
+    """
+    cache = _CHILD_JAX_CACHE or pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session")
+def inception_net_weights():
+    """The golden FID Inception's weights (the `net/` rows of inception_fid.npz), regenerated once per session.
+
+    test_inception and test_metrics both need the whole network (24M values, ~4 s to hash); the regeneration
+    itself, with its checksums, is tested in test_inception.
+    """
+    from test_inception import regenerate_weights
+    return regenerate_weights(load_golden("inception_fid.npz", EVAL), "net/")
+
+
+# Heaviest test files first (seconds, summed `--durations=0` on 2 cores): under `-n 2 --dist loadfile` xdist hands
+# out files in collection order, so the long ones start at once and the short ones fill in behind them.
+FILE_SECONDS = {  # measured on 2 busy cores (load 8-16), before this ordering and the child compilation cache
+    "test_multiprocess.py": 602, "test_demo.py": 425, "test_texture_vae_train.py": 214, "test_train.py": 183,
+    "test_dit.py": 155, "test_semvae_train.py": 118, "test_metrics.py": 116, "test_parallel.py": 97,
+    "test_sampler.py": 80, "test_sample.py": 74, "test_inception.py": 62, "test_pipeline.py": 53,
+    "test_extract.py": 47, "test_texture_vae.py": 35, "test_classifier.py": 31, "test_dinov2.py": 25,
+    "test_convert_dit.py": 23, "test_semvae.py": 18, "test_losses.py": 13, "test_schedule.py": 7,
+    "test_checkpoint.py": 6, "test_preprocess.py": 5, "test_sources.py": 1,
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = {name: i for i, name in enumerate(sorted(FILE_SECONDS, key=FILE_SECONDS.get, reverse=True))}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: tests keep their order in a file

@@ -1,6 +1,8 @@
-"""FID Inception-v3 vs pytorch-fid golden vectors (../shared/testdata/eval/inception_fid.npz, README section 2).
+"""FID Inception-v3 vs pytorch-fid golden vectors (tests/golden/eval/inception_fid.npz).
 
-The golden network's weights are not stored: they are regenerated here from the README's hash recipe (checked
+See tests/golden/README.md.
+
+The golden network's weights are not stored: they are regenerated here from the golden README's hash recipe (checked
 against `param_sum` / `param_head` first), saved as a `.pth` with torch (the format of pytorch-fid's released file)
 and loaded through `sfd_jax.convert.inception.load_inception`. The golden forward is pytorch-fid's
 (`resize='torch'`); ADM's TF1 resize is checked on its own vector.
@@ -11,7 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import EVAL, load_golden
+from conftest import EVAL, assert_close, load_golden
 
 import sfd_jax  # noqa: F401  (switches off eager sharding)
 from flax import nnx
@@ -66,8 +68,8 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def net_weights(golden):
-    return regenerate_weights(golden, "net/")
+def net_weights(inception_net_weights):
+    return inception_net_weights
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def test_loaded_weights_round_trip(model, net_weights):
 
 def test_resized_input_matches_pytorch_fid(net_out, golden):
     x = net_out["input"].transpose(0, 3, 1, 2)  # NCHW like the golden
-    np.testing.assert_allclose(x[:, :, :24, :24], golden["net/input_resized_crop"], rtol=0, atol=1e-5)
+    assert_close(x[:, :, :24, :24], golden["net/input_resized_crop"], 2e-6)  # values in [-1, 1]; measured 6e-7
     # Per-element agreement ≤ 5e-7 (README) bounds the whole-image sum by 299²·5e-7 ≈ 0.045.
     sums = x.astype(np.float64).sum(axis=(2, 3))
     np.testing.assert_allclose(sums, golden["net/input_resized_sum"], rtol=0, atol=299 * 299 * 5e-7)
@@ -148,7 +150,7 @@ def test_tf1_resize_matches_tensorflow(golden):
     x = jnp.asarray(golden["tf1_resize_in_u8"].astype(np.float32))
     got = np.asarray(inc.resize_bilinear(x, 299, "tf1"))
     # README: a float32 numpy version of the same formula matches TF to 2.1e-5 on the 0..255 scale.
-    np.testing.assert_allclose(got, golden["tf1_resize_out"], rtol=0, atol=2.1e-5)
+    assert_close(got, golden["tf1_resize_out"], 1e-7)  # of max 255: 2.6e-5, the README's 2.1e-5 rounded up
     # The half-pixel resize is a different function (up to 15.4 levels apart on this image).
     torch_style = np.asarray(inc.resize_bilinear(x, 299, "torch"))
     assert np.max(np.abs(torch_style - golden["tf1_resize_out"])) > 10
@@ -159,7 +161,7 @@ def test_tf1_preprocess_is_adm_normalisation(golden):
     got = np.asarray(inc.preprocess(jnp.asarray(u8), resize="tf1"))
     want = (golden["tf1_resize_out"] - 128.0) / 128.0
     for c in range(3):
-        np.testing.assert_allclose(got[..., c:c + 1], want, rtol=0, atol=2.1e-5 / 128)
+        assert_close(got[..., c:c + 1], want, 2e-7)  # the same bound after (x − 128) / 128
 
 
 def test_sharded_padded_extractor_matches_golden(model, golden):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from conftest import assert_trees_close
 from sfd_jax import parallel
 from sfd_jax.train import loop
 
@@ -127,8 +128,9 @@ def test_sharded_steps_equal_single_device_steps(sharded_and_single):
     # After 3 AdamW steps (lr 1e-3) only the order of the sharded reductions differs: fp32 rounding.
     for a, b in zip(single_losses, sharded_losses):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-    chex.assert_trees_all_close(single.params, sharded.params, atol=1e-5, rtol=0)
-    chex.assert_trees_all_close(single.ema_params, sharded.ema_params, atol=1e-5, rtol=0)
+    # relative to the parameters' largest |value| (1.0: the RMSNorm weights); measured ≤ 4.1e-6
+    assert_trees_close(sharded.params, single.params, 1e-5, err_msg="params")
+    assert_trees_close(sharded.ema_params, single.ema_params, 1e-5, err_msg="ema")
     assert int(single.step) == int(sharded.step) == 3
 
 

@@ -131,7 +131,7 @@ def sample_config(assets, **overrides):
 
 # --------------------------------------------------------------------------------------------------- labels
 def test_class_labels():
-    # SPEC §5: image g of 50,000 has label g // 50.
+    # The reference's balanced labels: image g of 50,000 has label g // 50.
     np.testing.assert_array_equal(class_labels(np.arange(50_000), num_images=50_000, num_classes=1000),
                                   np.repeat(np.arange(1000), 50))
     counts = np.bincount(class_labels(np.arange(1003), num_images=1003, num_classes=10), minlength=10)

@@ -12,9 +12,11 @@ import sfd_jax  # noqa: F401
 from sfd_jax.convert.common import ConversionError, to_numpy
 from sfd_jax.convert.semvae import export_semvae, load_semvae, save_semvae
 from sfd_jax.models import semvae as sv
-from tests.conftest import load_golden
+from tests.conftest import assert_close, load_golden
 
-TOL = 1e-5
+# Golden forwards are compared as max |Δ| ≤ REL · max |reference|: the reference itself moves by ≤ 5.7e-7 of that scale
+# between thread counts and eager/compiled runs (tests/golden/README.md); we measure ≤ 4.7e-7.
+REL = 2e-6
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +46,14 @@ def test_encode_sample_decode(golden):
     g, _, cfg, model = golden
     mu, logvar = nnx.jit(lambda m, x: m.encode(x))(model, jnp.asarray(g["feats"]))
     chex.assert_shape([mu, logvar], (3, 16, cfg.bottleneck_dim))
-    np.testing.assert_allclose(mu, _tokens(g["mu"]), rtol=0, atol=TOL)
-    np.testing.assert_allclose(logvar, _tokens(g["logvar"]), rtol=0, atol=TOL)
+    assert_close(mu, _tokens(g["mu"]), REL)
+    assert_close(logvar, _tokens(g["logvar"]), REL)
     z = sv.reparameterize(mu, logvar, _tokens(g["eps"]))
-    np.testing.assert_allclose(z, g["z"], rtol=0, atol=TOL)
+    assert_close(z, g["z"], REL)
     recon = nnx.jit(lambda m, z: m.decode(z))(model, jnp.asarray(g["z"]))
-    np.testing.assert_allclose(recon, g["recon"], rtol=0, atol=TOL)
+    assert_close(recon, g["recon"], REL)
     # KL is ~45 per sample: compare at fp32 resolution of that magnitude
-    np.testing.assert_allclose(sv.kl(mu, logvar), g["kl"], rtol=TOL, atol=0)
+    assert_close(sv.kl(mu, logvar), g["kl"], REL)
 
 
 @pytest.mark.parametrize("cos_axis,key", [("feature", "loss_cos_feature_axis"), ("token", "loss_cos_official")])
@@ -59,12 +61,12 @@ def test_loss_terms(golden, cos_axis, key):
     g, *_ = golden
     terms = sv.losses(jnp.asarray(g["recon"]), jnp.asarray(g["feats"]), _tokens(g["mu"]), _tokens(g["logvar"]),
                       cos_axis=cos_axis)
-    np.testing.assert_allclose(terms["cos"], g[key], rtol=0, atol=TOL)
-    np.testing.assert_allclose(terms["mse"], g["loss_mse"], rtol=0, atol=TOL)
-    np.testing.assert_allclose(terms["l1"], g["loss_l1"], rtol=0, atol=TOL)
-    np.testing.assert_allclose(terms["kl"], g["loss_kl"], rtol=TOL, atol=0)
+    assert_close(terms["cos"], g[key], REL)
+    assert_close(terms["mse"], g["loss_mse"], REL)
+    assert_close(terms["l1"], g["loss_l1"], REL)
+    assert_close(terms["kl"], g["loss_kl"], REL)
     if cos_axis == "token":  # the reference total uses the token-axis cosine
-        np.testing.assert_allclose(terms["total"], g["total_official"], rtol=0, atol=TOL)
+        assert_close(terms["total"], g["total_official"], REL)
     # the two axes really differ on this data, so the switch is exercised
     assert abs(float(g["loss_cos_official"]) - float(g["loss_cos_feature_axis"])) > 1e-3
 
@@ -75,7 +77,8 @@ def test_sample_uses_only_the_key(golden):
     key = jax.random.key(7)
     a, b = sv.sample(mu, logvar, key), sv.sample(mu, logvar, key)
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(a, sv.reparameterize(mu, logvar, jax.random.normal(key, mu.shape)), atol=1e-6)
+    # the same float32 formula, possibly fused differently by XLA: two ulps of the largest value
+    assert_close(a, sv.reparameterize(mu, logvar, jax.random.normal(key, mu.shape)), 2 * np.finfo(np.float32).eps)
     assert not np.allclose(a, sv.sample(mu, logvar, jax.random.key(8)))
 
 
@@ -127,7 +130,7 @@ def test_config_and_shapes():
     with pytest.raises(ValueError, match="unknown SemVAEConfig fields"):
         sv.SemVAEConfig.from_dict({**cfg.to_dict(), "heads": 6})
     abstract = nnx.eval_shape(lambda: sv.SemVAE(cfg, rngs=nnx.Rngs(0)))
-    assert round(sv.count_params(abstract) / 1e6, 1) == 57.9  # SPEC §6
+    assert round(sv.count_params(abstract) / 1e6, 1) == 57.9  # the reference's figure
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.ndim, path
@@ -141,6 +144,6 @@ def test_bf16_compute(golden):
     _, model = load_semvae(sd, num_heads=cfg.num_heads, dtype="bfloat16")
     mu, _ = model.encode(jnp.asarray(g["feats"]))
     assert mu.dtype == jnp.float32
-    np.testing.assert_allclose(mu, _tokens(g["mu"]), atol=0.05)
+    assert_close(mu, _tokens(g["mu"]), 2e-2)  # bf16 keeps 8 significand bits (3.9e-3 per rounding); measured 6.2e-3
     with pytest.raises(ValueError, match=r"expects tokens \(B, L, 96\)"):
         model.encode(jnp.zeros((1, 4, 95)))

@@ -135,7 +135,7 @@ def test_default_architecture_parameter_counts():
     enc, dec = count_params(model.encoder), count_params(model.decoder)
     print(f"f16d32 encoder {enc} (+quant_conv {count_params(model.quant_conv)}), decoder {dec} "
           f"(+post_quant_conv {count_params(model.post_quant_conv)})")
-    assert round(enc / 1e6, 1) == 28.4 and round(dec / 1e6, 1) == 41.4  # SPEC §8
+    assert round(enc / 1e6, 1) == 28.4 and round(dec / 1e6, 1) == 41.4  # the reference's figures
     assert model.encoder.conv_out.kernel.shape == (3, 3, 512, 64) and model.quant_conv.kernel.shape[-1] == 64
     assert model.decoder.conv_in.kernel.shape == (3, 3, 32, 512)
     assert [len(level.attn) for level in model.encoder.down] == [0, 0, 0, 0, 2]

@@ -47,13 +47,13 @@ def _torch_load(path: str):
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"reading {path} needs PyTorch: pip install -r requirements-torch.txt "
-            "(torch==2.13.0 exactly, plus omegaconf for training checkpoints)") from e
+            f"reading {path} needs PyTorch: pip install 'sfd_jax[torch]' (or -r requirements-torch.txt: "
+            "torch==2.13.0 exactly, plus omegaconf for training checkpoints)") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
-        raise ImportError(f"{path} pickles objects from module {e.name!r}; install it "
-                          "(requirements-torch.txt has omegaconf for reference training checkpoints)") from e
+        raise ImportError(f"{path} pickles objects from module {e.name!r}; install it (the 'sfd_jax[torch]' extra "
+                          "and requirements-torch.txt have omegaconf for reference training checkpoints)") from e
     except Exception as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                          f"{type(e).__name__}: {e}") from e

@@ -1,4 +1,4 @@
-"""Grain reader of an extracted latent dataset: the training batches (SPEC §1).
+"""Grain reader of an extracted latent dataset: the training batches (docs/data.md#4-training-reader-datasourcearrayrecord).
 
 Order of operations (index arithmetic only, so the state of the whole pipeline is one integer):
 

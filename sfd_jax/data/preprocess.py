@@ -1,4 +1,4 @@
-"""Image preprocessing of the SFD data path (SPEC §9), matching the reference pixel for pixel.
+"""Image preprocessing of the SFD data path (docs/data.md#2-preprocessing), matching the reference pixel for pixel.
 
 - `adm_center_crop`: ADM's `center_crop_arr` (PIL BOX halvings, then BICUBIC, floor-offset crop). Pillow itself does
   the resampling, because PIL's 8-bit fixed-point antialiased bicubic is what the reference ran; any other

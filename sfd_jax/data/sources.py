@@ -127,7 +127,11 @@ def _tfds():
         import importlib.resources
         import importlib.resources.abc  # noqa: F401
         sys.modules.setdefault("importlib_resources", importlib.resources)
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError("TFDS sources need tensorflow-datasets: pip install 'sfd_jax[tfds]' "
+                          "(tensorflow-datasets==4.9.10; TensorFlow itself is not needed)") from e
     return tfds
 
 

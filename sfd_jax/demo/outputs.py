@@ -13,6 +13,17 @@ from sfd_jax.data.sources import FASHION_MNIST_CLASSES
 MODE_TITLES = {"unguided": "unguided", "autoguidance": "AutoGuidance"}
 
 
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend; only the demo's figures need it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the demo's figures need matplotlib: pip install 'sfd_jax[demo]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def write_json(path: str, obj) -> None:
     """Atomic (records.write_json_atomic); numpy values become lists, anything else unknown its str()."""
     write_json_atomic(path, obj, indent=2, default=_json_default)
@@ -70,9 +81,7 @@ def _class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, column
 
 
 def samples_png(workdir: str, samples: dict, scale: float, columns: int, evaluation: dict) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     num_classes = len(FASHION_MNIST_CLASSES)
     fig, axes = plt.subplots(1, len(samples), figsize=(1.2 + 3.4 * len(samples) * columns / 8, 5.2), dpi=120,
                              squeeze=False)
@@ -109,9 +118,7 @@ def _read(path: str) -> list[dict]:
 
 def loss_png(workdir: str) -> str:
     """Training curves of the texture VAE, the SemVAE and the DiT (from their metrics.jsonl)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     panels = [("texture VAE", "texture_vae", ["loss"]),
               ("SemVAE", "semvae", ["total", "mse", "cos"]),
               ("SFD DiT", "dit", ["loss", "loss_mse", "loss_cos", "loss_repa"])]

@@ -1,11 +1,11 @@
-"""Guidance for the three-phase sampler (SPEC §5): classifier-free guidance and AutoGuidance on all 48 channels.
+"""Guidance for the three-phase sampler (docs/diffusion.md#sampling): classifier-free guidance and AutoGuidance on all 48 channels.
 
     CFG(scale, interval_start=None)               out = u + w·(c − u), u = model with the null label
     AutoGuidance(guide_model, scale,               out = g + w·(main − g), g = a weaker model with the SAME labels,
                  scale_sem=None, scale_tex=None,   w_tex on the texture channels and w_sem on the semantic ones
                  interval_start=None)
 
-Interval rule, decided per sample (not from element 0 as the reference does, SPEC §10): a part stays unguided
+Interval rule, decided per sample (not from element 0 as the reference does; docs/diffusion.md#cfg-interval): a part stays unguided
 (= the conditional / main output) while its own time is strictly below `interval_start` — t_tex for the texture
 channels, t_sem for the semantic channels. `interval_start=None` (or 0) guides everywhere.
 

@@ -1,4 +1,4 @@
-"""The SFD training objective (SPEC §4): β-weighted velocity MSE + velocity cosine loss + REPA alignment.
+"""The SFD training objective (docs/diffusion.md#the-objective): β-weighted velocity MSE + velocity cosine loss + REPA alignment.
 
 Per sample, with e = pred − u and u = x1 − x0 on all channels:
 

@@ -1,4 +1,4 @@
-"""Three-phase asynchronous ODE sampler (SPEC §5): adaptive Dopri5 (diffrax), fixed-grid Euler and Heun.
+"""Three-phase asynchronous ODE sampler (docs/diffusion.md#sampling): adaptive Dopri5 (diffrax), fixed-grid Euler and Heun.
 
     x, stats = sample(model, z0, y)                                   # Dopri5, rtol 1e-3 / atol 1e-6, Δt = 0.3
     x, stats = sample(model, z0, y, solver="euler", num_steps=99)     # the reference's 100 grid points

@@ -1,6 +1,6 @@
 """The asynchronous (semantic-first) time schedule — the one place τ maps to (t_tex, t_sem) and to phase masks.
 
-One global time τ ∈ [0, 1 + Δt] drives both parts of the composite latent (SPEC §2, §5):
+One global time τ ∈ [0, 1 + Δt] drives both parts of the composite latent (docs/diffusion.md#phase-rule):
 
     t_sem = min(τ, 1)          t_tex = max(τ − Δt, 0)
 
@@ -171,7 +171,7 @@ def grid_phase_masks(num_points: int, delta_t) -> tuple[np.ndarray, np.ndarray]:
 
     Step k starts at τ_k = k·(1 + Δt)/(N − 1). Δt is read as the decimal the user wrote (its shortest repr), and
     the comparisons τ_k ≥ Δt and τ_k < 1 are done in rational arithmetic, so a float32 grid point such as
-    0.29999998 for 0.3 cannot move a step into the wrong phase (SPEC §5, §10).
+    0.29999998 for 0.3 cannot move a step into the wrong phase (docs/diffusion.md#exact-grid-euler-rule).
     """
     delta_t = check_delta_t(delta_t)
     num_points = _check_num_points(num_points)

@@ -5,8 +5,8 @@
     images, stats = gen(model, indices, class_labels(indices, num_images=50_000, num_classes=1000))
 
 For every image index g the program draws x(0) = N(0, I) from `fold_in(key(seed), g)`, integrates the three-phase
-ODE (`sfd_jax.diffusion.sampler.sample`, SPEC §5), keeps the texture channels, denormalises them with the dataset
-statistics (x·std/multiplier + mean), decodes them with the texture VAE and rounds to uint8 (SPEC §5). Batches are
+ODE (`sfd_jax.diffusion.sampler.sample`, docs/diffusion.md#sampling), keeps the texture channels, denormalises them with the dataset
+statistics (x·std/multiplier + mean), decodes them with the texture VAE and rounds to uint8 (docs/texture_vae.md#forward-order). Batches are
 sharded over the ('data', 'fsdp') axes of the mesh (all devices, all processes), a fixed `per_device_batch` rows
 per device.
 
@@ -66,7 +66,7 @@ def class_labels(indices, *, num_images: int, num_classes: int, mode: str = "bal
                  null_label: int | None = None) -> np.ndarray:
     """int32 labels of image `indices` out of `num_images`.
 
-    'balanced': image g gets (g · num_classes) // num_images — g // 50 for 50,000 images and 1000 classes (SPEC §5),
+    'balanced': image g gets (g · num_classes) // num_images — g // 50 for 50,000 images and 1000 classes (as the reference),
     and exactly balanced (±1) when num_images is not a multiple of num_classes.
     'random': uniform in [0, num_classes) from a counter-based hash of (seed, g): the label of g does not depend on
     num_images or on which other indices are drawn.

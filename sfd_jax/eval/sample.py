@@ -4,7 +4,7 @@
         --config.sample.model=weights/sfd_xl_800ep --config.sample.guide=weights/guide_b_70k \
         --config.sample.texture_vae=weights/texture_vae --config.sample.latent_stats=/data/latents/stats.json
 
-Image g of N (default 50,000) gets label (g · num_classes) // N (= g // 50, SPEC §5; or seeded random labels, or
+Image g of N (default 50,000) gets label (g · num_classes) // N (= g // 50, as the reference; or seeded random labels, or
 the null label), noise N(0, I) from fold_in(key(seed), g), and is sampled by `sfd_jax.eval.generator` (three-phase
 ODE → texture channels → denormalise → texture VAE → uint8), batches sharded over every device of every process.
 

@@ -1,7 +1,7 @@
 """DINOv2 ViT with register tokens (transformers `Dinov2WithRegistersModel`) in Flax NNX.
 
 SFD uses DINOv2-B/14-reg as a frozen feature extractor: its layer-normed patch tokens (`x_norm_patchtokens`) are
-the REPA targets and the SemVAE input (SPEC §6, §7). The module reproduces the transformers forward exactly:
+the REPA targets and the SemVAE input (docs/semantic.md#dinov2-with-registers). The module reproduces the transformers forward exactly:
 
   tokens = [CLS + pos[0], registers (no position), patches + pos[1:]]  →  N pre-LN blocks with LayerScale  →  LN
 

@@ -1,4 +1,4 @@
-"""Building blocks of the LightningDiT denoiser (SPEC §3), channels-last, Flax NNX.
+"""Building blocks of the LightningDiT denoiser (docs/model.md#architecture), channels-last, Flax NNX.
 
 Every weight carries logical axis names (`out_sharding` metadata) from the project vocabulary: 'embed' (model width
 D), 'mlp' (wide hidden / fused outputs), 'vocab' (label-table rows), None for small dims. Parameters are float32;

@@ -1,4 +1,4 @@
-"""Dual-timestep LightningDiT (SPEC §3), patch size 1, channels-last.
+"""Dual-timestep LightningDiT (docs/model.md#architecture), patch size 1, channels-last.
 
     model = LightningDiT(DiTConfig.from_size("xl"), rngs=nnx.Rngs(0))
     v = model(x, t_tex, t_sem, y)                        # x (B, 16, 16, 48) → velocity (B, 16, 16, 48)
@@ -16,8 +16,8 @@ from flax import nnx
 
 from sfd_jax.models import layers
 
-# Width / depth / heads of the reference sizes (SPEC §3). "xxl" is the reference's "1p0B"; "tiny" is the
-# golden-test model of ../shared/testdata/official/dit.npz; "s" is for benchmarks.
+# Width / depth / heads of the reference sizes (docs/model.md#sizes-and-cost). "xxl" is the reference's "1p0B"; "tiny" is the
+# golden-test model of tests/golden/official/dit.npz; "s" is for benchmarks.
 SIZES: dict[str, dict] = {
     "tiny": dict(depth=2, hidden_size=64, num_heads=4, repa_projector_dim=128),
     "b": dict(depth=12, hidden_size=768, num_heads=12),
@@ -195,7 +195,7 @@ def abstract_model(cfg: DiTConfig) -> LightningDiT:
 
 
 def count_params(cfg: DiTConfig, *, include_repa: bool = False, include_pos_embed: bool = False) -> int:
-    """Trainable parameter count (the SPEC table excludes the REPA projector and pos_embed)."""
+    """Trainable parameter count (the reference's published counts exclude the REPA projector and pos_embed)."""
     model = abstract_model(cfg)
     total = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -1,4 +1,4 @@
-"""Semantic VAE (SPEC §6): compresses DINOv2 patch tokens (B, L, 768) to a (B, L, 16) Gaussian latent.
+"""Semantic VAE (docs/semantic.md#semantic-vae): compresses DINOv2 patch tokens (B, L, 768) to a (B, L, 16) Gaussian latent.
 
 Encoder: Linear(C_in → D) → N pre-LN transformer blocks → LayerNorm → Linear(D → 2·bottleneck) = [μ | logvar].
 Decoder: Linear(bottleneck → D) → N blocks → LayerNorm → Linear(D → C_in). No positional embedding: the tokens are

@@ -1,4 +1,4 @@
-"""Texture VAE: the LDM KL autoencoder ("SD-VAE f16d32") in Flax NNX, channels-last (SPEC §8).
+"""Texture VAE: the LDM KL autoencoder ("SD-VAE f16d32") in Flax NNX, channels-last (docs/texture_vae.md#forward-order).
 
 Module and attribute names mirror the reference (`encoder.down.{i}.block.{j}.conv1`, `decoder.up.{i}.attn.{j}.q`,
 `quant_conv`, ...) so that a parameter's nnx path *is* its reference key; only the leaf names differ
@@ -334,7 +334,7 @@ class TextureVAE(nnx.Module):
 
     @staticmethod
     def to_uint8(x):
-        """Decoder output in [-1, 1] → uint8 as clamp(floor(127.5·x + 128), 0, 255) (SPEC §5)."""
+        """Decoder output in [-1, 1] → uint8 as clamp(floor(127.5·x + 128), 0, 255), as the reference."""
         return to_uint8(x)
 
 

@@ -1,4 +1,4 @@
-"""Semantic VAE training (`--mode=train_semvae`): the reference recipe of SPEC §6 on DINOv2 patch tokens.
+"""Semantic VAE training (`--mode=train_semvae`): the reference recipe (docs/semantic.md#training-the-semvae) on DINOv2 patch tokens.
 
     python -m sfd_jax.main --config=configs/semvae.py:demo --workdir=/tmp/semvae_demo --mode=train_semvae
 

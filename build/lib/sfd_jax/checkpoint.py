@@ -1,0 +1,235 @@
+"""Orbax checkpoints of a training run: train state | data-iterator state | config, restorable onto any mesh.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data, config}`:
+- `state`  the TrainState pytree (orbax StandardSave, each host writes its own shards);
+- `data`   JSON {"process_count": P, "processes": [state of process 0, ..., state of process P-1]};
+- `config` JSON of the run's config plus derived values (mesh shape, per-process batch, parameter count).
+
+Saves are asynchronous (the device->host copy happens before `save` returns, so the next step may donate the
+buffers). Retention keeps the newest `keep_last` checkpoints plus every step divisible by `keep_every` (for FID
+curves). `restore_latest` restores onto the shardings of the abstract state it is given -- so a run saved on one
+mesh resumes on another mesh shape or device count -- and falls back to the previous checkpoint, with a warning
+naming the unreadable one, when the newest cannot be read; the unreadable ones are moved to
+`<workdir>/checkpoints_corrupt/` so that training can write those step numbers again.
+
+`python -m sfd_jax.checkpoint export --workdir=DIR --out=DIR [--step=N]` writes the EMA weights alone (the weights
+directory format of `sfd_jax.convert.dit.save_dit`) for sampling.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+log = logging.getLogger(__name__)
+
+
+def _allgather_json(obj: Any) -> list:
+    """The JSON-serialisable `obj` of every process, in process order (orbax writes JSON from one host only)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+class Checkpoints:
+    """A thin policy layer over `ocp.CheckpointManager` for train runs."""
+
+    def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0, async_save: bool = True):
+        self.workdir = os.fspath(workdir)
+        self.directory = os.fspath(epath.Path(self.workdir) / CHECKPOINT_DIR)
+        policies = [ocp.checkpoint_managers.LatestN(n=max(1, int(keep_last)))]
+        if keep_every and keep_every > 0:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(int(keep_every)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # an interrupted save leaves a tmp dir; it is never a valid checkpoint
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "config"))
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, data_state: dict, config: dict, *, wait: bool = False) -> None:
+        """Starts an async save of `state` at `step`; `wait=True` blocks until it is on disk."""
+        processes = _allgather_json(data_state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"process_count": len(processes), "processes": processes}),
+            config=ocp.args.JsonSave(config),
+        )
+        self.manager.save(int(step), args=args, force=True)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """(state, data JSON, config JSON) of `step`, the state placed on `abstract_state`'s shardings."""
+        out = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        ))
+        return out.state, out.data, out.config
+
+    def restore_latest(self, abstract_state: Any):
+        """(step, state, data_state_of_this_process, config JSON) of the newest readable checkpoint, or None.
+
+        An unreadable newest checkpoint is skipped with a warning naming it and the previous one is tried. If no
+        checkpoint can be read, the newest one's error is raised (a config that no longer fits the saved state
+        fails on every step, and silently starting from scratch would hide that).
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
+            try:
+                state, data, config = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
+                path = os.path.join(self.directory, str(step))
+                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous checkpoint",
+                                path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                errors.append((step, e))
+                continue
+            if errors:
+                self._quarantine([s for s, _ in errors])
+            return step, state, self._data_for_this_process(data), config
+        if errors:
+            step, err = errors[0]
+            raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {[s for s, _ in errors]}); "
+                               f"newest ({step}) failed with {type(err).__name__}: {err}") from err
+        return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints aside (deletes them where a rename is impossible) so later saves can reuse
+        their step numbers."""
+        if jax.process_index() == 0:
+            dest_root = epath.Path(self.workdir) / CORRUPT_DIR
+            for step in steps:
+                src = epath.Path(self.directory) / str(step)
+                if not src.exists():
+                    continue
+                dest = dest_root / f"{step}-{int(time.time())}"
+                try:
+                    dest_root.mkdir(parents=True, exist_ok=True)
+                    src.rename(dest)
+                    log.warning("moved unreadable checkpoint %s to %s", src, dest)
+                except OSError as e:
+                    log.warning("cannot move unreadable checkpoint %s (%s); deleting it", src, e)
+                    src.rmtree()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("sfd_checkpoint_quarantine")
+        self.manager.reload()
+
+    @staticmethod
+    def _data_for_this_process(data: dict | None) -> dict | None:
+        if not data:
+            return None
+        processes = data.get("processes") or []
+        if not processes:
+            return None
+        if len(processes) != jax.process_count():
+            log.warning("checkpoint was written by %d processes, resuming with %d: every process resumes the "
+                            "data iterator from process 0's state", len(processes), jax.process_count())
+            return processes[0]
+        return processes[jax.process_index()]
+
+
+def read_config_json(workdir: str, step: int | None = None) -> dict:
+    """The config JSON stored with checkpoint `step` (default: newest) of a run."""
+    directory = os.fspath(epath.Path(workdir) / CHECKPOINT_DIR)
+    if not epath.Path(directory).is_dir():
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data", "config"))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints under {directory}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} under {directory} (steps: {steps})")
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    finally:
+        manager.close()
+
+
+def export_ema(directory: str, model_cfg: Any, model: Any, meta: dict | None = None) -> None:
+    """Writes one model (built from the EMA weights) in the weights-directory format used for sampling."""
+    from sfd_jax.convert.dit import save_dit
+    save_dit(directory, model_cfg, model, meta=meta)
+
+
+def export_ema_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
+    """Restores checkpoint `step` (default: newest readable) of a run on this host's devices and exports its EMA
+    weights to `out`. Returns `out`."""
+    from ml_collections import ConfigDict
+
+    from sfd_jax.train.build import build
+    saved = read_config_json(workdir, step)
+    config = ConfigDict(saved["config"])
+    config.mesh.ici = (1, -1, 1)
+    config.mesh.dcn = (1, 1, 1)
+    run = build(config, process_count=1, devices=jax.local_devices())
+    ckpt = Checkpoints(workdir, keep_last=10**9)
+    try:
+        if step is None:
+            restored = ckpt.restore_latest(run.setup.abstract_state)
+            if restored is None:
+                raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
+            step, state = restored[0], restored[1]
+        else:
+            state, _, _ = ckpt.restore(step, run.setup.abstract_state)
+    finally:
+        ckpt.close()
+    aux = run.setup.init_aux()
+    export_ema(out, run.model_cfg, run.setup.merge(state.ema_params, aux),
+               meta={"source": os.path.abspath(workdir), "step": int(step), "weights": "ema"})
+    log.info("exported EMA weights of step %d to %s", step, out)
+    return out
+
+
+def _main(argv):
+    from absl import app, flags
+    if argv[1:] not in ([], ["export"]):
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; usage: python -m sfd_jax.checkpoint export "
+                             "--workdir=DIR --out=DIR [--step=N]")
+    export_ema_from_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+    flags.DEFINE_string("out", None, "Directory to write the EMA weights to.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: newest readable).")
+    app.run(_main)

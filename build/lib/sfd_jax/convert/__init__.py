@@ -1,0 +1,1 @@
+"""Reference (PyTorch) checkpoint ↔ sfd_jax parameter converters. See `sfd_jax.convert.official`."""

@@ -1,0 +1,130 @@
+"""The demo's driver: stage bookkeeping in the workdir, the order of the stages, and the outputs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+
+from absl import logging as absl_logging
+
+from sfd_jax.demo import eval_stages, outputs, train_stages
+from sfd_jax.demo.data import check_data
+from sfd_jax.demo.outputs import write_json
+from sfd_jax.demo.train_stages import RANDOM_VFM_WARNING
+
+log = logging.getLogger("sfd_jax.demo")
+
+CONFIG_FILE = "demo_config.json"
+
+
+# ================================================================================================================
+# Stage bookkeeping
+# ================================================================================================================
+class Stages:
+    """Runs each stage at most once per workdir; `stages/<name>.json` = {'wall_s', 'result'} marks it done."""
+
+    def __init__(self, workdir: str):
+        self.dir = os.path.join(workdir, "stages")
+        os.makedirs(self.dir, exist_ok=True)
+        self.records: dict[str, dict] = {}
+
+    def run(self, name: str, fn) -> dict:
+        path = os.path.join(self.dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+            record["cached"] = True
+            log.info("[demo] stage %s: done in an earlier run (%.1fs), skipped", name, record["wall_s"])
+        else:
+            log.info("[demo] stage %s: running", name)
+            t0 = time.perf_counter()
+            result = fn()
+            record = {"wall_s": time.perf_counter() - t0, "result": result}
+            write_json(path, record)
+            record["cached"] = False
+            log.info("[demo] stage %s: finished in %.1fs", name, record["wall_s"])
+        self.records[name] = record
+        return record["result"]
+
+
+def _check_workdir_config(workdir: str, config) -> None:
+    """A workdir belongs to one config: cached stages made with other settings would be silently mixed."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(_diff(saved, current))
+        if changed:
+            raise ValueError(f"{workdir} holds a demo run with other settings ({', '.join(changed[:8])}); pass "
+                             "another --workdir (or delete this one) to run with the new config")
+    else:
+        write_json(path, current)
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+# ================================================================================================================
+# run
+# ================================================================================================================
+def run(config, workdir: str) -> dict:
+    """All stages (cached), then report.json, samples.png and loss.png in `workdir`. Returns the report."""
+    t_run = time.perf_counter()
+    with _quiet_orbax():
+        return _run(config, workdir, t_run)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every checkpoint step at INFO through absl; the demo's console keeps to the stages' progress."""
+    def keep(record) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+    absl = absl_logging.get_absl_logger()
+    absl.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl.removeFilter(keep)
+
+
+def _run(config, workdir: str, t_run: float) -> dict:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    check_data(config.demo.data_dir)
+    _check_workdir_config(workdir, config)
+    stages = Stages(workdir)
+    dino_dir, random_vfm = train_stages.dinov2(config, workdir)
+    if random_vfm:
+        log.warning("\n%s\n[demo] %s\n%s", "!" * 100, RANDOM_VFM_WARNING, "!" * 100)
+    grid = train_stages.latent_grid(config)
+    dino_size, width = train_stages.dino_geometry(dino_dir, grid)
+
+    tv = stages.run("texture_vae", lambda: train_stages.texture_vae(config, workdir))
+    sv = stages.run("semvae", lambda: train_stages.semvae(config, workdir, dino_dir, dino_size, width))
+    stages.run("extract", lambda: train_stages.extract(config, workdir, tv["weights"], dino_dir, sv["weights"],
+                                                       dino_size))
+    dit = stages.run("dit", lambda: train_stages.dit(config, workdir, grid, width))
+    clf = stages.run("classifier", lambda: eval_stages.classifier(config, workdir))
+    samples = {mode: stages.run(f"sample_{mode}", lambda m=mode: eval_stages.sample(config, workdir, m, tv["weights"],
+                                                                                   dit))
+               for mode in eval_stages.MODES}
+    ev = stages.run("evaluate", lambda: eval_stages.evaluate(config, workdir, clf["weights"], tv["weights"],
+                                                             samples))
+
+    report = outputs.write_report(config, workdir, stages.records, random_vfm=random_vfm,
+                                  geometry={"latent": [grid, grid, 48], "tokens": grid * grid,
+                                            "dino_size": dino_size, "dino_width": width},
+                                  run_wall_s=time.perf_counter() - t_run)
+    outputs.samples_png(workdir, samples, float(config.demo.guidance_scale), int(config.demo.grid_columns), ev)
+    outputs.loss_png(workdir)
+    outputs.log_summary(report)
+    if random_vfm:
+        log.warning("[demo] %s", RANDOM_VFM_WARNING)
+    return report

@@ -1,0 +1,331 @@
+"""`--mode=sample`: N class-balanced images from a DiT → one ADM-format npz (+ PNGs, a grid), resumable.
+
+    python -m sfd_jax.main --config=configs/sample.py:xl_autoguidance --workdir=runs/sample_xl --mode=sample \
+        --config.sample.model=weights/sfd_xl_800ep --config.sample.guide=weights/guide_b_70k \
+        --config.sample.texture_vae=weights/texture_vae --config.sample.latent_stats=/data/latents/stats.json
+
+Image g of N (default 50,000) gets label (g · num_classes) // N (= g // 50, as the reference; or seeded random labels, or
+the null label), noise N(0, I) from fold_in(key(seed), g), and is sampled by `sfd_jax.eval.generator` (three-phase
+ODE → texture channels → denormalise → texture VAE → uint8), batches sharded over every device of every process.
+
+Workdir layout:
+  sample_manifest.json   what determines the images (weights, guidance, solver, seed, labels, N, VAE, stats);
+                         a restart with a different manifest refuses to mix images
+  chunks/SSSSSSS-EEEEEEE.npy   uint8 images of indices [S, E) in index order, each written to a temporary name and
+                         renamed when complete; a restarted run skips every index a chunk already holds
+  samples_{N}x{H}x{W}x3.npz    `arr_0` uint8 (N, H, W, 3) and `arr_1` int64 labels, in shuffled order (below)
+  grid.png               `grid_size` images at evenly spaced indices (different classes when class-balanced)
+  images/{g:06d}.png     (save_png) every image under its index, unshuffled, as the reference's sample folder
+  sample.json            summary: settings, images/s, NFE, the shuffle, output paths
+
+Shuffle: row r of the npz is image perm[r] with perm = list(range(N)) shuffled in place by Python's
+`random.Random(shuffle_seed).shuffle` (seed 42). The reference copies its PNG folder (os.walk order, which is not
+sorted) through `random.seed(42); random.shuffle(files)` before packing the npz, so with a name-ordered walk the
+two permutations agree. Order matters only for the Inception Score, which splits the rows in consecutive groups of
+5,000: unshuffled class-balanced rows would put 100 classes in each split.
+
+The npz is written as a stored (uncompressed) zip with fixed timestamps, so identical images give a byte-identical
+file; sample.json records its SHA-256 when `npz_sha256` is on.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+from sfd_jax import parallel
+from sfd_jax.diffusion.guidance import CFG, AutoGuidance
+from sfd_jax.eval.generator import (LABEL_MODES, BatchStats, ImageGenerator, SamplerSettings, TextureDecoder,
+                                    class_labels)
+from sfd_jax.eval.sample_files import (ChunkReader, coverage, file_sha256, grid_indices, make_grid, save_png,
+                                       scan_chunks, shuffle_order, write_chunk, write_npz)
+
+GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
+MANIFEST = "sample_manifest.json"
+CHUNK_DIR = "chunks"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config → objects (shared with the in-training evaluation)
+# ---------------------------------------------------------------------------------------------------------------
+def config_get(block, name, default=None):
+    value = block.get(name, default) if hasattr(block, "get") else getattr(block, name, default)
+    return default if value is None else value
+
+
+def settings_from_config(block, *, delta_t: float | None = None) -> SamplerSettings:
+    """SamplerSettings from a config block with solver, num_steps (0 = None), rtol, atol, delta_t, step_control,
+    phase_mode, max_steps."""
+    get = lambda name, default: config_get(block, name, default)  # noqa: E731
+    return SamplerSettings(
+        solver=str(get("solver", "dopri5")), num_steps=int(get("num_steps", 0)) or None,
+        rtol=float(get("rtol", 1e-3)), atol=float(get("atol", 1e-6)),
+        delta_t=float(get("delta_t", 0.3) if delta_t is None else delta_t),
+        step_control=str(get("step_control", "per_sample")), phase_mode=str(get("phase_mode", "jump")),
+        max_steps=int(get("max_steps", 4096)))
+
+
+def load_model(path: str, *, use_ema: bool = True, dtype: str | None = None, what: str = "sample.model"):
+    """A LightningDiT from a weights directory (`sfd_jax.convert.dit` / the trainer's EMA export) or a reference
+    checkpoint file (`use_ema` picks its 'ema' or 'model' weights). Returns (model, description dict)."""
+    from sfd_jax.convert.dit import load_dit, restore_dit
+    if not path:
+        raise ValueError(f"config.{what} is required: a DiT weights directory or a reference .pt checkpoint")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.{what}: {path} does not exist")
+    meta = {"path": os.path.abspath(path)}
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, "config.json")):
+            raise ValueError(f"config.{what}: {path} is a training workdir; export its EMA weights first with "
+                             f"`python -m sfd_jax.checkpoint export --workdir={path} --out=OUT` and pass OUT")
+        _, model = restore_dit(path, dtype=dtype)
+        meta_path = os.path.join(path, "meta.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta["meta"] = json.load(f)
+    else:
+        _, model = load_dit(path, use_ema=use_ema, dtype=dtype or "float32")
+        st = os.stat(path)
+        meta.update(use_ema=bool(use_ema), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return model, meta
+
+
+def guidance_from_config(block, *, dtype: str | None = None, guide=None):
+    """(guidance object or None, description) from guidance ('none' | 'cfg' | 'autoguidance'), scale, scale_sem,
+    scale_tex, interval_start, guide (weights path), guide_use_ema. `guide` passes an already loaded guide model."""
+    kind = str(config_get(block, "guidance", "none"))
+    if kind not in GUIDANCE_KINDS:
+        raise ValueError(f"config guidance={kind!r}; valid: {GUIDANCE_KINDS}")
+    if kind == "none":
+        return None, {"kind": "none"}
+    scale = float(config_get(block, "scale", 1.5))
+    start = config_get(block, "interval_start", None)
+    start = None if start is None else float(start)
+    if kind == "cfg":
+        return CFG(scale=scale, interval_start=start), {"kind": "cfg", "scale": scale, "interval_start": start}
+    scale_sem, scale_tex = config_get(block, "scale_sem", None), config_get(block, "scale_tex", None)
+    desc = {"kind": "autoguidance", "scale": scale, "scale_sem": scale_sem, "scale_tex": scale_tex,
+            "interval_start": start}
+    if guide is None:
+        guide, desc["guide"] = load_model(str(config_get(block, "guide", "")), dtype=dtype, what="guide",
+                                          use_ema=bool(config_get(block, "guide_use_ema", True)))
+    return AutoGuidance(guide_model=guide, scale=scale, scale_sem=None if scale_sem is None else float(scale_sem),
+                        scale_tex=None if scale_tex is None else float(scale_tex), interval_start=start), desc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-process helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _from_main(value: np.ndarray) -> np.ndarray:
+    """Process 0's value of a numpy array, on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+def _check_manifest(path: str, manifest: dict, overwrite: bool) -> None:
+    if not os.path.exists(path) or overwrite:
+        return
+    with open(path) as f:
+        old = json.load(f)
+    changed = sorted(k for k in set(old["identity"]) | set(manifest["identity"])
+                     if old["identity"].get(k) != manifest["identity"].get(k))
+    if changed:
+        details = "; ".join(f"{k}: {old['identity'].get(k)!r} -> {manifest['identity'].get(k)!r}" for k in changed)
+        raise ValueError(f"{path}: this workdir holds images made with other settings ({details}). Use a new "
+                         "--workdir, or set --config.sample.overwrite=True to discard the old chunks")
+    if old.get("execution") != manifest.get("execution"):
+        logging.warning("sampling with %s (earlier chunks: %s): images agree up to float rounding only",
+                        manifest.get("execution"), old.get("execution"))
+
+
+def _progress_logger(total_todo: int, total: int, already: int, log_every_s: float):
+    state = {"t0": time.perf_counter(), "last": 0.0, "done": 0, "nfe": [], "nfe_img": []}
+
+    def on_batch(n_new: int, stats: BatchStats, force: bool = False):
+        state["done"] += n_new
+        state["nfe"].append(stats.nfe)
+        state["nfe_img"].append(stats.nfe_per_image)
+        now = time.perf_counter()
+        if not (force or now - state["last"] >= log_every_s or state["done"] == total_todo):
+            return
+        state["last"] = now
+        rate = state["done"] / max(now - state["t0"], 1e-9)
+        eta = (total_todo - state["done"]) / max(rate, 1e-9)
+        logging.info("sample: %d/%d images (%.1f%%), %.2f img/s, ETA %s, NFE %d per batch (%.1f per image)",
+                     already + state["done"], total, 100.0 * (already + state["done"]) / total, rate,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)), stats.nfe, stats.nfe_per_image)
+
+    return on_batch, state
+
+
+def run(config, workdir: str) -> dict:
+    """Entry point of `--mode=sample` (see the module doc and docs/sampling.md)."""
+    c = config.sample
+    parallel.maybe_initialize_distributed(str(config.get("distributed", "auto")))
+    workdir = os.path.abspath(workdir)
+    chunk_dir = os.path.join(workdir, CHUNK_DIR)
+    if _is_main():
+        os.makedirs(chunk_dir, exist_ok=True)
+
+    num_images = int(c.num_images)
+    if num_images < 1:
+        raise ValueError(f"config.sample.num_images must be positive, got {num_images}")
+    if str(c.labels) not in LABEL_MODES:
+        raise ValueError(f"config.sample.labels={c.labels!r}; valid: {LABEL_MODES}")
+    settings = settings_from_config(c)
+    dtype = str(c.dtype)
+    model, model_desc = load_model(str(c.model), use_ema=bool(c.use_ema), dtype=dtype)
+    guidance, guidance_desc = guidance_from_config(c, dtype=dtype)
+    stats_path = str(c.latent_stats)
+    if not c.texture_vae or not stats_path:
+        raise ValueError("config.sample.texture_vae and config.sample.latent_stats are required (the texture VAE "
+                         "weights and the extraction job's stats.json)")
+    decoder = TextureDecoder.from_files(str(c.texture_vae), stats_path, latent_multiplier=float(c.latent_multiplier),
+                                        decode_batch=int(c.decode_batch) or None, dtype=str(c.vae_dtype))
+    mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn))
+    rules = parallel.parse_rules(config.mesh.rules)
+    gen = ImageGenerator(decoder, settings=settings, seed=int(config.seed), mesh=mesh, rules=rules,
+                         per_device_batch=int(c.per_device_batch))
+    cfg = model.cfg
+    num_classes = int(c.num_classes) or cfg.num_classes
+    latent_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+    image_shape = gen.image_shape(latent_shape)
+    labels = class_labels(np.arange(num_images), num_images=num_images, num_classes=num_classes,
+                          mode=str(c.labels), seed=int(c.label_seed), null_label=cfg.num_classes)
+
+    manifest = {"identity": {
+        "model": model_desc, "dtype": dtype, "guidance": guidance_desc, "settings": settings.to_dict(),
+        "seed": int(config.seed), "num_images": num_images, "labels": str(c.labels), "num_classes": num_classes,
+        "label_seed": int(c.label_seed), "texture_vae": os.path.abspath(str(c.texture_vae)),
+        "vae_dtype": str(c.vae_dtype), "latent_stats": os.path.abspath(stats_path),
+        "texture_mean": decoder.mean.tolist(), "texture_std": decoder.std.tolist(),
+        "latent_multiplier": float(c.latent_multiplier), "image_shape": list(image_shape)},
+        "execution": {"per_device_batch": gen.per_device_batch, "decode_batch": decoder.decode_batch}}
+    manifest = json.loads(json.dumps(manifest, default=str))
+    error = ""
+    if _is_main():  # one process decides; the others learn the outcome instead of waiting forever
+        try:
+            if bool(c.overwrite):
+                for _, _, path in scan_chunks(chunk_dir, num_images):
+                    os.remove(path)
+            _check_manifest(os.path.join(workdir, MANIFEST), manifest, bool(c.overwrite))
+            with open(os.path.join(workdir, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2)
+        except (ValueError, OSError) as e:
+            error = str(e)
+            if jax.process_count() == 1:
+                raise
+    if not int(_from_main(np.asarray(0 if error else 1, np.int32))):
+        raise RuntimeError(error or "process 0 refused the workdir (see its log)")
+
+    chunk_size = int(c.chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"config.sample.chunk_size must be positive, got {chunk_size}")
+    done = _from_main(coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main()
+                      else np.zeros(num_images, bool))
+    todo_chunks = [(s, min(s + chunk_size, num_images)) for s in range(0, num_images, chunk_size)
+                   if not done[s:min(s + chunk_size, num_images)].all()]
+    todo = np.concatenate([np.arange(s, e) for s, e in todo_chunks]) if todo_chunks else np.zeros(0, np.int64)
+    already = num_images - todo.size
+    logging.info("sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d "
+                 "on %d devices", num_images, image_shape, already, chunk_dir, todo.size, settings.to_dict(),
+                 guidance_desc["kind"], gen.global_batch, mesh.devices.size)
+
+    on_batch, progress = _progress_logger(todo.size, num_images, already, float(c.log_every_s))
+    t0 = time.perf_counter()
+    if todo.size:
+        pending: dict[int, list] = {}  # chunk start -> [images filled so far, images]; chunks are grid-aligned
+        for offset, images, stats in gen.batches(model, todo, labels[todo], guidance=guidance,
+                                                 latent_shape=latent_shape, null_label=cfg.num_classes):
+            for k, g in enumerate(todo[offset:offset + len(images)].tolist()):
+                s = g - g % chunk_size
+                entry = pending.setdefault(s, [0, np.empty((min(s + chunk_size, num_images) - s,) + image_shape,
+                                                           np.uint8)])
+                entry[1][g - s] = images[k]
+                entry[0] += 1
+            for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
+                _, chunk_images = pending.pop(s)
+                if _is_main():
+                    write_chunk(chunk_dir, s, chunk_images)
+            on_batch(len(images), stats)
+    sample_seconds = time.perf_counter() - t0
+    _sync("sfd_sample_chunks")
+
+    summary = {
+        "num_images": num_images, "image_shape": list(image_shape), "labels": str(c.labels),
+        "num_classes": num_classes, "sampled_this_run": int(todo.size), "resumed_images": int(already),
+        "seconds": round(sample_seconds, 2),
+        "images_per_s": round(todo.size / sample_seconds, 3) if todo.size and sample_seconds > 0 else None,
+        "nfe_per_batch_mean": float(np.mean(progress["nfe"])) if progress["nfe"] else None,
+        "nfe_per_image_mean": float(np.mean(progress["nfe_img"])) if progress["nfe_img"] else None,
+        "devices": int(mesh.devices.size), "processes": jax.process_count(), "global_batch": gen.global_batch,
+        "settings": settings.to_dict(), "guidance": guidance_desc, "seed": int(config.seed),
+    }
+    if _is_main():
+        summary.update(_write_outputs(c, workdir, chunk_dir, num_images, image_shape, labels))
+        with open(os.path.join(workdir, "sample.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        logging.info("sample: done, %s", {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s",
+                                                                   "nfe_per_image_mean") if k in summary})
+    _sync("sfd_sample_outputs")
+    return summary
+
+
+def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape: tuple,
+                   labels: np.ndarray) -> dict:
+    reader = ChunkReader(scan_chunks(chunk_dir, num_images), num_images, image_shape)
+    out = {}
+    if int(c.grid_size) > 0:
+        grid = make_grid(reader.read(grid_indices(num_images, int(c.grid_size))), int(c.grid_cols))
+        out["grid"] = os.path.join(workdir, "grid.png")
+        save_png(out["grid"], grid)
+    if bool(c.save_png):
+        png_dir = os.path.join(workdir, "images")
+        os.makedirs(png_dir, exist_ok=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(save_png, os.path.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
+                       for g in range(num_images) if not os.path.exists(os.path.join(png_dir, f"{g:06d}.png"))]
+            for fut in futures:
+                fut.result()
+        out["png_dir"] = png_dir
+    if bool(c.save_npz):
+        perm = shuffle_order(num_images, int(c.shuffle_seed))
+        h, w, ch = image_shape
+        name = str(c.npz_name) or f"samples_{num_images}x{h}x{w}x{ch}.npz"
+        path = os.path.join(workdir, name)
+        block = 1024
+
+        def image_blocks() -> Iterator[np.ndarray]:
+            for s in range(0, num_images, block):
+                yield reader.read(perm[s:s + block])
+
+        write_npz(path, {"arr_0": ((num_images,) + tuple(image_shape), np.uint8, image_blocks()),
+                         "arr_1": ((num_images,), np.int64, [labels[perm].astype(np.int64)])})
+        out["npz"] = path
+        out["npz_order"] = (f"arr_0[r] = image perm[r], perm = list(range({num_images})) shuffled by "
+                            f"random.Random({int(c.shuffle_seed)}).shuffle; arr_1 = labels in the same order")
+        if bool(c.npz_sha256):
+            out["npz_sha256"] = file_sha256(path)
+    return out

@@ -1,0 +1,132 @@
+"""Training metrics: <workdir>/metrics.jsonl, TensorBoard events, the progress line, MFU.
+
+Only process 0 writes. One JSON object per line: {"step": s, "loss": ..., "grad_norm": ..., "lr": ...,
+"img_per_s": ..., "img_per_s_per_device": ..., "mfu": ..., "eta_s": ...}; evaluation results are their own lines
+{"step": s, "eval/<name>": value}. On resume, lines with a step beyond the restored checkpoint (written by the
+interrupted run after its last save) are dropped so that the file reads like one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Mapping
+
+import jax
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (vendor figures), keyed by a lower-case substring of `device.device_kind`.
+# Order matters: more specific names first.
+PEAK_FLOPS = (
+    ("v6", 918e12),       # TPU v6e (Trillium)
+    ("v5p", 459e12),
+    ("v5 lite", 197e12),  # TPU v5e
+    ("v5e", 197e12),
+    ("v4", 275e12),
+    ("h200", 989e12),
+    ("h100", 989e12),     # SXM
+    ("a100", 312e12),
+    ("l4", 121e12),
+)
+
+
+def peak_flops_per_device(configured: float | None = None, device=None) -> float | None:
+    """The configured figure, else the table entry for the device kind, else None (MFU not reported)."""
+    if configured:
+        return float(configured)
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for key, value in PEAK_FLOPS:
+        if key in kind:
+            return value
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def is_remote(path: str) -> bool:
+    """gs://, s3://, ... paths: no appends, written through etils.epath."""
+    return "://" in os.fspath(path)
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard events under `workdir` (local or gs://), written by process 0 only."""
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._remote = is_remote(workdir)
+        self._lines: list[str] = []  # remote files cannot be appended to: the whole file is rewritten
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tb"))
+        except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage installed
+            log.warning("TensorBoard events disabled (%s: %s); metrics.jsonl is still written", type(e).__name__, e)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                continue
+        if keep != lines:
+            self.path.write_text("".join(keep))
+        self._lines = keep
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: _jsonable(v) for k, v in values.items()})
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                    self._tb.add_scalar(key if "/" in key else f"train/{key}", float(value), int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; keep them readable
+    return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
