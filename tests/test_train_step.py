@@ -27,6 +27,7 @@ def sfd_config(**diffusion):
     spec.loader.exec_module(module)
     c = module.get_config("tiny")
     c.train.batch_size = 8
+    c.model.update(input_size=4, repa_dim=16)  # 16 tokens, small REPA target: a quick compile
     c.diffusion.update(diffusion)
     return c
 
