@@ -10,3 +10,11 @@ from flax import nnx as _nnx
 _nnx.use_eager_sharding(False)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: `import sfd_jax` stays cheap; `sfd_jax.SFDPipeline` loads the inference module on first use.
+    if name == "SFDPipeline":
+        from sfd_jax.inference import SFDPipeline
+        return SFDPipeline
+    raise AttributeError(f"module 'sfd_jax' has no attribute {name!r}")

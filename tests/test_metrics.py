@@ -160,6 +160,16 @@ def _images(rng, n, size=32):
     return np.clip(base + rng.normal(0, 20, (n, size, size, 3)) + 40 * yy[None, ..., None], 0, 255).astype(np.uint8)
 
 
+def _near_ties(points, manifold, k=3, rel=1e-3) -> int:
+    """How many `points` lie within `rel` (relative, in squared distance) of the k-NN radius of some manifold point:
+    the only points whose membership float rounding can change."""
+    points, manifold = np.asarray(points, np.float64), np.asarray(manifold, np.float64)
+    within = ((manifold[:, None] - manifold[None]) ** 2).sum(-1)
+    radii = np.sort(within, axis=1)[:, k]  # column 0 is the point itself
+    d2 = ((points[:, None] - manifold[None]) ** 2).sum(-1)
+    return int(np.any(np.abs(d2 - radii) <= rel * radii, axis=1).sum())
+
+
 def test_evaluate_mode_end_to_end(tmp_path, inception_net_weights):
     from sfd_jax.convert.inception import load_inception
     from sfd_jax.main import resolve_mode
@@ -204,13 +214,22 @@ def test_evaluate_mode_end_to_end(tmp_path, inception_net_weights):
         mu, sigma = metrics.statistics(feats)
         np.testing.assert_allclose(ref["mu" + name], mu, rtol=1e-5, atol=1e-5 * np.abs(mu).max())
         np.testing.assert_allclose(ref["sigma" + name], sigma, rtol=1e-4, atol=1e-5 * np.abs(sigma).max())
+    mu, sigma = metrics.statistics(sample_direct["pool3"])
+    assert rel(written["fid"], metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])) <= 1e-4
     mu_s, sigma_s = metrics.statistics(sample_direct["spatial"])
     assert rel(written["sfid"], metrics.frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])) <= 1e-4
     probs = metrics.softmax(sample_direct["logits_nobias"])
     assert rel(written["inception_score"], metrics.inception_score(probs)) <= 1e-5
-    assert (written["precision"], written["recall"]) == metrics.precision_recall(ref_direct["pool3"][kept],
-                                                                                 sample_direct["pool3"])
-    assert written["fid"] > 0 and not written["fid_eps_used"]
+    # Two programs (sharded + padded vs plain) give features that differ by float rounding, so a point lying on a
+    # k-NN radius can change sides. Each such near-tie (found in float64 here) may move the score by 1/n, no more.
+    ref_kept = ref_direct["pool3"][kept]
+    precision, recall = metrics.precision_recall(ref_kept, sample_direct["pool3"])
+    fake_ties, real_ties = _near_ties(sample_direct["pool3"], ref_kept), _near_ties(ref_kept, sample_direct["pool3"])
+    print(f"\nprecision {written['precision']} vs {precision} ({fake_ties} near-ties), "
+          f"recall {written['recall']} vs {recall} ({real_ties} near-ties)")
+    assert abs(written["precision"] - precision) <= fake_ties / len(sample_images) + 1e-12
+    assert abs(written["recall"] - recall) <= real_ties / len(ref_kept) + 1e-12
+    assert not written["fid_eps_used"]
 
 
 def test_image_sources_agree(tmp_path):

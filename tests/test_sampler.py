@@ -5,12 +5,13 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import assert_close
 from sfd_jax.convert.dit import load_dit
 from sfd_jax.diffusion import sampler
-from sfd_jax.diffusion.guidance import combine, guided_velocity
+from sfd_jax.diffusion.guidance import guided_velocity
 from sfd_jax.diffusion.sampler import CFG, AutoGuidance, sample
 
 # All comparisons are max |Δ| ≤ REL · max |reference| (the latents here have max |x| ≈ 3.5-7.7).
@@ -72,18 +73,76 @@ def test_guided_forwards_match_reference(dit, models):
     assert_close(out, ref[:4], REL)  # the reference returns both halves identical
     assert_close(out, ref[4:], REL)
 
-    # Interval 0.5, decided per sample. Rows 0, 1 (and their copies 4, 5) agree with the reference, which decides
-    # from element 0 for the whole batch (docs/diffusion.md#cfg-interval); rows 2, 3 follow that element-0 rule instead.
+    # Interval 0.5. The expected output is built here in NumPy from the plain conditional and null forwards (not with
+    # guidance.combine): a part is guided when its own time is >= 0.5. The reference decides once from element 0
+    # (t_tex 0.35 -> texture unguided, t_sem 0.65 -> semantics guided for every row), which agrees with the
+    # per-sample rule on rows 0 and 1 (row 1 has the null label, so guided == unguided) and not on rows 2, 3.
+    cond, uncond = np.asarray(cond, np.float64), np.asarray(uncond, np.float64)
+    guided = uncond + 1.5 * (cond - uncond)
+
+    def interval_rule(tex_on, sem_on):  # (B,) bools -> (B, H, W, 48), texture channels first
+        on = np.concatenate([np.repeat(tex_on[:, None], 32, 1), np.repeat(sem_on[:, None], 16, 1)], axis=1)
+        return np.where(on[:, None, None, :], guided, cond)
+
+    per_sample = interval_rule(t_tex >= 0.5, t_sem >= 0.5)
+    element0 = interval_rule(np.full(4, t_tex[0] >= 0.5), np.full(4, t_sem[0] >= 0.5))
     out = np.asarray(out_interval)
     ref = nhwc(dit["cfg_interval_out"])
+    scale = float(np.abs(ref).max())
+    assert_close(out, per_sample, REL, scale=scale)  # every row, incl. the two the rules split on
+    assert_close(element0, ref[:4], REL, scale=scale)  # the reference really is the element-0 rule
+    assert_close(ref[:4], ref[4:], REL, scale=scale)
     for row in (0, 1):
-        assert_close(out[row], ref[row], REL)
-        assert_close(out[row], ref[row + 4], REL)
-    element0 = combine(uncond, cond, np.full(4, t_tex[0]), np.full(4, t_sem[0]), 1.5, 1.5, 0.5, 16)
-    assert_close(np.asarray(element0)[2:], ref[2:4], REL)
+        assert_close(out[row], ref[row], REL, scale=scale)
+    # Rows 2 (t_tex 0.85: texture guided here, not by element 0) and 3 (t_tex 0.72 / t_sem 0.15: both parts flip):
+    # the rules differ there by far more than REL · scale, so the checks above decide between them.
+    for row, parts in ((2, [slice(0, 32)]), (3, [slice(0, 32), slice(32, 48)])):
+        for part in parts:
+            assert np.abs(out[row][..., part] - ref[row][..., part]).max() > 100 * REL * scale, (row, part)
+        if len(parts) == 1:
+            assert_close(out[row][..., 32:], ref[row][..., 32:], REL, scale=scale)
 
     out = np.asarray(out_ag)
     assert_close(out, nhwc(dit["ag_out"]), REL)
+
+
+def test_autoguidance_unequal_scales_reach_their_own_channels(models, euler_ref):
+    """w_tex on the 32 texture channels, w_sem on the 16 semantic ones, through the whole sampler (all reference
+    vectors use equal scales, so only this test tells the two apart). Two Euler steps over τ ∈ [0, 1.3]: the first
+    (τ = 0) moves only the semantics, the second (τ = 0.65, t_tex = 0.35, t_sem = 0.65) both parts; the expected
+    result is built in float64 NumPy from the plain main and guide forwards."""
+    main, guide = models
+    z0, y = nhwc(euler_ref["z0"]), euler_ref["y"]
+    w_tex, w_sem = 0.5, 2.5
+    ag = AutoGuidance(guide, 9.0, scale_tex=w_tex, scale_sem=w_sem)  # `scale` is overridden by both
+    assert ag.scales() == (w_tex, w_sem)
+    x, _ = sample(main, z0, y, solver="euler", num_steps=2, guidance=ag)
+
+    forwards = jax.jit(lambda x, t_tex, t_sem: (main(x, t_tex, t_sem, y), guide(x, t_tex, t_sem, y)))
+    w = np.array([w_tex] * 32 + [w_sem] * 16)
+
+    def velocity(x, t_tex, t_sem):
+        m, g = (np.asarray(a, np.float64) for a in forwards(np.float32(x), np.full(4, t_tex, np.float32),
+                                                               np.full(4, t_sem, np.float32)))
+        return g + w * (m - g)
+
+    h = 0.65
+    want = np.asarray(z0, np.float64)
+    want[..., 32:] += h * velocity(want, 0.0, 0.0)[..., 32:]  # τ = 0 < Δt: the texture stays frozen
+    want += h * velocity(want, 0.65 - 0.3, 0.65)
+    assert_close(np.asarray(x), want, REL)
+    swapped, _ = sample(main, z0, y, solver="euler", num_steps=2,
+                        guidance=AutoGuidance(guide, 9.0, scale_tex=w_sem, scale_sem=w_tex))
+    assert np.abs(np.asarray(swapped) - want).max() > 100 * REL * np.abs(want).max()
+
+    # The scales survive the other ways an AutoGuidance is built: the sampling config and the generator's cache key.
+    from sfd_jax.eval.generator import _rebuild_guidance, guidance_key
+    from sfd_jax.eval.sample import guidance_from_config
+    built, _ = guidance_from_config({"guidance": "autoguidance", "scale": 9.0, "scale_tex": w_tex,
+                                     "scale_sem": w_sem}, guide=guide)
+    assert built.scales() == (w_tex, w_sem)
+    graphdef, state = nnx.split(guide)
+    assert _rebuild_guidance(guidance_key(ag), graphdef, state).scales() == (w_tex, w_sem)
 
 
 @pytest.mark.parametrize("kind", ["final", "final_cfg", "final_ag"])
@@ -120,7 +179,8 @@ def test_compiles_once_per_shape(models, euler_ref):
 
 @pytest.mark.parametrize("step_control", ["batch", "per_sample"])
 def test_dopri5_beats_reference(step_control, models, dopri_ref):
-    """At the paper's rtol 1e-3 / atol 1e-6: ≥ 10× closer to the exact ODE solution, ≤ half the model calls."""
+    """At the paper's rtol 1e-3 / atol 1e-6: the documented 33 model calls and 2.5e-3 max error (docs/diffusion.md,
+    "Accuracy and cost"), against the reference's 134 calls and 0.160."""
     exact = nhwc(dopri_ref["final_exact"])
     ref_err = np.abs(nhwc(dopri_ref["final_dopri5"]) - exact).max()
     ref_nfe = int(dopri_ref["nfe_dopri5"])
@@ -129,8 +189,10 @@ def test_dopri5_beats_reference(step_control, models, dopri_ref):
     err = np.abs(np.asarray(x) - exact).max()
     print(f"\n{step_control}: max abs error {err:.2e} (reference {ref_err:.3f}), nfe {stats['nfe']} "
           f"(per sample {stats['nfe_per_sample'].tolist()}, reference {ref_nfe})")
-    assert err <= ref_err / 10
-    assert stats["nfe"] <= ref_nfe // 2 and stats["nfe_per_sample"].max() <= ref_nfe // 2
+    # Margins: the accepted steps' RMS error (8.8e-5) is ~10x inside the tolerance, so rounding cannot add a step;
+    # still allow one more attempt (6 calls) and 20% on the error for another BLAS's rounding of the forwards.
+    assert err <= 1.2 * 2.5e-3
+    assert stats["nfe"] <= 33 + 6 and stats["nfe_per_sample"].max() <= 33 + 6
     assert not stats["max_steps_reached"].any()
     assert (stats["num_accepted_steps"] + stats["num_rejected_steps"] == stats["num_steps"]).all()
 

@@ -101,7 +101,19 @@ def test_decoded_and_uint8_match_reference(gold, outputs):
     assert got.dtype == np.uint8 and got.shape == gold["uint8_images"].shape
     n_diff = int((got != gold["uint8_images"]).sum())
     print(f"uint8 values differing from the reference: {n_diff} of {got.size}")
-    assert n_diff == 0
+    # uint8 = floor(127.5·x + 128): a float error e moves a value across an integer only where the reference's
+    # 127.5·x + 128 lies within 127.5·e of one. That happens (the reference's own value flips on ~1 in 6,144 between
+    # torch thread counts), so a difference is allowed exactly there: by one level, in the direction of our error,
+    # where our measured error explains it. On this machine n_diff is 0.
+    ours, ref = np.asarray(outputs["decoded"], np.float64), nhwc(gold["decoded"]).astype(np.float64)
+    level = 127.5 * ref + 128
+    near = np.abs(level - np.round(level)) <= 127.5 * np.abs(ours - ref) + 1e-9
+    diff = got.astype(np.int64) - gold["uint8_images"]
+    flipped = diff != 0
+    assert np.all(np.abs(diff) <= 1), f"uint8 values off by more than one level: {np.abs(diff).max()}"
+    assert np.all(near[flipped]), "uint8 values differ where the decode error cannot explain it"
+    assert np.all(np.sign(diff[flipped]) == np.sign((ours - ref)[flipped]))
+    assert n_diff <= max(1, got.size // 1000), f"{n_diff} flipped levels of {got.size}: more than 0.1%"
 
 
 def test_to_uint8_is_floor_then_clamp():
