@@ -84,7 +84,9 @@ def child_env(**overrides: str) -> dict:
     Every child starts cold and compiles the same small programs as its siblings (the tiny DiT's train step, the
     sampler, the extractor), so the cache (in pytest's cache directory, kept between runs) lets each program
     compile once per machine instead of once per process. Only children use it: the test processes compile
-    hundreds of one-off programs that would only fill the cache.
+    hundreds of one-off programs that would only fill the cache. The two-process (gloo) children of
+    test_multiprocess do not use it yet: in a full run on an overloaded machine they hit their 300 s timeout, and
+    did so without the cache too, so whether it is safe for gloo children is still unverified.
     """
     cache = _CHILD_JAX_CACHE or pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache"
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, child_env
+from conftest import assert_close
 from sfd_jax.convert.dit import restore_dit
 from sfd_jax.train import loop
 from sfd_jax.train.metrics import read_metrics
@@ -48,7 +48,7 @@ def run_two_processes(args, workdir, timeout=300):
     cmd = [sys.executable, "-m", "sfd_jax.main", *args, f"--workdir={workdir}"]
     procs = []
     for rank in range(2):
-        env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", SLURM_JOB_ID=str(job_id), SLURM_NTASKS="2",
                    SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NODELIST="localhost")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
