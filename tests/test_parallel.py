@@ -10,6 +10,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.train import loop
+from sfd_jax.train.build import build
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -97,7 +98,7 @@ def sharded_and_single():
     """3 steps of the tiny config (fp32) on one device and on a (data 2, fsdp 4) mesh, same batches."""
     results = {}
     for name, ici, devices in (("single", (1, 1, 1), jax.devices()[:1]), ("sharded", (2, 4, 1), jax.devices())):
-        run = loop.build(tiny_config(ici=ici), devices=devices)
+        run = build(tiny_config(ici=ici), devices=devices)
         state, aux = run.setup.init()
         init_params = jax.device_get(state.params)
         data = loop.make_data_iterator(run.config, batch_size=16, process_index=0, process_count=1)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from sfd_jax import parallel
 from sfd_jax.train import loop
+from sfd_jax.train.build import build
 from sfd_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_async_checkpoints_hold_the_state_of_their_step(interrupted, straight):
     checkpoint equals the one the interrupted process wrote (synchronously, then exited)."""
     from sfd_jax.checkpoint import Checkpoints
     k, straight_dir, _ = straight
-    abstract = loop.build(tiny_config(2 * k)).setup.abstract_state
+    abstract = build(tiny_config(2 * k)).setup.abstract_state
     saved = []
     for workdir in (interrupted[1], straight_dir):
         ckpt = Checkpoints(workdir)
@@ -177,14 +178,14 @@ def test_nonfinite_skip_keeps_training_and_eval_hook_runs(tmp_path, monkeypatch)
 
 def test_nonfinite_stop_raises_with_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "make_data_iterator", _nan_at(3))
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 3"):
+    with pytest.raises(FloatingPointError, match="non-finite DiT loss, gradient or updated state at step 3"):
         loop.run(tiny_config(5, nonfinite="stop", ckpt_every=1, log_every=5), str(tmp_path))
     assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == 2
 
 
 def test_nonfinite_update_is_dropped_on_device():
     """The step itself: a NaN batch leaves params, EMA and optimizer state untouched and advances the step."""
-    run = loop.build(tiny_config(1))
+    run = build(tiny_config(1))
     state, aux = run.setup.init()
     data = loop.make_data_iterator(run.config, batch_size=16, process_index=0, process_count=1)
     batch = next(data)
