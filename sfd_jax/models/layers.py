@@ -23,6 +23,47 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# nnx-native layers shared by the transformer encoders (SemVAE, DINOv2): fp32 params with logical axis names
+# ----------------------------------------------------------------------------------------------------------------
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name) -> Any:
+    if name in _DTYPES.values():
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; allowed: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True,
+          kernel_init=jax.nn.initializers.truncated_normal(0.02),
+          bias_init=jax.nn.initializers.zeros) -> nnx.Linear:
+    """nnx.Linear with fp32 params carrying logical axis names (bias takes the output name)."""
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                      kernel_init=nnx.with_partitioning(kernel_init, names),
+                      bias_init=nnx.with_partitioning(bias_init, (names[1],)))
+
+
+def torch_linear(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 zero_bias: bool = False, kernel_init=None) -> nnx.Linear:
+    """`dense` initialised like torch's nn.Linear: kernel and bias U(±1/√fan_in) (bias optionally zero), so
+    training from scratch starts where the reference starts."""
+    bound = din ** -0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
+    return dense(din, dout, names, rngs=rngs, dtype=dtype, kernel_init=kernel_init or uniform,
+                 bias_init=jax.nn.initializers.zeros if zero_bias else uniform)
+
+
+def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm computed in fp32 (two-pass variance, like torch) whatever the input dtype; output fp32."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+                         scale_init=nnx.with_partitioning(jax.nn.initializers.ones, ("embed",)),
+                         bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",)), rngs=rngs)
+
+
+
 class FixedBuffer(nnx.Variable):
     """A non-trainable constant table (position embedding, RoPE): stored in the state, never optimised."""
 
