@@ -110,7 +110,7 @@ class DiTConfig:
 
     def size_name(self) -> str | None:
         """The SIZES entry this config's architecture matches (ignoring dtype/remat), or None."""
-        for name, dims in SIZES.items():
+        for name, _dims in SIZES.items():
             ref = DiTConfig.from_size(name)
             if all(getattr(self, f) == getattr(ref, f) for f in
                    ("depth", "hidden_size", "num_heads", "repa_projector_dim")) and self.mlp_ratio == ref.mlp_ratio:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfd_jax.models import layers
-from sfd_jax.models.layers import layer_norm, resolve_dtype, torch_linear
+from sfd_jax.models.layers import count_params  # noqa: F401 (this model's API: tests, docs)
+from sfd_jax.models.layers import cosine_similarity, layer_norm, resolve_dtype, torch_linear
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 COS_AXES = ("feature", "token")
@@ -147,13 +148,6 @@ def kl(mu: jax.Array, logvar: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=tuple(range(1, mu.ndim)))
 
 
-def cosine_similarity(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
-    """torch.nn.functional.cosine_similarity: each vector divided by max(‖·‖, eps), then the dot product."""
-    a_norm = jnp.maximum(jnp.linalg.norm(a, axis=axis, keepdims=True), eps)
-    b_norm = jnp.maximum(jnp.linalg.norm(b, axis=axis, keepdims=True), eps)
-    return jnp.sum((a / a_norm) * (b / b_norm), axis=axis)
-
-
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     """The reference ch16.yaml weights."""
@@ -186,7 +180,3 @@ def losses(recon: jax.Array, tokens: jax.Array, mu: jax.Array, logvar: jax.Array
     terms["total"] = (weights.mse * terms["mse"] + weights.l1 * terms["l1"] + weights.cos * terms["cos"]
                       + weights.kl * terms["kl"])
     return terms
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
