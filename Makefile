@@ -7,7 +7,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo fashion-mnist install install-torch clean-venv
+.PHONY: test lint format demo fashion-mnist install install-torch clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ install: $(VENV)/.installed
 test: install fashion-mnist
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu FASHION_MNIST=$(FASHION_MNIST) \
 		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml): lint, and check that the tree is formatted; `make format` formats it.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
 
 # The whole pipeline on Fashion-MNIST (docs/demo.md). Re-running resumes: finished stages are skipped.
 demo: install fashion-mnist

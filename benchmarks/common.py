@@ -134,7 +134,7 @@ def matmul_peak(dtype: str = "float32", n: int | None = None, repeats: int = 7, 
             "flops_per_s_best": flops / min(times), "flops_per_cpu_s": flops * repeats / cpu, "repeats": repeats}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _peak_kernel(dtype: str, n: int, chain: int):
     import jax
     import jax.numpy as jnp

@@ -116,7 +116,7 @@ def test_records_hold_image_and_flip_tokens(reference_run, folder, encoders):
     assert layout.dino_shape == (64, 32) and layout.feature_dtype == "float16"
     src = ImageFolderSource(folder)
     assert [r["index"] for r in recs] == list(range(NUM_IMAGES))
-    assert [r["label"] for r in recs] == [int(l) for l in src.labels]
+    assert [r["label"] for r in recs] == [int(label) for label in src.labels]
     # REPA targets: DINOv2 tokens of the reference preprocessing (numpy path) of the crop and of its mirror image.
     for i in (0, 9):
         crop = adm_center_crop(src[i][0], 32)

@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import Checkpoints, export_ema
+from sfd_jax.checkpoint import export_ema
 from sfd_jax.train import config as config_lib
 from sfd_jax.train import skeleton
 from sfd_jax.train.build import build, config_json

@@ -37,7 +37,6 @@ import optax
 from flax import nnx
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import Checkpoints
 from sfd_jax.models import semvae as sv
 from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
 from sfd_jax.train import skeleton

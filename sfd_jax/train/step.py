@@ -8,8 +8,9 @@ loss draws τ and the noise from it), so a run resumed at step s draws exactly w
 
 Non-finite guard: when the loss, the gradient norm or any leaf of the updated state is NaN/Inf the update is
 dropped on the device (params, EMA and optimizer state keep their old values through `jnp.where`, the step counter
-still advances) and the step reports `finite = False`. Nothing waits on the device for this; the loop (`sfd_jax.train.skeleton`) reads each
-step's flag one step later and then either stops with the step number or logs the skip.
+still advances) and the step reports `finite = False`. Nothing waits on the device for this; the loop
+(`sfd_jax.train.skeleton`) reads each step's flag one step later and then either stops with the step number or
+logs the skip.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 def guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, loss: jax.Array,
                    ema_decay: float) -> tuple[TrainState, dict]:
     """optimizer step + EMA, kept only when `loss`, the gradient norm and every leaf of the new state are finite
-    (the step counter advances either way). Shared by every trainer (DiT, SemVAE, texture VAE) so they skip bad steps the same way.
+    (the step counter advances either way). Shared by every trainer (DiT, SemVAE, texture VAE) so they skip bad
+    steps the same way.
 
     Returns (new_state, {'loss', 'grad_norm', 'finite'}).
     """
