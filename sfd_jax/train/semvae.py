@@ -325,5 +325,5 @@ def export_weights(setup: TrainSetup, state: TrainState, directory: str, mesh, m
     gathered = jax.jit(lambda p: p, out_shardings=parallel.replicated(mesh))(state.ema_params)
     if jax.process_index() == 0:
         save_semvae(directory, setup.merge(parallel.global_to_host(gathered), {}), meta=meta)
-        log.info("SemVAE weights written to %s (load with sfd_jax.convert.official.load_semvae)", directory)
+        log.info("SemVAE weights written to %s (load with sfd_jax.convert.semvae.load_semvae)", directory)
     return directory
