@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("sfd_config", REPO / "configs" / "sfd.py")
+    spec = importlib.util.spec_from_file_location("sfd_config", REPO / "configs" / "sfd.py")  # VARIANTS too
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sfd_jax"
 
 LAYERS = {
-    "parallel": 0, "checkpoint": 0,
+    "parallel": 0, "checkpoint": 0, "config_loader": 0,
     "models": 1,
     "convert": 2,
     "diffusion": 3,

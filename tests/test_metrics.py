@@ -1,6 +1,5 @@
 """ADM evaluator metrics vs numbers its own code produced (../shared/testdata/eval/adm_metrics.npz, README
 section 1), and an end-to-end `--mode=evaluate` run (reference batch built by the same code, JSON written)."""
-import importlib.util
 import json
 
 import numpy as np
@@ -8,9 +7,10 @@ import pytest
 
 import jax
 
-from conftest import EVAL, REPO, load_golden
+from conftest import EVAL, load_golden
 from test_inception import regenerate_weights
 
+from sfd_jax.config_loader import load_config
 from sfd_jax.eval import metrics
 from sfd_jax.eval.features import FolderImages, NpzImages, open_images
 
@@ -141,10 +141,7 @@ def test_precision_recall_needs_k_plus_one_points():
 
 # --------------------------------------------------------------------------------------- --mode=evaluate, e2e
 def _load_eval_config(variant: str):
-    spec = importlib.util.spec_from_file_location("eval_config", REPO / "configs" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config(f"configs/eval.py:{variant}")
 
 
 def _images(rng, n, size=32):

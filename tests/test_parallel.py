@@ -1,6 +1,4 @@
 """Mesh, logical-axis rules, batches, and the invariant: a sharded train step equals the single-device step."""
-import importlib.util
-import pathlib
 
 import chex
 import jax
@@ -8,18 +6,15 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from sfd_jax.config_loader import load_config
 from sfd_jax import parallel
 from sfd_jax.train import loop
 from sfd_jax.train.build import build
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_config(**mesh):
-    spec = importlib.util.spec_from_file_location("sfd_config", CONFIGS / "sfd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = load_config("configs/sfd.py:tiny")
     c.mesh.update(mesh)
     return c
 

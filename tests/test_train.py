@@ -4,7 +4,6 @@ One subprocess runs `python -m sfd_jax.main --config=configs/sfd.py:tiny` (8 fak
 conftest, mesh (1, 8, 1)) and is stopped with SIGTERM after a few steps; it must write a checkpoint and exit 0.
 That workdir is then resumed in this (new) process and compared with an uninterrupted run.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sfd_jax.config_loader import load_config
 from sfd_jax import parallel
 from sfd_jax.train import loop
 from sfd_jax.train.build import build
@@ -29,10 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(num_steps, **train):
-    spec = importlib.util.spec_from_file_location("sfd_config", REPO / "configs" / "sfd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = load_config("configs/sfd.py:tiny")
     c.train.update(num_steps=num_steps, log_every=1, ckpt_every=1000, export_ema=False, async_checkpoint=True)
     c.train.update(train)
     return c

@@ -2,10 +2,8 @@
 alike: a NaN step between log steps, SIGTERM/SIGINT mid-run, resume == uninterrupted; and the guards: a non-finite
 *updated state*, the workdir lock, a failed asynchronous save, honest metrics windows after a resume."""
 import errno
-import importlib.util
 import json
 import os
-import pathlib
 import signal
 import socket
 import time
@@ -16,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from sfd_jax.config_loader import load_config
 from sfd_jax import checkpoint as checkpoint_lib
 from sfd_jax.train import lock as lock_lib
 from sfd_jax.train import loop, semvae, skeleton, texture_vae
@@ -24,15 +23,11 @@ from sfd_jax.train.metrics import read_metrics
 from sfd_jax.train.state import TrainState
 from sfd_jax.train.step import guarded_update
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
 def _config(file, variant):
-    spec = importlib.util.spec_from_file_location(f"cfg_{file}", REPO / "configs" / f"{file}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config(f"configs/{file}.py:{variant}")
 
 
 def dit_config():
