@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 from sfd_jax import parallel
+from sfd_jax.diffusion.losses import REPA_MODES
+from sfd_jax.diffusion.schedule import TIME_DISTS
+from sfd_jax.models.lightningdit import DTYPES, REMAT_POLICIES, SIZES
 from sfd_jax.train import skeleton
 
 SOURCES = ("synthetic", "arrayrecord")
-REPA_MODES = ("cos", "mse", "cos_mse")
-TIME_DISTS = ("lognorm", "uniform")
-DTYPES = ("float32", "bfloat16", "float16")
 TEXTURE_CHANS = 32
 
 
@@ -36,21 +36,15 @@ def require_finite_optim(o) -> None:
             f"{o.weight_decay} must be a finite number >= 0")
 
 
-def model_sizes() -> tuple[str, ...]:
-    from sfd_jax.models.lightningdit import SIZES
-    return tuple(SIZES)
-
-
 def validate(config, *, device_count: int, process_count: int = 1, num_slices: int | None = None) -> dict:
     """Checks `config` for a run on `device_count` devices in `process_count` processes; returns derived values.
 
     num_slices: DCN units available when `mesh.dcn` holds -1 (TPU slices; default: process_count).
     """
     m, d, r, o, t, data = config.model, config.diffusion, config.repa, config.optim, config.train, config.data
-    sizes = model_sizes()
+    sizes = tuple(SIZES)
     require(str(m.size).lower() in sizes, "model.size", f"{m.size!r} is not a model size; valid sizes: {sizes}")
     require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; valid: {DTYPES}")
-    from sfd_jax.models.lightningdit import REMAT_POLICIES
     policy = m.get("remat_policy", "full")
     require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
