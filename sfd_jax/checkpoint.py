@@ -82,6 +82,12 @@ class Checkpoints:
             config=ocp.args.JsonSave(config),
         )
         self.check()
+        previous = self._pending
+        # orbax's save first waits for the previous one: an error raised here is that save's
+        with _surface_save_errors(self, step if previous is None else previous):
+            self.manager.wait_until_finished()
+        if previous is not None:
+            self.last_good = previous
         with _surface_save_errors(self, step):
             self.manager.save(int(step), args=args, force=True)
         self._pending = int(step)
