@@ -7,7 +7,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo fashion-mnist install install-torch clean-venv check-python
+.PHONY: test lint format demo fashion-mnist install install-torch clean-venv check-python
 
 # The interpreter that will run everything: the venv's once it exists, else the one that creates it.
 PYTHON_CHECK := import sys; v = sys.version.split()[0]; sys.exit(0 if sys.version_info >= (3, 11) else \
@@ -29,6 +29,14 @@ install: check-python $(VENV)/.installed
 test: install fashion-mnist
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu FASHION_MNIST=$(FASHION_MNIST) \
 		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml): lint, and check that the tree is formatted; `make format` formats it.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
 
 # The whole pipeline on Fashion-MNIST (docs/demo.md). Re-running resumes: finished stages are skipped.
 demo: install fashion-mnist

@@ -7,7 +7,6 @@ is compared with.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -36,47 +35,11 @@ def log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def load_config(spec: str, overrides: list[str] = ()):
-    """`configs/sfd.py:xl` (path relative to the repo or absolute) -> ConfigDict, with `a.b=value` overrides.
-
-    Override values are parsed like the command line's `--config.a.b=value`: Python literals where they parse
-    ("(1,-1,1)", "2e-4", "True"), else strings.
-    """
-    import ast
-
-    path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_absolute():
-        file = (REPO / file) if (REPO / file).exists() else file.resolve()
-    if not file.exists():
-        raise FileNotFoundError(f"--config={spec}: no file {file}")
-    module_spec = importlib.util.spec_from_file_location(f"_bench_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected field.path=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            if p not in node:
-                raise KeyError(f"override {item!r}: config has no field {key!r}")
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"override {item!r}: config has no field {key!r}")
-        current = node[leaf]
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(current, float) and isinstance(value, int):
-            value = float(value)
-        node[leaf] = value
-    return config
+def load_config(spec: str, overrides=()):
+    """sfd_jax.config_loader.load_config, imported when called: importing sfd_jax imports jax, which must wait
+    for set_host_device_count."""
+    from sfd_jax.config_loader import load_config as load
+    return load(spec, overrides)
 
 
 def jit_without_donation(run):
@@ -134,7 +97,7 @@ def matmul_peak(dtype: str = "float32", n: int | None = None, repeats: int = 7, 
             "flops_per_s_best": flops / min(times), "flops_per_cpu_s": flops * repeats / cpu, "repeats": repeats}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _peak_kernel(dtype: str, n: int, chain: int):
     import jax
     import jax.numpy as jnp

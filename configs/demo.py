@@ -16,22 +16,19 @@ Variants:
 Useful overrides: `--config.demo.data_dir=DIR` (IDX files), `--config.demo.vfm_checkpoint=DIR` (a transformers
 Dinov2WithRegisters save_pretrained directory instead of the random one), `--config.dit.train.num_steps=N`.
 """
-import importlib.util
 import os
 
 import ml_collections
+
+from sfd_jax.config_loader import load_config
 
 VARIANTS = ("default", "tiny")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
-    """get_config(variant) of another file in configs/ (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_sfd_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    """get_config(variant) of another file in configs/."""
+    return load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py:{variant}"))
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:

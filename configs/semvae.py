@@ -58,7 +58,7 @@ def get_config(arg: str = "imagenet") -> ml_collections.ConfigDict:
                                              warmup_steps=500, warmup_init=0.01, decay_start=800_000,
                                              decay_end=1_000_000, final_scale=0.1, grad_clip=0.0, ema_decay=0.0))
     c.train = ml_collections.ConfigDict(dict(batch_size=64, num_steps=1_000_000, log_every=100, ckpt_every=5000,
-                                             keep_last=3, keep_every=0, async_checkpoint=True))
+                                             keep_last=3, keep_every=0, async_checkpoint=True, nonfinite="stop"))
     c.eval = ml_collections.ConfigDict(dict(every=10_000, num_images=1000, batch_size=200))
     c.data = ml_collections.ConfigDict(dict(
         kind="images", resize=256, crop=224, workers=16, features="", eval_features="",

@@ -33,9 +33,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
                                             rules={"conv_in": "", "conv_out": "fsdp"}))
     c.loss = ml_collections.ConfigDict(dict(recon="l1", kl_weight=1e-6))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
-                                             warmup_steps=50, grad_clip=1.0))
+                                             warmup_steps=50, grad_clip=1.0, ema_decay=0.0))
+    # The loop's settings carry the same names in every trainer's config (sfd_jax.train.skeleton).
     c.train = ml_collections.ConfigDict(dict(batch_size=16, num_steps=400, log_every=50, ckpt_every=200,
-                                             keep_checkpoints=2, ema_decay=0.0))
+                                             keep_last=2, keep_every=0, async_checkpoint=True, nonfinite="stop"))
     fashion_mnist = dict(kind="fashion_mnist", path="/usr/share/datasets/fashion-mnist", split="train", pad_to=32,
                          name="", num_images=0, size=0, seed=0)
     # eval.source.kind '' = evaluate on the first images of the training source.
@@ -63,7 +64,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
                              seed=0)
         c.eval.source = dict(c.data.source, kind="")
         c.optim.update(lr=1e-4, warmup_steps=1000, grad_clip=1.0)
-        c.train.update(batch_size=64, num_steps=200_000, log_every=100, ckpt_every=5000, keep_checkpoints=3)
+        c.train.update(batch_size=64, num_steps=200_000, log_every=100, ckpt_every=5000, keep_last=3)
         c.eval.update(every=5000, num_images=16)
     c.model = ml_collections.ConfigDict(model.to_dict())
     return c

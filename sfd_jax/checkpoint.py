@@ -17,6 +17,7 @@ directory format of `sfd_jax.convert.dit.save_dit`) for sampling.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,6 +48,10 @@ def _allgather_json(obj: Any) -> list:
     return [json.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
+class NoReadableCheckpoint(RuntimeError):
+    """Every checkpoint of a workdir failed to read (typically a config that no longer fits the saved state)."""
+
+
 class Checkpoints:
     """A thin policy layer over `ocp.CheckpointManager` for train runs."""
 
@@ -64,6 +69,8 @@ class Checkpoints:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
+        self._pending: int | None = None  # the step of the save in flight, until its outcome is known
+        self.last_good: int | None = self.manager.latest_step()
 
     # -- writing ------------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: dict, config: dict, *, wait: bool = False) -> None:
@@ -74,16 +81,42 @@ class Checkpoints:
             data=ocp.args.JsonSave({"process_count": len(processes), "processes": processes}),
             config=ocp.args.JsonSave(config),
         )
-        self.manager.save(int(step), args=args, force=True)
+        self.check()
+        previous = self._pending
+        # orbax's save first waits for the previous one: an error raised here is that save's
+        with _surface_save_errors(self, step if previous is None else previous):
+            self.manager.wait_until_finished()
+        if previous is not None:
+            self.last_good = previous
+        with _surface_save_errors(self, step):
+            self.manager.save(int(step), args=args, force=True)
+        self._pending = int(step)
         if wait:
             self.wait()
 
+    def check(self) -> None:
+        """Raises `CheckpointSaveError` if the save in flight has already failed; cheap (no waiting), so the loop
+        calls it at every step boundary and a full disk stops the run at once instead of one interval later."""
+        if self._pending is None:
+            return
+        with _surface_save_errors(self, self._pending):
+            self.manager.check_for_errors()
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()  # returns at once; raises the finalisation's error, if any
+                self.last_good, self._pending = self._pending, None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        step = self._pending
+        with _surface_save_errors(self, step):
+            self.manager.wait_until_finished()
+        if step is not None:
+            self.last_good, self._pending = step, None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     # -- reading ------------------------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -112,11 +145,12 @@ class Checkpoints:
         errors = []
         for step in steps:
             try:
-                state, data, config = self.restore(step, abstract_state)
+                with quiet_libraries():
+                    state, data, config = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
                 path = os.path.join(self.directory, str(step))
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous checkpoint",
-                                path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning("checkpoint %s is unreadable (%s); falling back to the previous checkpoint", path,
+                            _root_cause(e))
                 errors.append((step, e))
                 continue
             if errors:
@@ -124,8 +158,10 @@ class Checkpoints:
             return step, state, self._data_for_this_process(data), config
         if errors:
             step, err = errors[0]
-            raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {[s for s, _ in errors]}); "
-                               f"newest ({step}) failed with {type(err).__name__}: {err}") from err
+            # Raised without chaining: the cause's own traceback is library noise; its first line is kept here.
+            raise NoReadableCheckpoint(f"no readable checkpoint in {self.directory} (tried steps "
+                                       f"{[s for s, _ in errors]}); the newest ({step}) failed with "
+                                       f"{_root_cause(err)}") from None
         return None
 
     def _quarantine(self, steps: list[int]) -> None:
@@ -162,6 +198,52 @@ class Checkpoints:
                             "data iterator from process 0's state", len(processes), jax.process_count())
             return processes[0]
         return processes[jax.process_index()]
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions, ...); the message is one line."""
+
+
+@contextlib.contextmanager
+def _surface_save_errors(ckpt: Checkpoints, step: int | None):
+    try:
+        yield
+    except CheckpointSaveError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax wraps the OS error in its own types
+        ckpt._pending = None
+        cause = _root_cause(e)
+        path = os.path.join(ckpt.directory, str(step)) if step is not None else ckpt.directory
+        last = (os.path.join(ckpt.directory, str(ckpt.last_good)) if ckpt.last_good is not None
+                else "none (nothing was saved yet)")
+        raise CheckpointSaveError(f"saving checkpoint {path} failed: {cause}; the last good checkpoint is {last}") \
+            from e
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's one-line description ("[Errno 28] No space left on device: '...'")."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silences absl (orbax) and tensorstore chatter while checkpoints are probed: a failed read is reported once,
+    by us, instead of as pages of library warnings burying the cause."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
 
 
 def read_config_json(workdir: str, step: int | None = None) -> dict:

@@ -4,7 +4,6 @@ Every job is a mode; each mode is `run(config, workdir)` in its own module, impo
 sampling job never imports the trainer (and nothing imports torch).
 """
 import importlib
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -47,4 +46,3 @@ def main(argv):
 
 if __name__ == "__main__":
     app.run(main)
-    sys.exit(0)

@@ -187,10 +187,6 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], ru
     return P(*spec)
 
 
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Mapping[str, tuple[str, ...]]) -> dict:
     """Pure-dict tree of NamedSharding for an (abstract) nnx State, from each Variable's `out_sharding` names."""
     flat = {}

@@ -4,14 +4,15 @@ import pathlib
 
 import pytest
 
-from sfd_jax.train import loop
+from sfd_jax.train import build as loop
+from sfd_jax.train import loop as train_loop
 from sfd_jax.train.config import ConfigError, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("sfd_config", REPO / "configs" / "sfd.py")
+    spec = importlib.util.spec_from_file_location("sfd_config", REPO / "configs" / "sfd.py")  # VARIANTS too
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -109,13 +110,13 @@ def test_eval_hook_needs_a_function():
     c = get("tiny")
     c.eval.every = 10
     from sfd_jax.eval.in_training import fid
-    assert loop.resolve_eval_fn(c, None) is fid  # the default hook: in-training FID, settings in config.eval
+    assert train_loop.resolve_eval_fn(c, None) is fid  # the default hook: in-training FID, settings in config.eval
     assert c.eval.num_images == 5000 and c.eval.solver == "dopri5"
     c.eval.fn = "sfd_jax.train.config:validate"
-    assert loop.resolve_eval_fn(c, None) is validate
+    assert train_loop.resolve_eval_fn(c, None) is validate
     c.eval.fn = ""
     with pytest.raises(ConfigError, match="config.eval.fn"):
-        loop.resolve_eval_fn(c, None)
+        train_loop.resolve_eval_fn(c, None)
 
 
 def test_derived_values_for_a_pod():

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sfd_jax.config_loader import load_config
+
 
 def _write_idx(path, array):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -34,15 +36,8 @@ def _fake_fashion_mnist(root, n_train=512, n_test=256, seed=0):
 
 
 def _config(data_dir):
-    """configs/demo.py:tiny reading `data_dir` (configs/ is not a package: loaded from its path)."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
-    cfg.demo.data_dir = str(data_dir)
-    return cfg
+    """configs/demo.py:tiny reading `data_dir`."""
+    return load_config("configs/demo.py:tiny", {"demo.data_dir": str(data_dir)})
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,8 @@ def test_semantic_half_first_and_null_label(main_model, inputs, out_eval):
 def _analytic_params(depth, d, heads, c=48, classes=1000, freq=256):
     """Closed-form count of the layers in docs/model.md#architecture (no REPA projector, no pos_embed)."""
     hf, hd = int(2 / 3 * 4 * d), d // heads
-    block = 2 * d + (3 * d * d + 3 * d) + 2 * hd + (d * d + d) + (2 * hf * d + 2 * hf) + (hf * d + d) + (6 * d * d + 6 * d)
+    block = (2 * d + (3 * d * d + 3 * d) + 2 * hd + (d * d + d) + (2 * hf * d + 2 * hf) + (hf * d + d)
+             + (6 * d * d + 6 * d))
     t_emb = 2 * (freq * d // 2 + d // 2 + (d // 2) ** 2 + d // 2)
     final = d + (d * c + c) + (2 * d * d + 2 * d)
     return (c * d + d) + t_emb + (classes + 1) * d + depth * block + final

@@ -1,9 +1,7 @@
 """Latent extraction with tiny random encoders: record contents, resume after a crash, stats, PCA, `--mode` entry."""
-import importlib.util
 import json
 import math
 import os
-import pathlib
 import shutil
 
 import jax
@@ -13,6 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from conftest import assert_close
+from sfd_jax import config_loader
 from sfd_jax.data import records
 from sfd_jax.data.encoders import Encoders
 from sfd_jax.data.extract import ExtractOptions, extract
@@ -30,14 +29,10 @@ SEM_CFG = SemVAEConfig(input_dim=32, hidden_dim=16, bottleneck_dim=3, num_heads=
 # 32 px crops → texture 8×8×4 (factor 4); DINOv2 at 112 px, patch 14 → 8×8 tokens of width 32.
 OPTS = dict(image_size=32, dino_size=112, batch_size_per_device=1, shard_size=4, stats_images=6, seed=3)
 NUM_IMAGES = 14
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name, variant):
-    spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_loader.load_config(f"configs/{name}:{variant}")
 
 
 def numpy_init(ctor, seed):
@@ -117,7 +112,7 @@ def test_records_hold_image_and_flip_tokens(reference_run, folder, encoders):
     assert layout.dino_shape == (64, 32) and layout.feature_dtype == "float16"
     src = ImageFolderSource(folder)
     assert [r["index"] for r in recs] == list(range(NUM_IMAGES))
-    assert [r["label"] for r in recs] == [int(l) for l in src.labels]
+    assert [r["label"] for r in recs] == [int(label) for label in src.labels]
     # REPA targets: DINOv2 tokens of the reference preprocessing (numpy path) of the crop and of its mirror image.
     for i in (0, 9):
         crop = adm_center_crop(src[i][0], 32)

@@ -1,6 +1,6 @@
-"""ADM evaluator metrics vs numbers its own code produced (tests/golden/eval/adm_metrics.npz,
-see tests/golden/README.md), and an end-to-end `--mode=evaluate` run (reference batch built by the same code, JSON written)."""
-import importlib.util
+"""ADM evaluator metrics vs numbers its own code produced (tests/golden/eval/adm_metrics.npz, see
+tests/golden/README.md), and an end-to-end `--mode=evaluate` run (reference batch built by the same code, JSON
+written)."""
 import json
 
 import numpy as np
@@ -8,8 +8,9 @@ import pytest
 
 import jax
 
-from conftest import EVAL, REPO, assert_close, load_golden
+from conftest import EVAL, assert_close, load_golden
 
+from sfd_jax.config_loader import load_config
 from sfd_jax.eval import metrics
 from sfd_jax.eval.features import FolderImages, NpzImages, open_images
 
@@ -146,10 +147,7 @@ def test_precision_recall_needs_k_plus_one_points():
 
 # --------------------------------------------------------------------------------------- --mode=evaluate, e2e
 def _load_eval_config(variant: str):
-    spec = importlib.util.spec_from_file_location("eval_config", REPO / "configs" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config(f"configs/eval.py:{variant}")
 
 
 def _images(rng, n, size=32):

@@ -1,6 +1,4 @@
 """Mesh, logical-axis rules, batches, and the invariant: a sharded train step equals the single-device step."""
-import importlib.util
-import pathlib
 
 import chex
 import jax
@@ -9,17 +7,15 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import assert_trees_close
+from sfd_jax.config_loader import load_config
 from sfd_jax import parallel
 from sfd_jax.train import loop
+from sfd_jax.train.build import build
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_config(**mesh):
-    spec = importlib.util.spec_from_file_location("sfd_config", CONFIGS / "sfd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = load_config("configs/sfd.py:tiny")
     c.mesh.update(mesh)
     return c
 
@@ -98,7 +94,7 @@ def sharded_and_single():
     """3 steps of the tiny config (fp32) on one device and on a (data 2, fsdp 4) mesh, same batches."""
     results = {}
     for name, ici, devices in (("single", (1, 1, 1), jax.devices()[:1]), ("sharded", (2, 4, 1), jax.devices())):
-        run = loop.build(tiny_config(ici=ici), devices=devices)
+        run = build(tiny_config(ici=ici), devices=devices)
         state, aux = run.setup.init()
         init_params = jax.device_get(state.params)
         data = loop.make_data_iterator(run.config, batch_size=16, process_index=0, process_count=1)

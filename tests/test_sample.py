@@ -6,7 +6,6 @@ eagerly. The tests share one compiled generation program per mesh (Euler, 6 step
 with AutoGuidance) and one random FID Inception at 75×75 input. Run with OPENBLAS_NUM_THREADS=1 on a busy machine:
 the two 2048×2048 FID eigendecompositions are ~10× slower with contended OpenBLAS threads.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import pytest
 from flax import nnx
 
 import sfd_jax  # noqa: F401  (switches off eager sharding)
+from sfd_jax import config_loader
 from sfd_jax import parallel
 from sfd_jax.convert.dit import expected_shapes, load_dit, save_dit
 from sfd_jax.convert.inception import export_inception
@@ -31,7 +31,6 @@ from sfd_jax.models.inception import InceptionV3
 from sfd_jax.models.lightningdit import DiTConfig, fixed_tables
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 N = 64                      # images of the sampling run
 NUM_CLASSES = 10
 SETTINGS = SamplerSettings(solver="euler", num_steps=6)
@@ -91,10 +90,7 @@ def tiny_features(images: np.ndarray) -> np.ndarray:
 
 
 def load_config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_loader.load_config(f"configs/{name}.py:{arg}")
 
 
 def mesh_of(n: int):

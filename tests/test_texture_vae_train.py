@@ -1,6 +1,4 @@
 """Texture VAE trainer: a tiny CPU run (8 fake devices) whose reconstruction error falls, resumed half-way."""
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,19 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sfd_jax.config_loader import load_config
 from sfd_jax.convert.texture_vae import export_texture_vae, load_texture_vae
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 from sfd_jax.train import texture_vae as trainer
 from sfd_jax.train.metrics import read_metrics
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def get_config(variant):
-    spec = importlib.util.spec_from_file_location("texture_vae_config", CONFIGS / "texture_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config(f"configs/texture_vae.py:{variant}")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ One subprocess runs `python -m sfd_jax.main --config=configs/sfd.py:tiny` (8 fak
 conftest, mesh (1, 8, 1)) and is stopped with SIGTERM after a few steps; it must write a checkpoint and exit 0.
 That workdir is then resumed in this (new) process and compared with an uninterrupted run.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,18 +20,17 @@ import pytest
 from flax import nnx
 
 from conftest import assert_trees_close, child_env
+from sfd_jax.config_loader import load_config
 from sfd_jax import parallel
 from sfd_jax.train import loop
+from sfd_jax.train.build import build
 from sfd_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(num_steps, **train):
-    spec = importlib.util.spec_from_file_location("sfd_config", REPO / "configs" / "sfd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = load_config("configs/sfd.py:tiny")
     c.train.update(num_steps=num_steps, log_every=1, ckpt_every=1000, export_ema=False, async_checkpoint=True)
     c.train.update(train)
     return c
@@ -104,7 +102,7 @@ def test_async_checkpoints_hold_the_state_of_their_step(interrupted, straight):
     checkpoint equals the one the interrupted process wrote (synchronously, then exited)."""
     from sfd_jax.checkpoint import Checkpoints
     k, straight_dir, _ = straight
-    abstract = loop.build(tiny_config(2 * k)).setup.abstract_state
+    abstract = build(tiny_config(2 * k)).setup.abstract_state
     saved = []
     for workdir in (interrupted[1], straight_dir):
         ckpt = Checkpoints(workdir)
@@ -123,8 +121,8 @@ def test_resume_onto_a_different_mesh(interrupted, straight):
     state = resumed["state"]
     kernel = state.params["blocks"][0]["attn"]["qkv"]["kernel"]
     assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    # same run on another layout: equal up to the order of fp32 reductions (measured max |Δ| ~1e-6)
-    assert_trees_close(jax.device_get(state.params), jax.device_get(straight_summary["state"].params), 5e-6)  # of max|param| = 1
+    # same run on another layout: equal up to the order of fp32 reductions (measured max |Δ| ~1e-6; max|param| = 1)
+    assert_trees_close(jax.device_get(state.params), jax.device_get(straight_summary["state"].params), 5e-6)
     a, b = losses_by_step(copy), losses_by_step(straight[1])
     np.testing.assert_allclose([a[s] for s in sorted(b)], [b[s] for s in sorted(b)], rtol=1e-5)
 
@@ -177,14 +175,14 @@ def test_nonfinite_skip_keeps_training_and_eval_hook_runs(tmp_path, monkeypatch)
 
 def test_nonfinite_stop_raises_with_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "make_data_iterator", _nan_at(3))
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 3"):
+    with pytest.raises(FloatingPointError, match="non-finite DiT loss, gradient or updated state at step 3"):
         loop.run(tiny_config(5, nonfinite="stop", ckpt_every=1, log_every=5), str(tmp_path))
     assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == 2
 
 
 def test_nonfinite_update_is_dropped_on_device():
     """The step itself: a NaN batch leaves params, EMA and optimizer state untouched and advances the step."""
-    run = loop.build(tiny_config(1))
+    run = build(tiny_config(1))
     state, aux = run.setup.init()
     data = loop.make_data_iterator(run.config, batch_size=16, process_index=0, process_count=1)
     batch = next(data)

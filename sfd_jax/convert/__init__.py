@@ -1,1 +1,2 @@
-"""Reference (PyTorch) checkpoint ↔ sfd_jax parameter converters. See `sfd_jax.convert.official`."""
+"""Reference (PyTorch) checkpoint <-> sfd_jax parameter converters: one module per model (dit, semvae, texture_vae,
+dinov2), each with its `load_*` / `export_*`."""

@@ -117,11 +117,6 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str
         raise ConversionError(what, source, missing, unexpected, mismatched, hint)
 
 
-def param_shapes(model: nnx.Module) -> dict[tuple, tuple]:
-    """{nnx path: shape} of every Param of `model` (works on abstract models from nnx.eval_shape too)."""
-    return {path: tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
 def assign_params(model: nnx.Module, values: Mapping[tuple, np.ndarray], *, what: str = "model") -> None:
     """Write `{nnx path: array}` into `model`'s Params; every Param must be given exactly once, shape-exact."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))

@@ -222,7 +222,9 @@ def make_token_fn(encoders: Encoders, *, dino_size: int) -> Callable[[np.ndarray
 
 def load_encoders(cfg) -> Encoders:
     """Encoders from checkpoint paths in the `extract` config block (see docs/data.md)."""
-    from sfd_jax.convert import official
+    from sfd_jax.convert.dinov2 import load_dinov2
+    from sfd_jax.convert.semvae import load_semvae
+    from sfd_jax.convert.texture_vae import load_texture_vae
 
     dtype = cfg.get("dtype") or "float32"
     sources = {}
@@ -231,13 +233,13 @@ def load_encoders(cfg) -> Encoders:
         _, texture_vae = load_trained(cfg.texture_vae_workdir)
         sources["texture_vae"] = f"workdir:{os.path.abspath(cfg.texture_vae_workdir)}"
     elif cfg.get("texture_vae"):
-        _, texture_vae = official.load_texture_vae(cfg.texture_vae, dtype=dtype)
+        _, texture_vae = load_texture_vae(cfg.texture_vae, dtype=dtype)
         sources["texture_vae"] = os.path.abspath(cfg.texture_vae)
     else:
         raise ValueError("extract.texture_vae (reference .ckpt) or extract.texture_vae_workdir is required")
     if not cfg.get("dinov2"):
         raise ValueError("extract.dinov2 (a save_pretrained directory or weights file) is required")
-    _, dinov2 = official.load_dinov2(cfg.dinov2, dtype=dtype)
+    _, dinov2 = load_dinov2(cfg.dinov2, dtype=dtype)
     sources["dinov2"] = os.path.abspath(cfg.dinov2)
     semantic = cfg.get("semantic") or "semvae"
     if semantic not in SEMANTIC_KINDS:
@@ -247,7 +249,7 @@ def load_encoders(cfg) -> Encoders:
         if not cfg.get("semvae"):
             raise ValueError("extract.semvae (semantic_ae_final.pt or a SemVAE weights directory) is required "
                              "with extract.semantic='semvae'")
-        _, semvae = official.load_semvae(cfg.semvae, num_heads=cfg.get("semvae_num_heads") or None, dtype=dtype)
+        _, semvae = load_semvae(cfg.semvae, num_heads=cfg.get("semvae_num_heads") or None, dtype=dtype)
         sources["semvae"] = os.path.abspath(cfg.semvae)
     elif cfg.get("pca_path"):
         pca = PCA.load(cfg.pca_path)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sfd_jax.diffusion import schedule
+from sfd_jax.models.layers import cosine_similarity  # noqa: F401 (part of this module's API: tests, sampler)
 
 REPA_MODES = ("cos", "mse", "cos_mse")
 COSINE_EPS = 1e-8
@@ -70,19 +71,6 @@ def interpolate(x0, x1, t_tex, t_sem, semantic_chans: int) -> jax.Array:
 def velocity_target(x0, x1) -> jax.Array:
     """u = dx_t/dt = x1 − x0 on all channels (the linear path; each part's own time does not change it)."""
     return jnp.asarray(x1, jnp.float32) - jnp.asarray(x0, jnp.float32)
-
-
-def cosine_similarity(a, b, axis: int = -1, eps: float = COSINE_EPS) -> jax.Array:
-    """torch.nn.functional.cosine_similarity: (a/max(‖a‖, eps))·(b/max(‖b‖, eps)) along `axis`.
-
-    Each norm is clamped separately (torch ≥ 1.13), which differs from max(‖a‖·‖b‖, eps) only for near-zero vectors.
-    The norm is sqrt(max(Σx², eps²)) so its gradient stays finite at x = 0 (a zero-initialised head predicts 0).
-    """
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    norm_a = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=axis, keepdims=True), eps * eps))
-    norm_b = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=axis, keepdims=True), eps * eps))
-    return jnp.sum((a / norm_a) * (b / norm_b), axis=axis)
 
 
 def mse_loss(pred, target, semantic_chans: int, semantic_weight: float) -> jax.Array:

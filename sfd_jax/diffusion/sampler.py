@@ -161,7 +161,8 @@ def _make_plan(solver, num_steps, rtol, atol, delta_t, guidance, step_control, p
     kind = ("none" if guidance is None else "cfg" if isinstance(guidance, CFG) else "autoguidance")
     return _Plan(solver=solver, num_steps=None if num_steps is None else int(num_steps), rtol=float(rtol),
                  atol=float(atol), delta_t=delta_t, step_control=step_control, phase_mode=phase_mode,
-                 semantic_chans=int(semantic_chans), max_steps=max_steps, pid=tuple(float(p) for p in pid), dt0=float(dt0),
+                 semantic_chans=int(semantic_chans), max_steps=max_steps, pid=tuple(float(p) for p in pid),
+                 dt0=float(dt0),
                  guidance_kind=kind, null_label=int(guidance.null_label) if kind == "cfg" else 0,
                  has_interval=guidance is not None and guidance.interval_start is not None,
                  return_trajectory=bool(return_trajectory))

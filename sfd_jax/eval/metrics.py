@@ -98,7 +98,8 @@ def trace_sqrt_product(sigma1, sigma2, *, eps: float = 1e-6, eps_rule: str = "if
         value = trace_fn(sigma1, sigma2)
         if np.isfinite(value):
             return value, False
-        warnings.warn(f"FID: sqrt(Σ1 Σ2) is not finite; adding {eps:g}·I to both covariances (as ADM does)")
+        warnings.warn(f"FID: sqrt(Σ1 Σ2) is not finite; adding {eps:g}·I to both covariances (as ADM does)",
+                      stacklevel=2)
     offset = np.eye(sigma1.shape[0], dtype=np.float64) * eps
     return trace_fn(sigma1 + offset, sigma2 + offset), True
 
@@ -148,7 +149,7 @@ def inception_split_scores(probs, split_size: int = 5000) -> np.ndarray:
     scores = np.asarray(scores)
     if not np.all(np.isfinite(scores)):
         warnings.warn("Inception Score is not finite: some probability underflowed to 0 (0·log 0); ADM's "
-                      "float32 computation gives the same NaN")
+                      "float32 computation gives the same NaN", stacklevel=2)
     return scores
 
 

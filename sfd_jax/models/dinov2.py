@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfd_jax.models.semvae import dense, layer_norm, resolve_dtype
+from sfd_jax.models.layers import dense, layer_norm, resolve_dtype
 
 # transformers' ACT2FN names that DINOv2 configs use; 'gelu' is the exact (erf) GELU.
 _ACTIVATIONS = {

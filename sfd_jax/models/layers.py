@@ -23,6 +23,67 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# nnx-native layers shared by the transformer encoders (SemVAE, DINOv2): fp32 params with logical axis names
+# ----------------------------------------------------------------------------------------------------------------
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name) -> Any:
+    if name in _DTYPES.values():
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; allowed: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+_TRUNC_NORMAL_002 = jax.nn.initializers.truncated_normal(0.02)
+
+
+def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True,
+          kernel_init=_TRUNC_NORMAL_002,
+          bias_init=jax.nn.initializers.zeros) -> nnx.Linear:
+    """nnx.Linear with fp32 params carrying logical axis names (bias takes the output name)."""
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                      kernel_init=nnx.with_partitioning(kernel_init, names),
+                      bias_init=nnx.with_partitioning(bias_init, (names[1],)))
+
+
+def torch_linear(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 zero_bias: bool = False, kernel_init=None) -> nnx.Linear:
+    """`dense` initialised like torch's nn.Linear: kernel and bias U(±1/√fan_in) (bias optionally zero), so
+    training from scratch starts where the reference starts."""
+    bound = din ** -0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
+    return dense(din, dout, names, rngs=rngs, dtype=dtype, kernel_init=kernel_init or uniform,
+                 bias_init=jax.nn.initializers.zeros if zero_bias else uniform)
+
+
+def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm computed in fp32 (two-pass variance, like torch) whatever the input dtype; output fp32."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+                         scale_init=nnx.with_partitioning(jax.nn.initializers.ones, ("embed",)),
+                         bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",)), rngs=rngs)
+
+
+
+def cosine_similarity(a, b, axis: int = -1, eps: float = 1e-8) -> jax.Array:
+    """torch.nn.functional.cosine_similarity: (a/max(‖a‖, eps))·(b/max(‖b‖, eps)) along `axis`.
+
+    Each norm is clamped separately (torch ≥ 1.13), which differs from max(‖a‖·‖b‖, eps) only for near-zero vectors.
+    The norm is sqrt(max(Σx², eps²)) so its gradient stays finite at x = 0 (a zero-initialised head predicts 0).
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    norm_a = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=axis, keepdims=True), eps * eps))
+    norm_b = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=axis, keepdims=True), eps * eps))
+    return jnp.sum((a / norm_a) * (b / norm_b), axis=axis)
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of scalar parameters (works on abstract modules from nnx.eval_shape)."""
+    return int(sum(np.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))))
+
+
 class FixedBuffer(nnx.Variable):
     """A non-trainable constant table (position embedding, RoPE): stored in the state, never optimised."""
 

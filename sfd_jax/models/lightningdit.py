@@ -28,7 +28,7 @@ SIZES: dict[str, dict] = {
     "s": dict(depth=12, hidden_size=384, num_heads=6),
 }
 _ALIASES = {"1p0b": "xxl", "b/1": "b", "l/1": "l", "xl/1": "xl", "xxl/1": "xxl", "1p0b/1": "xxl"}
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 # What a rematerialised block (remat=True) keeps for the backward pass; everything else is recomputed there.
 #   'full': nothing but the block's inputs (recomputes the whole block: +1 forward, the least memory);
 #   'dots': every matmul output, attention logits included;
@@ -76,8 +76,8 @@ class DiTConfig:
                 problems.append(f"semantic_chans={self.semantic_chans} must be in [0, in_channels]")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r} must be one of {tuple(REMAT_POLICIES)}")
-        if self.dtype not in _DTYPES:
-            problems.append(f"dtype={self.dtype!r} must be one of {_DTYPES}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.use_repa and self.repa_depth < 1:
             problems.append(f"repa_depth={self.repa_depth} must be >= 1")
         if problems:
@@ -110,7 +110,7 @@ class DiTConfig:
 
     def size_name(self) -> str | None:
         """The SIZES entry this config's architecture matches (ignoring dtype/remat), or None."""
-        for name, dims in SIZES.items():
+        for name, _dims in SIZES.items():
             ref = DiTConfig.from_size(name)
             if all(getattr(self, f) == getattr(ref, f) for f in
                    ("depth", "hidden_size", "num_heads", "repa_projector_dim")) and self.mlp_ratio == ref.mlp_ratio:

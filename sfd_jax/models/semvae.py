@@ -17,46 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfd_jax.models import layers
+from sfd_jax.models.layers import count_params  # noqa: F401 (this model's API: tests, docs)
+from sfd_jax.models.layers import cosine_similarity, layer_norm, resolve_dtype, torch_linear
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 COS_AXES = ("feature", "token")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(name) -> Any:
-    if name in _DTYPES.values():
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported; allowed: {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True,
-          kernel_init=jax.nn.initializers.truncated_normal(0.02),
-          bias_init=jax.nn.initializers.zeros) -> nnx.Linear:
-    """nnx.Linear with fp32 params carrying logical axis names (bias takes the output name)."""
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                      kernel_init=nnx.with_partitioning(kernel_init, names),
-                      bias_init=nnx.with_partitioning(bias_init, (names[1],)))
-
-
-def torch_linear(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 zero_bias: bool = False, kernel_init=None) -> nnx.Linear:
-    """`dense` initialised like torch's nn.Linear: kernel and bias U(±1/√fan_in) (bias optionally zero), so
-    training from scratch starts where the reference starts."""
-    bound = din ** -0.5
-    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
-    return dense(din, dout, names, rngs=rngs, dtype=dtype, kernel_init=kernel_init or uniform,
-                 bias_init=jax.nn.initializers.zeros if zero_bias else uniform)
-
-
-def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm computed in fp32 (two-pass variance, like torch) whatever the input dtype; output fp32."""
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
-                         scale_init=nnx.with_partitioning(jax.nn.initializers.ones, ("embed",)),
-                         bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",)), rngs=rngs)
-
-
 @dataclasses.dataclass(frozen=True)
 class SemVAEConfig:
     """SemVAE architecture; defaults are the reference checkpoint (ch16.yaml): 57.9M parameters."""
@@ -183,13 +148,6 @@ def kl(mu: jax.Array, logvar: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=tuple(range(1, mu.ndim)))
 
 
-def cosine_similarity(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
-    """torch.nn.functional.cosine_similarity: each vector divided by max(‖·‖, eps), then the dot product."""
-    a_norm = jnp.maximum(jnp.linalg.norm(a, axis=axis, keepdims=True), eps)
-    b_norm = jnp.maximum(jnp.linalg.norm(b, axis=axis, keepdims=True), eps)
-    return jnp.sum((a / a_norm) * (b / b_norm), axis=axis)
-
-
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     """The reference ch16.yaml weights."""
@@ -222,7 +180,3 @@ def losses(recon: jax.Array, tokens: jax.Array, mu: jax.Array, logvar: jax.Array
     terms["total"] = (weights.mse * terms["mse"] + weights.l1 * terms["l1"] + weights.cos * terms["cos"]
                       + weights.kl * terms["kl"])
     return terms
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sfd_jax.models import layers
+from sfd_jax.models.layers import count_params  # noqa: F401 (this model's API: tests, docs)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -341,8 +341,3 @@ class TextureVAE(nnx.Module):
 def to_uint8(x):
     y = jnp.floor(127.5 * jnp.asarray(x, jnp.float32) + 128.0)
     return jnp.clip(y, 0.0, 255.0).astype(jnp.uint8)
-
-
-def count_params(module: nnx.Module) -> int:
-    """Number of scalar parameters (works on abstract modules from nnx.eval_shape)."""
-    return int(sum(np.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))))

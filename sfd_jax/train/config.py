@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 from sfd_jax import parallel
+from sfd_jax.diffusion.losses import REPA_MODES
+from sfd_jax.diffusion.schedule import TIME_DISTS
+from sfd_jax.models.lightningdit import DTYPES, REMAT_POLICIES, SIZES
+from sfd_jax.train import skeleton
 
 SOURCES = ("synthetic", "arrayrecord")
-REPA_MODES = ("cos", "mse", "cos_mse")
-TIME_DISTS = ("lognorm", "uniform")
-DTYPES = ("float32", "bfloat16", "float16")
-NONFINITE = ("stop", "skip")
 TEXTURE_CHANS = 32
 
 
@@ -23,14 +23,17 @@ class ConfigError(ValueError):
     """A config field holds a value the trainer cannot use; the message names the field."""
 
 
-def _require(cond: bool, field: str, message: str) -> None:
+def require(cond: bool, field: str, message: str) -> None:
+    """Raises ConfigError('config.<field>: <message>') unless `cond`; every trainer's validation uses it."""
     if not cond:
         raise ConfigError(f"config.{field}: {message}")
 
 
-def model_sizes() -> tuple[str, ...]:
-    from sfd_jax.models.lightningdit import SIZES
-    return tuple(SIZES)
+def require_finite_optim(o) -> None:
+    """An infinite or NaN learning rate or weight decay turns every weight into NaN at the first step."""
+    require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"{o.lr} must be a finite number > 0")
+    require(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
+            f"{o.weight_decay} must be a finite number >= 0")
 
 
 def validate(config, *, device_count: int, process_count: int = 1, num_slices: int | None = None) -> dict:
@@ -39,49 +42,44 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     num_slices: DCN units available when `mesh.dcn` holds -1 (TPU slices; default: process_count).
     """
     m, d, r, o, t, data = config.model, config.diffusion, config.repa, config.optim, config.train, config.data
-    sizes = model_sizes()
-    _require(str(m.size).lower() in sizes, "model.size", f"{m.size!r} is not a model size; valid sizes: {sizes}")
-    _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; valid: {DTYPES}")
-    from sfd_jax.models.lightningdit import REMAT_POLICIES
+    sizes = tuple(SIZES)
+    require(str(m.size).lower() in sizes, "model.size", f"{m.size!r} is not a model size; valid sizes: {sizes}")
+    require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; valid: {DTYPES}")
     policy = m.get("remat_policy", "full")
-    _require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
+    require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
-    _require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
-    _require(int(d.semantic_chans) in (0, 16), "diffusion.semantic_chans",
+    require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
+    require(int(d.semantic_chans) in (0, 16), "diffusion.semantic_chans",
              f"{d.semantic_chans}; valid: 16 (SemVAE latent) or 0 (texture-only ablation)")
     if int(d.semantic_chans) == 0:
-        _require(float(d.delta_t) == 0.0, "diffusion.delta_t",
+        require(float(d.delta_t) == 0.0, "diffusion.delta_t",
                  f"{d.delta_t}: without a semantic latent there is nothing to lead; use 0")
-    _require(float(d.semantic_weight) >= 0, "diffusion.semantic_weight", f"{d.semantic_weight} must be >= 0")
-    _require(d.time_dist in TIME_DISTS, "diffusion.time_dist", f"{d.time_dist!r}; valid: {TIME_DISTS}")
-    _require(r.mode in REPA_MODES, "repa.mode", f"{r.mode!r}; valid: {REPA_MODES}")
-    _require(float(r.weight) >= 0, "repa.weight", f"{r.weight} must be >= 0 (0 switches REPA off)")
+    require(float(d.semantic_weight) >= 0, "diffusion.semantic_weight", f"{d.semantic_weight} must be >= 0")
+    require(d.time_dist in TIME_DISTS, "diffusion.time_dist", f"{d.time_dist!r}; valid: {TIME_DISTS}")
+    require(r.mode in REPA_MODES, "repa.mode", f"{r.mode!r}; valid: {REPA_MODES}")
+    require(float(r.weight) >= 0, "repa.weight", f"{r.weight} must be >= 0 (0 switches REPA off)")
 
-    _require(float(o.lr) > 0, "optim.lr", f"{o.lr} must be > 0")
-    _require(0 <= float(o.b1) < 1, "optim.b1", f"{o.b1} must lie in [0, 1)")
-    _require(0 <= float(o.b2) < 1, "optim.b2", f"{o.b2} must lie in [0, 1)")
-    _require(float(o.eps) > 0, "optim.eps", f"{o.eps} must be > 0")
-    _require(float(o.weight_decay) >= 0, "optim.weight_decay", f"{o.weight_decay} must be >= 0")
-    _require(int(o.warmup_steps) >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
-    _require(float(o.grad_clip) >= 0, "optim.grad_clip", f"{o.grad_clip} must be >= 0 (0 = off)")
-    _require(0 <= float(o.ema_decay) <= 1, "optim.ema_decay", f"{o.ema_decay} must lie in [0, 1]")
-    _require(0 <= float(o.label_dropout) < 1, "optim.label_dropout", f"{o.label_dropout} must lie in [0, 1)")
+    require_finite_optim(o)
+    require(0 <= float(o.b1) < 1, "optim.b1", f"{o.b1} must lie in [0, 1)")
+    require(0 <= float(o.b2) < 1, "optim.b2", f"{o.b2} must lie in [0, 1)")
+    require(float(o.eps) > 0, "optim.eps", f"{o.eps} must be > 0")
+    require(int(o.warmup_steps) >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
+    require(float(o.grad_clip) >= 0, "optim.grad_clip", f"{o.grad_clip} must be >= 0 (0 = off)")
+    require(0 <= float(o.ema_decay) <= 1, "optim.ema_decay", f"{o.ema_decay} must lie in [0, 1]")
+    require(0 <= float(o.label_dropout) < 1, "optim.label_dropout", f"{o.label_dropout} must lie in [0, 1)")
 
-    for name in ("batch_size", "num_steps", "log_every", "ckpt_every", "keep_last"):
-        _require(int(t[name]) > 0, f"train.{name}", f"{t[name]} must be a positive integer")
-    _require(int(t.keep_every) >= 0, "train.keep_every", f"{t.keep_every} must be >= 0 (0 = off)")
-    _require(t.nonfinite in NONFINITE, "train.nonfinite", f"{t.nonfinite!r}; valid: {NONFINITE}")
+    require(t.batch_size > 0, "train.batch_size", f"{t.batch_size} must be a positive integer")
+    skeleton.validate_loop(config, ConfigError)
     peak = t.get("peak_flops_per_device")
-    _require(peak is None or float(peak) > 0, "train.peak_flops_per_device", f"{peak} must be > 0 or None (auto)")
+    require(peak is None or float(peak) > 0, "train.peak_flops_per_device", f"{peak} must be > 0 or None (auto)")
 
-    _require(data.source in SOURCES, "data.source", f"{data.source!r}; valid: {SOURCES}")
+    require(data.source in SOURCES, "data.source", f"{data.source!r}; valid: {SOURCES}")
     if data.source == "arrayrecord":
-        _require(bool(data.get("path")), "data.path", "the extracted dataset directory is required for "
+        require(bool(data.get("path")), "data.path", "the extracted dataset directory is required for "
                                                        "data.source='arrayrecord'")
-    _require(1 <= int(data.num_classes) <= 1000, "data.num_classes", f"{data.num_classes} must lie in [1, 1000]")
+    require(1 <= int(data.num_classes) <= 1000, "data.num_classes", f"{data.num_classes} must lie in [1, 1000]")
 
-    _require(int(config.eval.every) >= 0, "eval.every", f"{config.eval.every} must be >= 0 (0 = off)")
-    _require(config.get("distributed", "auto") in ("auto", "on", "off"), "distributed",
+    require(config.get("distributed", "auto") in ("auto", "on", "off"), "distributed",
              f"{config.get('distributed')!r}; valid: ('auto', 'on', 'off')")
 
     # Mesh: sizes against the devices, rules against the mesh axes.
@@ -93,7 +91,7 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     slices = process_count if num_slices is None else num_slices
     try:
         dcn_shape = parallel.fill_shape(dcn, slices if -1 in dcn else math.prod(dcn), "mesh.dcn")
-        _require(device_count % math.prod(dcn_shape) == 0, "mesh.dcn",
+        require(device_count % math.prod(dcn_shape) == 0, "mesh.dcn",
                  f"{dcn}: {device_count} devices cannot be split into {math.prod(dcn_shape)} equal parts")
         ici_shape = parallel.fill_shape(tuple(config.mesh.ici), device_count // math.prod(dcn_shape), "mesh.ici")
     except ValueError as e:
@@ -103,10 +101,10 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     shape = {a: i * j for a, i, j in zip(parallel.AXES, ici_shape, dcn_shape)}
     dp = shape["data"] * shape["fsdp"]
     batch = int(t.batch_size)
-    _require(batch % dp == 0, "train.batch_size",
+    require(batch % dp == 0, "train.batch_size",
              f"{batch} is not divisible by the data-parallel size {dp} (mesh data={shape['data']} x "
              f"fsdp={shape['fsdp']})")
-    _require(batch % process_count == 0, "train.batch_size",
+    require(batch % process_count == 0, "train.batch_size",
              f"{batch} is not divisible by the process count {process_count}")
     return {
         "mesh_shape": shape,

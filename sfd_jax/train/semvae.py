@@ -24,8 +24,8 @@ TensorBoard). The final weights are written to `<workdir>/semvae/` (config.json 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import time
 from typing import Any
 
 import grain
@@ -34,16 +34,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import Checkpoints
 from sfd_jax.models import semvae as sv
 from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
-from sfd_jax.train.metrics import MetricsWriter, format_duration
+from sfd_jax.train import skeleton
+from sfd_jax.train.config import ConfigError, require, require_finite_optim
 from sfd_jax.train.state import TrainSetup, TrainState
 from sfd_jax.train.step import guarded_update
+
+log = logging.getLogger(__name__)
 
 DATA_KINDS = ("images", "features")
 EXPORT_DIR = "semvae"
@@ -52,34 +53,28 @@ EXPORT_DIR = "semvae"
 # ================================================================================================================
 # Config checks and optimizer
 # ================================================================================================================
-def _require(cond: bool, field: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"config.{field}: {message}")
-
-
 def validate(config, mesh) -> None:
     t, d, o = config.train, config.data, config.optim
-    _require(d.kind in DATA_KINDS, "data.kind", f"{d.kind!r}; valid: {DATA_KINDS}")
-    _require(config.loss.cos_axis in sv.COS_AXES, "loss.cos_axis", f"{config.loss.cos_axis!r}; valid: {sv.COS_AXES}")
+    require(d.kind in DATA_KINDS, "data.kind", f"{d.kind!r}; valid: {DATA_KINDS}")
+    require(config.loss.cos_axis in sv.COS_AXES, "loss.cos_axis", f"{config.loss.cos_axis!r}; valid: {sv.COS_AXES}")
     dp, pc = parallel.data_parallel_size(mesh), jax.process_count()
     for field, value in (("train.batch_size", int(t.batch_size)), ("eval.batch_size", int(config.eval.batch_size))):
-        _require(value > 0 and value % dp == 0 and value % pc == 0, field,
+        require(value > 0 and value % dp == 0 and value % pc == 0, field,
                  f"{value} must be a positive multiple of the data-parallel size {dp} (mesh {dict(mesh.shape)}) "
                  f"and of the process count {pc}")
-    _require(int(config.eval.num_images) % int(config.eval.batch_size) == 0, "eval.num_images",
+    require(int(config.eval.num_images) % int(config.eval.batch_size) == 0, "eval.num_images",
              f"{config.eval.num_images} must be a multiple of eval.batch_size ({config.eval.batch_size})")
-    for name in ("num_steps", "log_every", "ckpt_every", "keep_last"):
-        _require(int(t[name]) > 0, f"train.{name}", f"{t[name]} must be a positive integer")
-    _require(float(o.lr) > 0, "optim.lr", f"{o.lr} must be > 0")
-    _require(0 <= int(o.warmup_steps) <= int(o.decay_start) <= int(o.decay_end), "optim",
+    skeleton.validate_loop(config, ConfigError)
+    require_finite_optim(o)
+    require(0 <= int(o.warmup_steps) <= int(o.decay_start) <= int(o.decay_end), "optim",
              f"need 0 <= warmup_steps ({o.warmup_steps}) <= decay_start ({o.decay_start}) <= decay_end "
              f"({o.decay_end})")
-    _require(0 <= float(o.ema_decay) < 1, "optim.ema_decay", f"{o.ema_decay} must lie in [0, 1)")
+    require(0 <= float(o.ema_decay) < 1, "optim.ema_decay", f"{o.ema_decay} must lie in [0, 1)")
     if d.kind == "images":
         patch = int(config.dino.config.patch_size)
-        _require(int(d.crop) % patch == 0, "data.crop", f"{d.crop} is not a multiple of the DINOv2 patch size {patch}")
+        require(int(d.crop) % patch == 0, "data.crop", f"{d.crop} is not a multiple of the DINOv2 patch size {patch}")
     else:
-        _require(bool(d.features), "data.features", "a .npy token file is required for data.kind='features'")
+        require(bool(d.features), "data.features", "a .npy token file is required for data.kind='features'")
 
 
 def make_optimizer(o) -> tuple[optax.GradientTransformation, Any]:
@@ -137,16 +132,16 @@ def build_inputs(config, source=None) -> tuple[_Rows, _Rows, dict]:
     else:
         source = np.load(d.features, mmap_mode="r")
         held = np.load(d.eval_features, mmap_mode="r") if d.get("eval_features") else None
-        _require(source.ndim == 3 and source.shape[-1] == int(config.model.input_dim), "data.features",
+        require(source.ndim == 3 and source.shape[-1] == int(config.model.input_dim), "data.features",
                  f"{d.features} holds {source.shape}; expected (N, L, {config.model.input_dim}) tokens")
         fn = _feature_item
     if held is None:
-        _require(0 < n_eval < len(source), "eval.num_images",
+        require(0 < n_eval < len(source), "eval.num_images",
                  f"{n_eval}: holding out from the {len(source)} training items needs 0 < num_images < {len(source)}")
         train, held = _Rows(source, range(len(source) - n_eval), fn), _Rows(source, range(len(source) - n_eval,
                                                                                           len(source)), fn)
     else:
-        _require(0 < n_eval <= len(held), "eval.num_images", f"{n_eval}: the held-out set has {len(held)} items")
+        require(0 < n_eval <= len(held), "eval.num_images", f"{n_eval}: the held-out set has {len(held)} items")
         train, held = _Rows(source, range(len(source)), fn), _Rows(held, range(n_eval), fn)
     describe = getattr(source, "describe", None)
     info = describe() if callable(describe) else {"kind": d.kind, "items": len(source)}
@@ -182,15 +177,15 @@ def load_frozen_dino(config, mesh, rules):
     if dc.checkpoint:
         from sfd_jax.convert.dinov2 import load_dinov2
         cfg, model = load_dinov2(dc.checkpoint, dtype=dc.dtype)
-        logging.info("DINOv2 loaded from %s (D=%d, %d layers)", dc.checkpoint, cfg.hidden_size,
+        log.info("DINOv2 loaded from %s (D=%d, %d layers)", dc.checkpoint, cfg.hidden_size,
                      cfg.num_hidden_layers)
     else:
         cfg = Dinov2Config(**{**dc.config.to_dict(), "dtype": dc.dtype})
         model = None
-        logging.warning("\n" + "!" * 100 + "\n!! DINOv2 IS RANDOMLY INITIALISED (config.dino.checkpoint is empty): "
+        log.warning("\n" + "!" * 100 + "\n!! DINOv2 IS RANDOMLY INITIALISED (config.dino.checkpoint is empty): "
                         "its tokens are NOT DINOv2 features.\n!! Fine for smoke tests; for SFD set "
                         "--config.dino.checkpoint=<save_pretrained directory>.\n" + "!" * 100)
-    _require(cfg.hidden_size == int(config.model.input_dim), "model.input_dim",
+    require(cfg.hidden_size == int(config.model.input_dim), "model.input_dim",
              f"{config.model.input_dim} != DINOv2 hidden_size {cfg.hidden_size}")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Dinov2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = parallel.state_shardings(abstract, mesh, rules)
@@ -248,25 +243,47 @@ def make_steps(config, setup: TrainSetup, dino_graphdef, mesh, dino_shardings):
 
 
 # ================================================================================================================
-# Loop
+# The run
 # ================================================================================================================
+def _line(values: dict) -> str:
+    return (f"loss {values['total']:.5g} mse {values['mse']:.5g} cos {values['cos']:.5g} kl {values['kl']:.4g} | "
+            f"lr {values['lr']:.3g}")
+
+
+def make_evaluate(config, mesh, eval_step, eval_items, dino_params):
+    """evaluate(step, state) -> {'eval/mse', 'eval/cos_sim', ...}: per-token means over the held-out items."""
+    eval_data = eval_batches(eval_items, config, config.eval.batch_size // jax.process_count())
+
+    def evaluate(at: int, state) -> dict:
+        totals, count = None, 0.0
+        for i in range(len(eval_data)):
+            batch = parallel.host_to_global({"x": eval_data[i]}, mesh)["x"]
+            sums, n = eval_step(state.ema_params, dino_params, batch, i)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            count += float(n)
+        return {f"eval/{k}": float(v) / count for k, v in parallel.global_to_host(totals).items()}
+
+    return evaluate
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     """Train (or resume) a SemVAE in `workdir`; returns {'step', 'start_step', 'train', 'eval', 'first_eval',
-    'export', 'state'}: the final and the starting step (0, or the restored checkpoint's), the last logged train
-    metrics, the last and the step-0 held-out metrics, the exported weights directory, the final state.
+    'export', 'state', 'preempted'}: the final and the starting step (0, or the restored checkpoint's), the last
+    logged train metrics, the last and the step-0 held-out metrics, the exported weights directory (None when
+    preempted), the final state.
 
     `source` overrides `config.data.source` for data.kind='images' (len() and [i] -> (uint8 image, label)).
     """
-    parallel.maybe_initialize_distributed(config.get("distributed", "auto"))
+    parallel.maybe_initialize_distributed(config.distributed)
     workdir = os.path.abspath(workdir)
     mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn))
     validate(config, mesh)
     rules = parallel.parse_rules(config.mesh.rules)
-    t, pc = config.train, jax.process_count()
+    t = config.train
     train_items, eval_items, data_info = build_inputs(config, source)
     cfg = semvae_config(config)
     tx, schedule = make_optimizer(config.optim)
-    setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
+    setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules, config.seed)
     dino_graphdef, dino_params = load_frozen_dino(config, mesh, rules)
     dino_shardings = jax.tree.map(lambda x: x.sharding, dino_params) if dino_params is not None else None
     train_step, eval_step = make_steps(config, setup, dino_graphdef, mesh, dino_shardings)
@@ -276,75 +293,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(saved_config, f, indent=2, default=str)
-    logging.info("SemVAE %.2fM params | mesh %s | batch %d | data %s", setup.num_params / 1e6, dict(mesh.shape),
-                 int(t.batch_size), data_info)
+    log.info("SemVAE %.2fM params | mesh %s | batch %d | data %s", setup.num_params / 1e6, dict(mesh.shape),
+             t.batch_size, data_info)
 
-    ckpt = Checkpoints(workdir, keep_last=int(t.keep_last), keep_every=int(t.keep_every),
-                       async_save=bool(t.async_checkpoint))
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is None:
-        state, _ = setup.init()
-        step = 0
-    else:
-        step, state = restored[0], restored[1]
-        logging.info("resumed from %s at step %d", ckpt.directory, step)
-    start_step = step
-    writer = MetricsWriter(workdir, resume_step=step)
-    eval_data = eval_batches(eval_items, config, int(config.eval.batch_size) // pc)
+    local_batch = t.batch_size // jax.process_count()
 
-    def evaluate(at: int) -> dict:
-        totals, count = None, 0.0
-        for i in range(len(eval_data)):
-            batch = parallel.host_to_global({"x": eval_data[i]}, mesh)["x"]
-            sums, n = eval_step(state.ema_params, dino_params, batch, i)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            count += float(n)
-        values = {f"eval/{k}": float(v) / count for k, v in parallel.global_to_host(totals).items()}
-        writer.write(at, values)
-        logging.info("step %d eval (%d tokens): %s", at, int(count),
-                     ", ".join(f"{k[5:]} {v:.5g}" for k, v in values.items()))
-        return values
+    def step(state, batch):
+        return train_step(state, dino_params, parallel.host_to_global({"x": batch}, mesh)["x"])
 
-    num_steps, local_batch = int(t.num_steps), int(t.batch_size) // pc
-    eval_every = int(config.eval.every)
-    first_eval = evaluate(step) if step == 0 and eval_every else {}
-    last_eval, last_train = first_eval, {}
-    batches = train_batches(train_items, config, local_batch, step)
-    window, t0, t0_step = [], time.perf_counter(), step
-    try:
-        while step < num_steps:
-            batch = parallel.host_to_global({"x": next(batches)}, mesh)["x"]
-            state, metrics = train_step(state, dino_params, batch)
-            step += 1
-            window.append(metrics)
-            if step % int(t.log_every) == 0 or step == num_steps:
-                fetched = parallel.global_to_host(window)
-                window = []
-                bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if not bool(m["finite"])]
-                if bad:
-                    raise FloatingPointError(f"non-finite SemVAE loss or gradient at step {bad[0]}; lower optim.lr "
-                                             "or set optim.grad_clip")
-                dt = max(time.perf_counter() - t0, 1e-9)
-                rate = (step - t0_step) / dt
-                last_train = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
-                last_train.update(lr=float(schedule(step - 1)), steps_per_s=rate,
-                                  img_per_s=rate * int(t.batch_size))
-                writer.write(step, last_train)
-                logging.info("step %d/%d | loss %.5g mse %.5g cos %.5g kl %.4g | lr %.3g | %.2f steps/s | ETA %s",
-                             step, num_steps, last_train["total"], last_train["mse"], last_train["cos"],
-                             last_train["kl"], last_train["lr"], rate, format_duration((num_steps - step) / rate))
-                t0, t0_step = time.perf_counter(), step
-            if step % int(t.ckpt_every) == 0 or step == num_steps:
-                ckpt.save(step, state, {"next_batch": step}, saved_config)
-            if eval_every and (step % eval_every == 0 or step == num_steps):
-                last_eval = evaluate(step)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-        writer.close()
-    export = export_weights(setup, state, os.path.join(workdir, EXPORT_DIR), mesh, meta={"step": step})
-    return {"step": step, "start_step": start_step, "train": last_train, "eval": last_eval,
-            "first_eval": first_eval, "export": export, "state": state}
+    def make_data(start_step: int, data_state: dict | None):
+        del data_state  # the order depends on (seed, step) only
+        return skeleton.StepIndexed(train_batches(train_items, config, local_batch, start_step), start_step)
+
+    task = skeleton.Task(name="SemVAE", setup=setup, step=step, make_data=make_data, saved_config=saved_config,
+                         global_batch=t.batch_size, lr=schedule, line=_line,
+                         evaluate=make_evaluate(config, mesh, eval_step, eval_items, dino_params),
+                         eval_at_start=True, device_count=mesh.size)
+    result = skeleton.run(task, config, workdir)
+    export = None
+    if not result.preempted:
+        export = export_weights(setup, result.state, os.path.join(workdir, EXPORT_DIR), mesh,
+                                meta={"step": result.step})
+    return {"step": result.step, "start_step": result.start_step, "train": result.last_metrics,
+            "eval": result.last_eval or result.first_eval, "first_eval": result.first_eval, "export": export,
+            "state": result.state, "preempted": result.preempted}
 
 
 def export_weights(setup: TrainSetup, state: TrainState, directory: str, mesh, meta: dict) -> str:
@@ -353,5 +325,5 @@ def export_weights(setup: TrainSetup, state: TrainState, directory: str, mesh, m
     gathered = jax.jit(lambda p: p, out_shardings=parallel.replicated(mesh))(state.ema_params)
     if jax.process_index() == 0:
         save_semvae(directory, setup.merge(parallel.global_to_host(gathered), {}), meta=meta)
-        logging.info("SemVAE weights written to %s (load with sfd_jax.convert.official.load_semvae)", directory)
+        log.info("SemVAE weights written to %s (load with sfd_jax.convert.semvae.load_semvae)", directory)
     return directory

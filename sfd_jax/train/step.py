@@ -6,10 +6,11 @@
 The step's randomness is `fold_in(state.rng, state.step)`, split into the label-dropout key and the loss key (the
 loss draws τ and the noise from it), so a run resumed at step s draws exactly what an uninterrupted run draws.
 
-Non-finite guard: when the loss or the gradient norm is NaN/Inf the update is dropped on the device (params, EMA
-and optimizer state keep their old values through `jnp.where`, the step counter still advances) and the step
-reports `finite = False`. Nothing waits on the device for this; the loop reads the flag with the other metrics at
-its next log or checkpoint step and then either stops with the step number or logs the skip.
+Non-finite guard: when the loss, the gradient norm or any leaf of the updated state is NaN/Inf the update is
+dropped on the device (params, EMA and optimizer state keep their old values through `jnp.where`, the step counter
+still advances) and the step reports `finite = False`. Nothing waits on the device for this; the loop
+(`sfd_jax.train.skeleton`) reads each step's flag one step later and then either stops with the step number or
+logs the skip.
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
 def guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, loss: jax.Array,
                    ema_decay: float) -> tuple[TrainState, dict]:
-    """optimizer step + EMA, kept only when `loss` and the gradient norm are finite (the step counter advances
-    either way). Shared by every trainer (DiT, SemVAE, texture VAE) so they skip bad steps the same way.
+    """optimizer step + EMA, kept only when `loss`, the gradient norm and every leaf of the new state are finite
+    (the step counter advances either way). Shared by every trainer (DiT, SemVAE, texture VAE) so they skip bad
+    steps the same way.
 
     Returns (new_state, {'loss', 'grad_norm', 'finite'}).
     """
@@ -74,11 +76,18 @@ def guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, l
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state.ema_params, params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new state is checked too: a finite loss and gradient can still give non-finite weights (an infinite
+    # learning rate, an overflowing second moment), and such a state must never be kept, checkpointed or exported.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, ema, opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = TrainState(params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
                            opt_state=keep(opt_state, state.opt_state), step=state.step + 1, rng=state.rng)
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
 
 
 def jit_train_step(train_step, setup, mesh: jax.sharding.Mesh):

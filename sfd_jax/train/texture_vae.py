@@ -16,9 +16,9 @@ L1/MSE/PSNR in metrics.jsonl. The final weights go to
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import time
 from typing import Any
 
 import jax
@@ -33,7 +33,8 @@ from sfd_jax import parallel
 from sfd_jax.checkpoint import Checkpoints, read_config_json
 from sfd_jax.convert.texture_vae import save_texture_vae
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
-from sfd_jax.train.metrics import MetricsWriter, format_duration
+from sfd_jax.train import skeleton
+from sfd_jax.train.config import ConfigError, require, require_finite_optim
 from sfd_jax.train.state import TrainSetup, TrainState, make_optimizer
 from sfd_jax.train.step import guarded_update, jit_train_step
 
@@ -189,9 +190,13 @@ def _model_config(config) -> TextureVAEConfig:
     return TextureVAEConfig.from_dict(config.model.to_dict())
 
 
+def _setup_schedule(config):
+    return make_optimizer(config.optim, config.train.num_steps)[1]
+
+
 def _setup(config, mesh) -> TrainSetup:
     cfg = _model_config(config)
-    tx, _ = make_optimizer(config.optim, int(config.train.num_steps))
+    tx, _ = make_optimizer(config.optim, config.train.num_steps)
     rules = parallel.parse_rules(config.mesh.rules)
     return TrainSetup(lambda rngs: TextureVAE(cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
 
@@ -234,15 +239,39 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
 def _validate(config, mesh) -> None:
     t = config.train
     dp = parallel.data_parallel_size(mesh)
-    if t.batch_size % dp or t.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {dp} "
-                         f"(mesh {dict(mesh.shape)}) and the process count {jax.process_count()}")
-    if config.loss.recon not in RECON_LOSSES:
-        raise ValueError(f"loss.recon={config.loss.recon!r}; choose one of {RECON_LOSSES}")
+    require(t.batch_size > 0 and t.batch_size % dp == 0 and t.batch_size % jax.process_count() == 0,
+            "train.batch_size", f"batch_size={t.batch_size} must be divisible by the data-parallel size {dp} "
+            f"(mesh {dict(mesh.shape)}) and the process count {jax.process_count()}")
+    require(config.loss.recon in RECON_LOSSES, "loss.recon", f"{config.loss.recon!r}; choose one of {RECON_LOSSES}")
+    skeleton.validate_loop(config, ConfigError)
+    require_finite_optim(config.optim)
     cfg = _model_config(config)
-    if config.data.image_size % cfg.downsample_factor:
-        raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the model's downsample "
-                         f"factor {cfg.downsample_factor} (ch_mult={cfg.ch_mult})")
+    require(config.data.image_size % cfg.downsample_factor == 0, "data.image_size",
+            f"{config.data.image_size} is not divisible by the model's downsample factor {cfg.downsample_factor} "
+            f"(ch_mult={cfg.ch_mult})")
+
+
+def _line(values: dict) -> str:
+    return f"loss {values['loss']:.4g} l1 {values['l1']:.4g} mse {values['mse']:.4g} kl {values['kl']:.4g}"
+
+
+def make_evaluate(config, workdir: str, setup: TrainSetup, mesh, aux, eval_source):
+    """evaluate(step, state, write=True) -> {'eval/l1', 'eval/mse', 'eval/psnr'}; with `write`, also the grid
+    `recon_<step>.png` of originals above their reconstructions from the posterior mean."""
+    reconstruct = make_reconstruct(setup.graphdef, setup, mesh)
+    size = config.data.image_size
+    eval_images = load_images(eval_source, range(min(config.eval.num_images, len(eval_source))), size)
+    eval_global = jax.make_array_from_process_local_data(parallel.replicated(mesh), eval_images)
+
+    def evaluate(at: int, state, write: bool = True) -> dict:
+        recon, values = reconstruct(state.ema_params, aux, eval_global)
+        values = {f"eval/{k}": float(v) for k, v in parallel.global_to_host(values).items()}
+        if write and jax.process_index() == 0:
+            grid = image_grid(eval_images, np.asarray(recon), config.eval.grid_columns)
+            Image.fromarray(grid).save(os.path.join(workdir, f"recon_{at:06d}.png"))
+        return values
+
+    return evaluate
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
@@ -250,25 +279,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
 
     `source` overrides `config.data.source` (any object with len() and [i] -> (uint8 image, label)).
     """
-    parallel.maybe_initialize_distributed(config.get("distributed", "auto"))
+    parallel.maybe_initialize_distributed(config.distributed)
+    workdir = os.path.abspath(workdir)
     mesh = _mesh(config)
     _validate(config, mesh)
     source = make_image_source(config.data.source) if source is None else source
     if len(source) < 1:
         raise ValueError("the image source is empty")
-    t, size = config.train, int(config.data.image_size)
+    t, size = config.train, config.data.image_size
     model_cfg = _model_config(config)
-
-    # ---- model, optimizer, state (fresh or resumed) --------------------------------------------------------------
     setup = _setup(config, mesh)
-    ckpt = Checkpoints(workdir, keep_last=int(t.keep_checkpoints))
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is not None:
-        step, state = restored[:2]
-        aux = _aux(setup)
-        log.info("resumed %s at step %d", workdir, step)
-    else:
-        step, (state, aux) = 0, setup.init()
+    aux = _aux(setup)
     saved_config = {"config": config.to_dict(), "model": model_cfg.to_dict(), "mesh": dict(mesh.shape),
                     "num_params": int(setup.num_params)}
     describe = getattr(source, "describe", None)
@@ -277,56 +298,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
 
     train_step = jit_train_step(
         make_vae_train_step(setup.graphdef, setup.tx, recon_loss=config.loss.recon,
-                            kl_weight=float(config.loss.kl_weight), ema_decay=float(t.ema_decay)), setup, mesh)
-    reconstruct = make_reconstruct(setup.graphdef, setup, mesh)
+                            kl_weight=config.loss.kl_weight, ema_decay=config.optim.ema_decay), setup, mesh)
     eval_cfg = config.eval.get("source")
     eval_source = make_image_source(eval_cfg) if eval_cfg is not None and eval_cfg.get("kind") else source
-    eval_images = load_images(eval_source, range(min(int(config.eval.num_images), len(eval_source))), size)
-    eval_global = jax.make_array_from_process_local_data(parallel.replicated(mesh), eval_images)
-    writer = MetricsWriter(workdir, resume_step=step)
-
-    def evaluate(at: int, write: bool = True) -> dict:
-        recon, values = reconstruct(state.ema_params, aux, eval_global)
-        values = {f"eval/{k}": float(v) for k, v in parallel.global_to_host(values).items()}
-        if write:
-            if jax.process_index() == 0:
-                grid = image_grid(eval_images, np.asarray(recon), int(config.eval.grid_columns))
-                Image.fromarray(grid).save(os.path.join(workdir, f"recon_{at:06d}.png"))
-            writer.write(at, values)
-        log.info("step %d eval: %s", at, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-        return values
-
-    # ---- loop ----------------------------------------------------------------------------------------------------
+    evaluate = make_evaluate(config, workdir, setup, mesh, aux, eval_source)
     local = t.batch_size // jax.process_count()
     lo = jax.process_index() * local
-    # A finished workdir is only re-evaluated (its metrics and grid already hold this step).
-    last_eval = evaluate(step, write=step == 0) if step == 0 or step >= t.num_steps else {}
-    t0, t0_step = time.time(), step
-    while step < t.num_steps:
-        idx = batch_indices(step, t.batch_size, len(source), int(config.seed))[lo:lo + local]
-        batch = parallel.host_to_global({"images": load_images(source, idx, size)}, mesh)
-        state, metrics = train_step(state, aux, batch)
-        step += 1
-        if step % t.log_every == 0 or step == t.num_steps:
-            values = parallel.global_to_host(metrics)
-            if not bool(values.pop("finite")):
-                raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss {values['loss']}, "
-                                         f"grad_norm {values['grad_norm']}); lower optim.lr or set optim.grad_clip")
-            rate = (step - t0_step) / max(time.time() - t0, 1e-9)
-            values = {k: float(v) for k, v in values.items()}
-            writer.write(step, {**values, "steps_per_s": rate, "img_per_s": rate * t.batch_size})
-            log.info("step %d/%d loss %.4g l1 %.4g mse %.4g kl %.4g | %.2f steps/s, ETA %s", step, t.num_steps,
-                     values["loss"], values["l1"], values["mse"], values["kl"], rate,
-                     format_duration((t.num_steps - step) / max(rate, 1e-9)))
-        if step % t.ckpt_every == 0 or step == t.num_steps:
-            ckpt.save(step, state, {"step": step}, saved_config)
-        if step % config.eval.every == 0 or step == t.num_steps:
-            last_eval = evaluate(step)
-    ckpt.close()
-    writer.close()
-    model = setup.merge(state.ema_params, aux)
-    if jax.process_index() == 0:
-        out = save_texture_vae(os.path.join(workdir, "texture_vae"), model,
-                               meta={"workdir": os.path.abspath(workdir), "step": step, "weights": "ema"})
+
+    def batches(start_step: int):
+        for step in itertools.count(start_step):
+            idx = batch_indices(step, t.batch_size, len(source), config.seed)[lo:lo + local]
+            yield load_images(source, idx, size)
+
+    def step(state, images):
+        return train_step(state, aux, parallel.host_to_global({"images": images}, mesh))
+
+    task = skeleton.Task(
+        name="texture VAE", setup=setup, step=step,
+        make_data=lambda start, _: skeleton.StepIndexed(batches(start), start), saved_config=saved_config,
+        global_batch=t.batch_size, lr=_setup_schedule(config), line=_line, evaluate=evaluate, eval_at_start=True,
+        device_count=mesh.size)
+    result = skeleton.run(task, config, workdir)
+    last_eval = result.last_eval
+    if result.start_step >= t.num_steps:  # a finished workdir: re-evaluated only (its metrics and grid hold it)
+        last_eval = evaluate(result.step, result.state, write=False)
+    if not result.preempted and jax.process_index() == 0:
+        out = save_texture_vae(os.path.join(workdir, "texture_vae"), setup.merge(result.state.ema_params, aux),
+                               meta={"workdir": workdir, "step": result.step, "weights": "ema"})
         log.info("wrote the trained texture VAE to %s", out)
     return last_eval
