@@ -21,6 +21,7 @@ CONVERTERS = {
     "semvae": "sfd_jax.convert.semvae",
     "texture_vae": "sfd_jax.convert.texture_vae",
     "dinov2": "sfd_jax.convert.dinov2",
+    "stats": "sfd_jax.convert.stats",
 }
 
 

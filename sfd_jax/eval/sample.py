@@ -116,6 +116,11 @@ def guidance_from_config(block, *, dtype: str | None = None, guide=None):
     if guide is None:
         guide, desc["guide"] = load_model(str(config_get(block, "guide", "")), dtype=dtype, what="guide",
                                           use_ema=bool(config_get(block, "guide_use_ema", True)))
+        # A guide of the wrong step still samples, just with another FID than the recipe's: refuse when we can tell.
+        want, got = int(config_get(block, "guide_step", 0) or 0), desc["guide"].get("meta", {}).get("step")
+        if want and got is not None and int(got) != want:
+            raise ValueError(f"config guide_step={want}, but the guide weights {desc['guide']['path']} are of step "
+                             f"{got}; pass the guide checkpoint of step {want} or set guide_step=0")
     return AutoGuidance(guide_model=guide, scale=scale, scale_sem=None if scale_sem is None else float(scale_sem),
                         scale_tex=None if scale_tex is None else float(scale_tex), interval_start=start), desc
 

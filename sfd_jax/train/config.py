@@ -17,6 +17,7 @@ TIME_DISTS = ("lognorm", "uniform")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE = ("stop", "skip")
 TEXTURE_CHANS = 32
+MAX_SEMANTIC_CHANS = 16
 
 
 class ConfigError(ValueError):
@@ -47,8 +48,9 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     _require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
     _require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
-    _require(int(d.semantic_chans) in (0, 16), "diffusion.semantic_chans",
-             f"{d.semantic_chans}; valid: 16 (SemVAE latent) or 0 (texture-only ablation)")
+    _require(0 <= int(d.semantic_chans) <= MAX_SEMANTIC_CHANS, "diffusion.semantic_chans",
+             f"{d.semantic_chans}; valid: 16 (SemVAE latent), 1..{MAX_SEMANTIC_CHANS} (PCA-k of the DINOv2 tokens) "
+             "or 0 (texture-only ablation)")
     if int(d.semantic_chans) == 0:
         _require(float(d.delta_t) == 0.0, "diffusion.delta_t",
                  f"{d.delta_t}: without a semantic latent there is nothing to lead; use 0")
@@ -70,6 +72,9 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     for name in ("batch_size", "num_steps", "log_every", "ckpt_every", "keep_last"):
         _require(int(t[name]) > 0, f"train.{name}", f"{t[name]} must be a positive integer")
     _require(int(t.keep_every) >= 0, "train.keep_every", f"{t.keep_every} must be >= 0 (0 = off)")
+    keep_steps = tuple(t.get("keep_steps", ()) or ())
+    _require(all(isinstance(s, int) and 0 < s <= int(t.num_steps) for s in keep_steps), "train.keep_steps",
+             f"{keep_steps}: each must be an integer step in [1, train.num_steps={t.num_steps}]")
     _require(t.nonfinite in NONFINITE, "train.nonfinite", f"{t.nonfinite!r}; valid: {NONFINITE}")
     peak = t.get("peak_flops_per_device")
     _require(peak is None or float(peak) > 0, "train.peak_flops_per_device", f"{peak} must be > 0 or None (auto)")

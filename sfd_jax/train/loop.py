@@ -75,14 +75,17 @@ def make_data_iterator(config, *, batch_size: int, process_index: int, process_c
 _BATCH_KEYS = ("x1", "y", "dino")
 
 
-def _check_batch(batch: dict, local_batch: int, channels: int = 48) -> dict:
+def _check_batch(batch: dict, local_batch: int, channels: int = 48, exact: bool = False) -> dict:
+    """exact: the data must hold exactly `channels` channels (a semantic latent of another width than the model's
+    would otherwise be cut silently); without a semantic latent the model reads the texture part of any data."""
     missing = [k for k in _BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"data iterator returned keys {sorted(batch)}; missing {missing} (expected {_BATCH_KEYS})")
     x1, y, dino = batch["x1"], batch["y"], batch["dino"]
-    if x1.ndim != 4 or x1.shape[0] != local_batch or x1.shape[-1] < channels:
-        raise ValueError(f"batch['x1'] has shape {x1.shape}; expected ({local_batch}, H, W, >= {channels}) "
-                         "(the per-process batch, channels-last)")
+    if x1.ndim != 4 or x1.shape[0] != local_batch or x1.shape[-1] < channels or (exact and x1.shape[-1] != channels):
+        raise ValueError(f"batch['x1'] has shape {x1.shape}; expected ({local_batch}, H, W, {'' if exact else '>= '}"
+                         f"{channels}) (the per-process batch, channels-last; 32 texture + "
+                         "config.diffusion.semantic_chans semantic channels)")
     if y.shape != (local_batch,):
         raise ValueError(f"batch['y'] has shape {y.shape}; expected ({local_batch},)")
     if dino.ndim != 3 or dino.shape[0] != local_batch:
@@ -254,7 +257,8 @@ def _train(config, workdir: str, eval_fn: Callable | None, preemption: _Preempti
              config.model.size, run_.setup.num_params / 1e6, dict(run_.mesh.shape), derived["global_batch"],
              derived["per_process_batch"], derived["device_count"])
 
-    ckpt = Checkpoints(workdir, keep_last=int(t.keep_last), keep_every=int(t.keep_every),
+    keep_steps = frozenset(int(s) for s in t.get("keep_steps", ()) or ())
+    ckpt = Checkpoints(workdir, keep_last=int(t.keep_last), keep_every=int(t.keep_every), keep_steps=keep_steps,
                        async_save=bool(t.async_checkpoint))
     data = make_data_iterator(config, batch_size=derived["per_process_batch"],
                               process_index=jax.process_index(), process_count=jax.process_count())
@@ -314,7 +318,8 @@ def _train(config, workdir: str, eval_fn: Callable | None, preemption: _Preempti
 
     try:
         while step < num_steps:
-            batch = _check_batch(next(data), derived["per_process_batch"], derived["model_channels"])
+            batch = _check_batch(next(data), derived["per_process_batch"], derived["model_channels"],
+                                 exact=int(config.diffusion.semantic_chans) > 0 and config.data.source != "synthetic")
             batch = parallel.host_to_global(batch, run_.mesh)
             if compiled is None:
                 compiled = run_.compile(state, aux, batch)
@@ -324,7 +329,7 @@ def _train(config, workdir: str, eval_fn: Callable | None, preemption: _Preempti
             window.add(step, metrics)
             if step % log_every == 0 or step == num_steps:
                 log_window(step)
-            if step % ckpt_every == 0 or step == num_steps:
+            if step % ckpt_every == 0 or step == num_steps or step in keep_steps:
                 save(step)
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
                 evaluate(step)
