@@ -65,7 +65,7 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         rtol=1e-3, atol=1e-6,
         delta_t=0.3,              # the Δt the model was trained with
         step_control="per_sample",  # per_sample: each image its own adaptive steps (device-count independent)
-        phase_mode="jump",        # jump | split | none (see sfd_jax.diffusion.sampler)
+        phase_mode="split",       # split | jump | none (see sfd_jax.diffusion.sampler)
         max_steps=4096,
         # guidance
         guidance="autoguidance",  # none | cfg | autoguidance

@@ -153,8 +153,9 @@ def test_semvae_sized_data_is_refused_by_a_pca_model(pca_dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_paper_row_pairs_a_training_and_a_sampling_variant():
     doc = (REPO / "docs" / "training.md").read_text()
-    rows = [line for line in doc.splitlines() if line.startswith("| ") and "configs/sfd.py:" in line]
-    assert len(rows) >= 11
+    rows = [line for line in doc.splitlines()
+            if line.startswith("| ") and "configs/sfd.py:" in line and "configs/sample.py:" in line]
+    assert len(rows) == 14
     for line in rows:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         train_variant = cells[1].split("configs/sfd.py:")[1].split("`")[0].split(" ")[0]
@@ -165,3 +166,9 @@ def test_every_paper_row_pairs_a_training_and_a_sampling_variant():
         assert s.delta_t == train.diffusion.delta_t, line
         if s.guidance == "autoguidance":
             assert s.guide_step in sfd_configs.get_config("guide_b").train.keep_steps, line
+            assert f"{s.guide_step // 1000}K" in cells[4], line
+            assert f"w {s.scale:g}" in cells[4], line
+        steps = cells[1].split("(")[1].split(")")[0]
+        assert train.train.num_steps >= {"4M": 4_000_000, "400K": 400_000}[steps], line
+        # the 400K checkpoint of a 4M run must be kept (keep_every), the last step always is
+        assert 400_000 % train.train.keep_every == 0, line

@@ -67,7 +67,7 @@ def settings_from_config(block, *, delta_t: float | None = None) -> SamplerSetti
         solver=str(get("solver", "dopri5")), num_steps=int(get("num_steps", 0)) or None,
         rtol=float(get("rtol", 1e-3)), atol=float(get("atol", 1e-6)),
         delta_t=float(get("delta_t", 0.3) if delta_t is None else delta_t),
-        step_control=str(get("step_control", "per_sample")), phase_mode=str(get("phase_mode", "jump")),
+        step_control=str(get("step_control", "per_sample")), phase_mode=str(get("phase_mode", "split")),
         max_steps=int(get("max_steps", 4096)))
 
 
