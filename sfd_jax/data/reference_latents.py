@@ -149,8 +149,8 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
                                   semantic_channels=layout.semantic_shape[-1],
                                   texture_channels=layout.texture_shape[-1])
     if doc["semantic"]["channels"] != layout.semantic_shape[-1]:
-        raise ValueError(f"{ref_stats[1]}: {doc['semantic']['channels']} channels, the {semantic_key} latents have "
-                         f"{layout.semantic_shape[-1]}")
+        raise ValueError(f"{ref_stats[1]}: mean has {doc['semantic']['channels']} entries, the {semantic_key} "
+                         f"latents have {layout.semantic_shape[-1]} channels")
     doc["made_by"] = made_by
     records.write_json_atomic(os.path.join(dst, "stats.json"), doc)
     return doc
