@@ -14,23 +14,29 @@ trainer's `<workdir>/ema` export) or reference `.pt` checkpoints (their EMA weig
 `texture_vae` is a directory from `python -m sfd_jax.convert texture_vae ldm-imagenet256-f16d32-50ep.ckpt OUT`
 (or the .ckpt itself); `latent_stats` is the stats.json written by `--mode=extract` (texture mean/std).
 
-Variants (guides, scales and FIDs from the paper, docs/sampling.md#paper-results):
-- `xl_autoguidance`   SFD-XL 800 ep + AutoGuidance (guide B/1 70K, w = 1.5) — FID 1.06 (default)
-- `xl_80ep_autoguidance`  SFD-XL 80 ep, guide B/1 70K, w = 1.6 — FID 1.30
-- `xxl_autoguidance`  SFD-XXL 800 ep, guide B/1 120K, w = 1.5 — FID 1.04
-- `xxl_80ep_autoguidance` SFD-XXL 80 ep, guide B/1 60K, w = 1.5
-- `unguided`          no guidance — FID 2.54 (XL 800 ep), 3.43 (XL 80 ep)
-- `cfg`               classifier-free guidance with the null label (set scale / interval_start)
-- `euler`             unguided, Euler with the reference's 100 grid points (99 steps)
-- `tiny`              CPU smoke run: 64 images, Euler 8 steps, small batches
+Variants: each paper row's sampling setting, to use with the weights of the training variant named (configs/sfd.py;
+the table with the expected FIDs is in docs/training.md). AutoGuidance uses the B/1 guide (`sfd.py:guide_b`) at the
+step `guide_step` names; a guide weights directory recording another step is refused.
+- `xl_autoguidance`       `sfd.py:xl` at 4M (800 ep), guide 70K, w = 1.5 -- FID 1.06 (default)
+- `xl_400k_autoguidance`  `sfd.py:xl` at 400K (80 ep), guide 70K, w = 1.6 -- FID 1.30
+- `xl_80ep_autoguidance`  `sfd.py:xl_80ep` (lr 2e-4) at 400K, the retrained guide at 60K, w = 1.5 -- FID 1.38
+- `xxl_autoguidance`      `sfd.py:xxl` at 4M, guide 120K, w = 1.5 -- FID 1.04
+- `xxl_400k_autoguidance` `sfd.py:xxl` at 400K, guide 60K, w = 1.5 -- FID 1.19
+- `unguided`              no guidance, Δt = 0.3 -- FID 2.54 / 3.43 (xl 4M / 400K), 3.23 (xl_80ep), 2.38 / 2.84 (xxl),
+                          and the Δt = 0.3 ablations at 400K (ablate_pca 4.06)
+- `unguided_sync`         no guidance, Δt = 0: the synchronous ablations (ablate_baseline, ablate_no_semantic,
+                          ablate_sync)
+- `cfg`                   classifier-free guidance with the null label (set scale / interval_start)
+- `euler`                 unguided, Euler with the reference's 100 grid points (99 steps)
+- `tiny`                  CPU smoke run: 64 images, Euler 8 steps, small batches
 Resume: rerun the same command; finished chunks are kept. Override anything, e.g. `--config.sample.num_images=10000
 --config.sample.save_png=True --config.sample.solver=euler --config.sample.num_steps=99`.
 """
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ("xl_autoguidance", "xl_80ep_autoguidance", "xxl_autoguidance", "xxl_80ep_autoguidance", "unguided",
-            "cfg", "euler", "tiny")
+VARIANTS = ("xl_autoguidance", "xl_400k_autoguidance", "xl_80ep_autoguidance", "xxl_autoguidance",
+            "xxl_400k_autoguidance", "unguided", "unguided_sync", "cfg", "euler", "tiny")
 
 
 def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
@@ -59,7 +65,7 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         rtol=1e-3, atol=1e-6,
         delta_t=0.3,              # the Δt the model was trained with
         step_control="per_sample",  # per_sample: each image its own adaptive steps (device-count independent)
-        phase_mode="jump",        # jump | split | none (see sfd_jax.diffusion.sampler)
+        phase_mode="split",       # split | jump | none (see sfd_jax.diffusion.sampler)
         max_steps=4096,
         # guidance
         guidance="autoguidance",  # none | cfg | autoguidance
@@ -68,6 +74,7 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         scale_tex=config_dict.placeholder(float),
         interval_start=config_dict.placeholder(float),  # a part stays unguided while its own time is below this
         guide="",                 # AutoGuidance: the weaker model (B/1), weights directory or .pt
+        guide_step=70_000,        # the guide training step the recipe uses (0 = unchecked)
         guide_use_ema=True,
         # execution (does not change the images for a fixed per_device_batch / decode_batch)
         per_device_batch=32,      # global batch = per_device_batch × ('data' × 'fsdp') devices
@@ -89,12 +96,16 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
     ))
     s = c.sample
-    if arg == "xl_80ep_autoguidance":
+    if arg == "xl_400k_autoguidance":
         s.scale = 1.6
-    elif arg == "xxl_autoguidance" or arg == "xxl_80ep_autoguidance":
-        s.per_device_batch = 16
-    elif arg == "unguided":
+    elif arg == "xl_80ep_autoguidance":
+        s.guide_step = 60_000
+    elif arg in ("xxl_autoguidance", "xxl_400k_autoguidance"):
+        s.update(per_device_batch=16, guide_step=120_000 if arg == "xxl_autoguidance" else 60_000)
+    elif arg in ("unguided", "unguided_sync"):
         s.guidance = "none"
+        if arg == "unguided_sync":
+            s.delta_t = 0.0
     elif arg == "cfg":
         s.guidance = "cfg"
     elif arg == "euler":

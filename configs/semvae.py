@@ -15,7 +15,9 @@ Variants:
              trains: held-out MSE falls and cosine similarity rises (docs/semantic.md).
 - `tiny`     synthetic images, a 1-layer width-32 DINOv2 and a width-32 SemVAE, for tests.
 
-Override anything, e.g. `--config.loss.cos_axis=token` (the reference training code's token-axis cosine),
+The cosine term is taken over the token axis, as the reference training code that made the released SemVAE does
+(`loss.cos_axis='token'`; 'feature' is the paper's per-token cosine). Override anything, e.g.
+`--config.loss.cos_axis=feature`,
 `--config.model.dtype=float32`, `--config.train.batch_size=256`.
 """
 import ml_collections
@@ -53,7 +55,7 @@ def get_config(arg: str = "imagenet") -> ml_collections.ConfigDict:
         dtype="bfloat16",
         config=_dino(Dinov2Config()),  # architecture used when no checkpoint is given (ViT-B/14-reg)
     ))
-    c.loss = ml_collections.ConfigDict(dict(mse=1.0, l1=0.0, cos=1.0, kl=1e-7, cos_axis="feature"))
+    c.loss = ml_collections.ConfigDict(dict(mse=1.0, l1=0.0, cos=1.0, kl=1e-7, cos_axis="token"))
     c.optim = ml_collections.ConfigDict(dict(lr=5e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                                              warmup_steps=500, warmup_init=0.01, decay_start=800_000,
                                              decay_end=1_000_000, final_scale=0.1, grad_clip=0.0, ema_decay=0.0))
@@ -74,6 +76,7 @@ def get_config(arg: str = "imagenet") -> ml_collections.ConfigDict:
         c.model = ml_collections.ConfigDict(SemVAEConfig(input_dim=96, hidden_dim=128, bottleneck_dim=16, num_heads=4,
                                                          num_blocks=2).to_dict())
         c.optim.update(lr=1e-3, warmup_steps=50, decay_start=400, decay_end=600, grad_clip=1.0)
+        c.loss.cos_axis = "feature"  # the demo's documented results (docs/demo.md) were measured with it
         c.train.update(batch_size=32, num_steps=600, log_every=50, ckpt_every=300)
         c.eval.update(every=200, num_images=256, batch_size=128)
         c.data.update(resize=64, crop=56, workers=2,

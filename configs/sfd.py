@@ -2,17 +2,26 @@
 
     python -m sfd_jax.main --config=configs/sfd.py:tiny --workdir=/tmp/sfd_tiny --config.train.num_steps=20
 
-Variants (objective: docs/diffusion.md#the-objective; paper FIDs: docs/sampling.md#paper-results):
-- `xl`        SFD-XL/1, 800-epoch recipe: lr 1e-4, betas (0.9, 0.999), REPA 'cos' λ=1, batch 256, 4M steps.
-- `xl_80ep`   the later official recipe: lr 2e-4, beta2 0.95, REPA 'cos_mse' λ=0.5, 400K steps (FID 3.43 unguided).
-- `xxl`       SFD-XXL/1 ("1p0B"), 800-epoch recipe.
-- `guide_b`   B/1 AutoGuidance guide: same objective, used at 60K-120K steps (every 20K kept).
-- `ablate_sync`        Δt = 0: synchronous joint denoising (ReDi/REG-style baseline), XL, 400K steps.
-- `ablate_no_repa`     REPA off (λ = 0; the projector is not built), XL, 400K steps.
-- `ablate_no_semantic` no semantic latent: texture channels [0:32] only (diffusion.semantic_chans=0, so the
-                       model has 32 in/out channels), Δt = 0, REPA on -- the paper's LightningDiT+REPA row. The data
-                       keep the 48-channel format; the train step feeds the model x1[..., :32].
+Each paper row is a training variant here plus a sampling variant of configs/sample.py; docs/training.md has the
+table (row -> training variant -> sampling variant -> expected FID -> reference config).
+- `xl`        SFD-XL/1: lr 1e-4, betas (0.9, 0.999), REPA 'cos' λ=1, batch 256, 4M steps. Its 4M checkpoint is the
+              800-epoch row (FID 2.54 unguided, 1.06 with sample.py:xl_autoguidance); its 400K checkpoint (kept) is
+              the 80-epoch row (3.43 unguided, 1.30 with sample.py:xl_400k_autoguidance).
+- `xl_80ep`   the later lr 2e-4 recipe: beta2 0.95, REPA 'cos_mse' λ=0.5, 400K steps (3.23 unguided, 1.38 with
+              sample.py:xl_80ep_autoguidance: w = 1.5 and the retrained B/1 guide at 60K).
+- `xxl`       SFD-XXL/1 ("1p0B"), the `xl` recipe: 4M = 800 epochs (2.38 / 1.04), 400K = 80 epochs (2.84 / 1.19).
+- `guide_b`   B/1 AutoGuidance guide, same objective; keeps every guide step a sampling row uses (60K, 70K, 120K)
+              besides every 20K.
+- `ablate_baseline`    LightningDiT-XL alone: no semantic latent, no REPA (FID 8.17 at 400K).
+- `ablate_no_semantic` + REPA, still no semantic latent (7.08): texture channels [0:32] only
+                       (diffusion.semantic_chans=0, so the model has 32 in/out channels), Δt = 0. The data keep
+                       their format; the train step feeds the model x1[..., :32].
+- `ablate_sync`        + SemVAE latent, Δt = 0: synchronous joint denoising (5.24).
+- `ablate_pca`         semantic-first with 8 PCA channels of the DINOv2 tokens instead of the SemVAE latent (4.06);
+                       needs latents extracted with `--config.extract.semantic=pca` (40 channels).
+- `ablate_no_repa`     SFD without REPA (λ = 0; the projector is not built).
 - `tiny`      CPU smoke test: the 2-block width-64 DiT on learnable synthetic latents, fp32.
+Ablations run 400K steps (the full semantic-first row is the `xl` run's 400K checkpoint).
 
 Override any field: `--config.optim.lr=2e-4 --config.mesh.ici="(1,-1,1)" --config.data.source=arrayrecord
 --config.data.path=/data/imagenet_latents`. Real training needs `data.source=arrayrecord` (latents extracted
@@ -21,7 +30,10 @@ with `--mode=extract`); 'synthetic' is for smoke tests and throughput measuremen
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ("xl", "xl_80ep", "xxl", "guide_b", "ablate_sync", "ablate_no_repa", "ablate_no_semantic", "tiny")
+VARIANTS = ("xl", "xl_80ep", "xxl", "guide_b", "ablate_baseline", "ablate_no_semantic", "ablate_sync", "ablate_pca",
+            "ablate_no_repa", "tiny")
+# The B/1 guide steps the sampling rows use (configs/sample.py); a guide run must keep each of them.
+GUIDE_STEPS = (60_000, 70_000, 120_000)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -42,7 +54,7 @@ def base() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict(dict(
         delta_t=0.3,          # Δt: semantic channels lead the texture by this much time
         semantic_weight=2.0,  # β on the semantic channels of the MSE
-        semantic_chans=16,    # 0 = texture-only ablation (no SemVAE latent)
+        semantic_chans=16,    # 16 = SemVAE latent; 1..16 = PCA-k of the DINOv2 tokens; 0 = texture-only ablation
         use_cosine_loss=True,
         time_dist="lognorm",  # lognorm | uniform
     ))
@@ -61,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
         ckpt_every=10_000,
         keep_last=3,          # newest checkpoints kept ...
         keep_every=100_000,   # ... plus every step divisible by this (FID curves); 0 = off
+        keep_steps=(),        # ... plus these steps (saved even off the ckpt_every grid)
         async_checkpoint=True,
         nonfinite="stop",     # NaN/Inf loss or gradient: 'stop' (raise with the step) | 'skip' (drop the update)
         peak_flops_per_device=config_dict.placeholder(float),  # for MFU; None = look up the device kind
@@ -111,15 +124,19 @@ def get_config(arg: str = "xl") -> ml_collections.ConfigDict:
         c.model.size = "xxl"
     elif arg == "guide_b":
         c.model.size = "b"
-        c.train.update(num_steps=120_000, keep_every=20_000)
+        c.train.update(num_steps=max(GUIDE_STEPS), keep_every=20_000, keep_steps=GUIDE_STEPS)
     elif arg.startswith("ablate_"):
         c.train.update(num_steps=400_000, keep_every=50_000)
         if arg == "ablate_sync":
             c.diffusion.delta_t = 0.0
         elif arg == "ablate_no_repa":
             c.repa.weight = 0.0
+        elif arg == "ablate_pca":
+            c.diffusion.semantic_chans = 8  # extract.pca_components' default, the ReDi baseline's k
         else:
             c.diffusion.update(semantic_chans=0, delta_t=0.0)
+            if arg == "ablate_baseline":
+                c.repa.weight = 0.0
     elif arg == "tiny":
         c.model.update(size="tiny", dtype="float32")
         c.optim.update(lr=1e-3, ema_decay=0.99)

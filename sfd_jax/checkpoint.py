@@ -7,7 +7,7 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, config}`:
 
 Saves are asynchronous (the device->host copy happens before `save` returns, so the next step may donate the
 buffers). Retention keeps the newest `keep_last` checkpoints plus every step divisible by `keep_every` (for FID
-curves). `restore_latest` restores onto the shardings of the abstract state it is given -- so a run saved on one
+curves) plus the steps listed in `keep_steps` (e.g. the AutoGuidance guide steps a sampling recipe names). `restore_latest` restores onto the shardings of the abstract state it is given -- so a run saved on one
 mesh resumes on another mesh shape or device count -- and falls back to the previous checkpoint, with a warning
 naming the unreadable one, when the newest cannot be read; the unreadable ones are moved to
 `<workdir>/checkpoints_corrupt/` so that training can write those step numbers again.
@@ -55,12 +55,15 @@ class NoReadableCheckpoint(RuntimeError):
 class Checkpoints:
     """A thin policy layer over `ocp.CheckpointManager` for train runs."""
 
-    def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0, keep_steps=(),
+                 async_save: bool = True):
         self.workdir = os.fspath(workdir)
         self.directory = os.fspath(epath.Path(self.workdir) / CHECKPOINT_DIR)
         policies = [ocp.checkpoint_managers.LatestN(n=max(1, int(keep_last)))]
         if keep_every and keep_every > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(int(keep_every)))
+        if keep_steps:
+            policies.append(ocp.checkpoint_managers.CustomSteps(sorted(int(s) for s in keep_steps)))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,

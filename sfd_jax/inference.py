@@ -135,32 +135,6 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def reference_stats_to_json(texture_stats: str, semantic_stats: str | None, path: str) -> dict:
-    """The reference's latents_stats.pt / latents_sv_stats.pt ({'mean', 'std'} tensors of shape (1, C, 1, 1)) →
-    an sfd_jax stats.json. Without the semantic file the semantic part is the identity (unused when decoding)."""
-    from sfd_jax.convert.common import read_checkpoint
-    from sfd_jax.data.records import STATS_FORMAT, write_json_atomic
-
-    def read(file):
-        obj = read_checkpoint(file)
-        if not isinstance(obj, dict) or not {"mean", "std"} <= set(obj):
-            raise ValueError(f"{file}: expected a dict with 'mean' and 'std' tensors, got "
-                             f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
-        mean, std = (np.asarray(obj[k].numpy() if hasattr(obj[k], "numpy") else obj[k], np.float64).reshape(-1)
-                     for k in ("mean", "std"))
-        if mean.shape != std.shape:
-            raise ValueError(f"{file}: mean {mean.shape} and std {std.shape} differ")
-        return {"mean": mean.tolist(), "std": std.tolist(), "channels": int(mean.size)}
-
-    stats = {"format": STATS_FORMAT, "texture": read(texture_stats),
-             "semantic": read(semantic_stats) if semantic_stats else {"mean": [0.0] * 16, "std": [1.0] * 16,
-                                                                       "channels": 16},
-             "made_by": {"texture": os.path.abspath(texture_stats),
-                         "semantic": os.path.abspath(semantic_stats) if semantic_stats else None}}
-    write_json_atomic(path, stats)
-    return stats
-
-
 def write_bundle(output_dir: str, *, dit: str, texture_vae: str, stats: str, guide: str | None = None,
                  semantic_stats: str | None = None, defaults: dict | None = None) -> dict:
     """Convert reference files into a bundle. dit / guide: reference DiT checkpoints (.pt, EMA weights) or DiT
@@ -170,6 +144,7 @@ def write_bundle(output_dir: str, *, dit: str, texture_vae: str, stats: str, gui
 
     from sfd_jax.convert.dit import _build, read_dit_state_dict, restore_dit, save_dit
     from sfd_jax.convert.texture_vae import load_texture_vae, save_texture_vae
+    from sfd_jax.data.reference_stats import convert_reference_stats
     from sfd_jax.eval.decoding import read_latent_stats
 
     def dit_model(src):
@@ -192,7 +167,7 @@ def write_bundle(output_dir: str, *, dit: str, texture_vae: str, stats: str, gui
     if stats.endswith(".json"):
         shutil.copyfile(stats, stats_path)
     else:
-        reference_stats_to_json(stats, semantic_stats, stats_path)
+        convert_reference_stats(stats, semantic_stats, out=stats_path)
     read_latent_stats(stats_path, vae.cfg.embed_dim)  # refuse a bundle whose statistics do not fit the VAE
     manifest = {"format": BUNDLE_FORMAT, "dit": "dit", "guide": "guide" if guide else None,
                 "texture_vae": "texture_vae", "stats": "stats.json", "defaults": {**DEFAULTS, **(defaults or {})}}
@@ -205,7 +180,7 @@ def write_bundle(output_dir: str, *, dit: str, texture_vae: str, stats: str, gui
     return manifest
 
 
-__all__ = ["SFDPipeline", "write_bundle", "read_manifest", "reference_stats_to_json", "check_guide", "BUNDLE_FORMAT",
+__all__ = ["SFDPipeline", "write_bundle", "read_manifest", "check_guide", "BUNDLE_FORMAT",
            "DEFAULTS"]
 
 

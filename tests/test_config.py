@@ -37,8 +37,9 @@ def test_every_variant_validates_and_builds_its_model_config(variant):
     assert derived["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert derived["per_process_batch"] * 2 == c.train.batch_size
     model_cfg = loop.model_config(c, derived["model_channels"])
-    assert model_cfg.in_channels == (32 if variant == "ablate_no_semantic" else 48)
-    assert model_cfg.use_repa == (variant != "ablate_no_repa")
+    channels = {"ablate_no_semantic": 32, "ablate_baseline": 32, "ablate_pca": 40}.get(variant, 48)
+    assert model_cfg.in_channels == channels
+    assert model_cfg.use_repa == (variant not in ("ablate_no_repa", "ablate_baseline"))
 
 
 def test_paper_recipes():

@@ -356,3 +356,38 @@ def test_bad_arguments(gauss):
         sample(model, z0, y, guidance=1.5)
     with pytest.raises(ValueError, match="delta_t"):
         sample(model, z0, y, delta_t=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adaptive solve tightens with its tolerance on a rougher model
+# ---------------------------------------------------------------------------------------------------------------
+ROUGH_SCALE = 1.15  # every weight of the golden tiny DiT × 1.15: a field with more curvature per unit of τ
+TOLERANCES = [(1e-2, 1e-5), (3e-3, 3e-6), (1e-3, 1e-6), (3e-4, 3e-7), (1e-4, 1e-7)]
+
+
+def test_dopri5_error_falls_with_the_tolerance_on_a_rough_model(dit, dopri_ref):
+    import jax
+    from flax import nnx
+    _, model = load_dit({k[3:]: v for k, v in dit.items() if k.startswith("sd/")})
+    nnx.update(model, jax.tree.map(lambda a: a * ROUGH_SCALE, nnx.state(model, nnx.Param)))
+    z0, y = nhwc(dopri_ref["z0"]), dopri_ref["y"]
+    # the exact answer: one very tight solve per phase over its moving channels
+    exact, _ = sample(model, z0, y, phase_mode="split", rtol=1e-7, atol=1e-9, max_steps=100_000)
+    exact = np.asarray(exact)
+    scale = np.sqrt(np.mean(exact ** 2))
+    errors, nfes = [], []
+    for rtol, atol in TOLERANCES:
+        x, stats = sample(model, z0, y, rtol=rtol, atol=atol)
+        errors.append(float(np.abs(np.asarray(x) - exact).max()))
+        nfes.append(stats["nfe"])
+    # the settings before the fix (one solve with jump_ts, first step 0.01) at the paper's tolerance
+    old, old_stats = sample(model, z0, y, rtol=1e-3, atol=1e-6, phase_mode="jump", dt0=0.01)
+    old_error = float(np.abs(np.asarray(old) - exact).max())
+    print(f"\nscale {scale:.3f}; errors {['%.1e' % e for e in errors]}, nfe {nfes}; "
+          f"before: {old_error:.1e} in {old_stats['nfe']} calls")
+    for looser, tighter in zip(errors, errors[1:]):
+        assert tighter <= looser * (1 + 1e-6), errors
+    assert errors[-1] < errors[0] / 10, errors
+    paper = TOLERANCES.index((1e-3, 1e-6))
+    assert errors[paper] <= 0.01 * scale, (errors[paper], scale)
+    assert nfes[paper] <= old_stats["nfe"], (nfes[paper], old_stats["nfe"])

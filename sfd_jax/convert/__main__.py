@@ -22,6 +22,7 @@ CONVERTERS = {
     "texture_vae": "sfd_jax.convert.texture_vae",
     "dinov2": "sfd_jax.convert.dinov2",
     "bundle": "sfd_jax.inference",
+    "stats": "sfd_jax.data.reference_stats",
 }
 
 

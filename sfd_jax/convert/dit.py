@@ -5,7 +5,11 @@
     save_dit("weights/xl", cfg, model); cfg, model = restore_dit("weights/xl")
 
 `load_dit` infers the architecture from the tensor shapes (depth from the block keys, width from the patch embed,
-head_dim from the RoPE buffer, label count from the table, REPA dims from the projector). The REPA depth is not
+head_dim from the RoPE buffer, label count from the table, REPA dims from the projector, and the timestep embedder
+form: two D/2 `t_embedder_sem`/`t_embedder_tex`, or the one D-wide `t_embedder` the reference builds for Δt = 0 or
+no semantic channels). Two-embedder weights load into a one-embedder config exactly (`join_timestep_embedders`:
+the same t into both is one MLP with stacked first and block-diagonal second layer); the other way is not
+representable and is refused. The REPA depth is not
 visible in the weights: it comes from the checkpoint's config (`model.repa_feat_depth`) when present, else 2.
 """
 from __future__ import annotations
@@ -181,7 +185,8 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "<mappin
     use_repa = "repa_projector.0.weight" in state_dict
     kwargs = dict(depth=depth, hidden_size=int(d), num_heads=int(d // head_dim), input_size=input_size,
                   in_channels=int(in_channels), num_classes=int(num_classes), use_repa=use_repa, dtype=dtype,
-                  mlp_ratio=_mlp_ratio(int(d), int(mlp_hidden)))
+                  mlp_ratio=_mlp_ratio(int(d), int(mlp_hidden)),
+                  dual_timestep="t_embedder.mlp.0.weight" not in state_dict)
     if "semantic_chans" in model_cfg:
         kwargs["semantic_chans"] = int(model_cfg["semantic_chans"])
     if use_repa:
@@ -199,6 +204,30 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "<mappin
         raise ConversionError(WHAT, source, hint=str(e)) from e
 
 
+_JOINT_PREFIX = "t_embedder.mlp."
+_SPLIT_PREFIXES = ("t_embedder_sem.mlp.", "t_embedder_tex.mlp.")
+
+
+def join_timestep_embedders(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Two D/2 timestep embedders (reference keys) → the one D-wide embedder computing the same for t_sem = t_tex.
+
+    The model concatenates [sem | tex]: the joint first layer stacks both first layers' outputs, the second layer is
+    block-diagonal, so the two halves never mix and the function is unchanged.
+    """
+    sem, tex = _SPLIT_PREFIXES
+    out = {k: v for k, v in state_dict.items() if not k.startswith(_SPLIT_PREFIXES)}
+    f = lambda key: np.asarray(state_dict[key], np.float32)  # noqa: E731
+    out[_JOINT_PREFIX + "0.weight"] = np.concatenate([f(sem + "0.weight"), f(tex + "0.weight")], axis=0)
+    out[_JOINT_PREFIX + "0.bias"] = np.concatenate([f(sem + "0.bias"), f(tex + "0.bias")])
+    w_sem, w_tex = f(sem + "2.weight"), f(tex + "2.weight")
+    w = np.zeros((w_sem.shape[0] + w_tex.shape[0], w_sem.shape[1] + w_tex.shape[1]), np.float32)
+    w[:w_sem.shape[0], :w_sem.shape[1]] = w_sem
+    w[w_sem.shape[0]:, w_sem.shape[1]:] = w_tex
+    out[_JOINT_PREFIX + "2.weight"] = w
+    out[_JOINT_PREFIX + "2.bias"] = np.concatenate([f(sem + "2.bias"), f(tex + "2.bias")])
+    return out
+
+
 def _mlp_ratio(d: int, hidden: int) -> float:
     """An mlp_ratio whose int(2/3·ratio·D) is `hidden` (4.0 for every reference size)."""
     if int(2 / 3 * 4.0 * d) == hidden:
@@ -207,7 +236,8 @@ def _mlp_ratio(d: int, hidden: int) -> float:
 
 
 def _looks_like_dit_key(key: str) -> bool:
-    return key.split(".")[0] in {"x_embedder", "pos_embed", "t_embedder_sem", "t_embedder_tex", "y_embedder",
+    return key.split(".")[0] in {"x_embedder", "pos_embed", "t_embedder_sem", "t_embedder_tex", "t_embedder",
+                                 "y_embedder",
                                  "feat_rope", "blocks", "final_layer", "repa_projector"}
 
 
@@ -247,8 +277,13 @@ def _build(found: DiTSource, *, config: DiTConfig | None, dtype: str | None) -> 
         cfg = config
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    check_state_dict(sd, expected_shapes(cfg), what=WHAT, source=source,
-                     hint=f"expected the keys and shapes of {_describe(cfg)}")
+    if not cfg.dual_timestep and _JOINT_PREFIX + "0.weight" not in sd and _SPLIT_PREFIXES[0] + "0.weight" in sd:
+        sd = join_timestep_embedders(sd)
+    hint = f"expected the keys and shapes of {_describe(cfg)}"
+    if cfg.dual_timestep and _JOINT_PREFIX + "0.weight" in sd:
+        hint += (" -- these weights have the one D-wide timestep embedder of a Δt = 0 / no-semantic model, which two "
+                 "D/2 embedders cannot represent; build the model with dual_timestep=False")
+    check_state_dict(sd, expected_shapes(cfg), what=WHAT, source=source, hint=hint)
     _check_buffers(sd, cfg, source)
     model = abstract_model(cfg)
     params = {path: _from_ref(path, np.asarray(sd[_ref_key(path)], np.float32))

@@ -15,7 +15,8 @@ Order of operations (index arithmetic only, so the state of the whole pipeline i
 Global batch k is positions [k·B, (k+1)·B) of the epoch sequence (B = batch_size × process_count), whatever the
 number of processes, so a checkpoint restores onto another process count with the same global batch. The collate
 step builds x1 = concat(texture, semantic) normalised per channel with stats.json, times
-`latent_multiplier`, y (int32 labels) and dino (the stored dtype, fp16 by default; the loss casts to float32).
+`latent_multiplier`, as the reference does per latent kind: the texture latent is always standardised, a SemVAE
+latent too, but PCA channels of the DINOv2 tokens are used as extracted (`semantic_is_normalised`); y (int32 labels) and dino (the stored dtype, fp16 by default; the loss casts to float32).
 Reading only the chosen view halves the bytes read per sample. Records are fetched one by one: `__getitems__` of
 ArrayRecordDataSource measured 3× slower here for 0.4 MB records.
 
@@ -98,6 +99,16 @@ class _ReadAndCollate:
         return batch
 
 
+def semantic_is_normalised(meta: Mapping[str, Any], stats_doc: Mapping[str, Any] | None = None) -> bool:
+    """False for PCA channels: the reference concatenates them after the standardised texture latent unchanged
+    (only the SemVAE latent has dataset statistics applied), so training on standardised PCA channels would be a
+    different model input than the one its ablation was trained on."""
+    if stats_doc is not None and stats_doc.get("semantic", {}).get("normalise") is False:
+        return False
+    extraction = meta.get("extraction", {}) or {}
+    return extraction.get("semantic") != "pca" and extraction.get("semantic_key") != "latents_dino"
+
+
 class _ChooseView:
     def __init__(self, random_flip: bool):
         self.random_flip = random_flip
@@ -124,6 +135,11 @@ class LatentIterator:
         self.path = os.fspath(path)
         meta, layout, shard_paths = records.load_dataset(self.path)
         stats = records.load_stats(self.path, layout)
+        self.semantic_normalised = semantic_is_normalised(
+            meta, records.read_json(os.path.join(self.path, "stats.json"), "latent statistics"))
+        if not self.semantic_normalised:
+            stats = dict(stats, semantic_mean=np.zeros_like(stats["semantic_mean"]),
+                         semantic_std=np.ones_like(stats["semantic_std"]))
         self.layout = layout
         self.dataset_meta = meta
         self.batch_size = int(batch_size)

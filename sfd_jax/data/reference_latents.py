@@ -65,21 +65,6 @@ def _to_records(arrays: dict[str, np.ndarray], semantic_key: str) -> dict[str, n
             "dino": tokens(arrays["feats_dino"]), "dino_flip": tokens(arrays["feats_dino_flip"])}
 
 
-def _reference_stats(path: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    from sfd_jax.convert.common import read_checkpoint
-
-    obj = read_checkpoint(path)
-    out = []
-    for key in ("mean", "std"):
-        if key not in obj:
-            raise ValueError(f"{path}: expected a dict with 'mean' and 'std', got keys {sorted(obj)}")
-        value = np.asarray(obj[key].numpy() if hasattr(obj[key], "numpy") else obj[key], np.float64).reshape(-1)
-        if value.shape != (channels,):
-            raise ValueError(f"{path}: {key} has {value.size} entries, the latents have {channels} channels")
-        out.append(value)
-    return out[0], out[1]
-
-
 def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str = "auto",
             latent_dtype: str = "float32", feature_dtype: str = "float16", stats_images: int = 10000,
             seed: int = 0) -> dict:
@@ -106,7 +91,10 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
     layout = records.RecordLayout(sample["texture"].shape[1:], sample["semantic"].shape[1:],
                                   sample["dino"].shape[1:], latent_dtype, feature_dtype)
     names = [records.shard_name("latents", s, len(files)) for s in range(len(files))]
-    ref_stats = [os.path.join(src, "latents_stats.pt"), os.path.join(src, f"{semantic_key}_stats.pt")]
+    # The PCA channels (latents_dino) are not normalised by the reference, so only the texture file is needed then.
+    ref_stats = [os.path.join(src, "latents_stats.pt")]
+    if semantic_key == "latents_sv":
+        ref_stats.append(os.path.join(src, "latents_sv_stats.pt"))
     use_reference = stats == "reference" or (stats == "auto" and all(map(os.path.exists, ref_stats)))
     made_by = {"reference_latents": {"src": os.path.abspath(src), "files": [os.path.basename(f) for f in files],
                                      "semantic_key": semantic_key,
@@ -157,13 +145,14 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
     missing = [p for p in ref_stats if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"stats='reference' but {missing} do not exist")
-    tex_mean, tex_std = _reference_stats(ref_stats[0], layout.texture_shape[-1])
-    sem_mean, sem_std = _reference_stats(ref_stats[1], layout.semantic_shape[-1])
-    doc = {"format": records.STATS_FORMAT,
-           "texture": {"mean": tex_mean.tolist(), "std": tex_std.tolist(), "channels": len(tex_mean)},
-           "semantic": {"mean": sem_mean.tolist(), "std": sem_std.tolist(), "channels": len(sem_mean)},
-           "num_images": None, "selection": {"from": "reference stats files", "files": ref_stats},
-           "skipped_images_in_dataset": 0, "made_by": made_by}
+    from sfd_jax.data.reference_stats import convert_reference_stats
+    doc = convert_reference_stats(ref_stats[0], ref_stats[1] if len(ref_stats) > 1 else None,
+                                  semantic_channels=layout.semantic_shape[-1],
+                                  texture_channels=layout.texture_shape[-1])
+    if doc["semantic"]["channels"] != layout.semantic_shape[-1]:
+        raise ValueError(f"{ref_stats[1]}: mean has {doc['semantic']['channels']} entries, the {semantic_key} "
+                         f"latents have {layout.semantic_shape[-1]} channels")
+    doc["made_by"] = made_by
     records.write_json_atomic(os.path.join(dst, "stats.json"), doc)
     return doc
 

@@ -9,8 +9,10 @@ texture frozen for τ < Δt, semantics frozen for τ ≥ 1. `x` is the whole com
 channels first); the caller keeps the texture part for decoding.
 
 The masked field jumps at τ = Δt and τ = 1. `phase_mode` says how an adaptive solve handles that:
-  'jump'  — one diffrax solve with `jump_ts=[Δt, 1]`: no step straddles a switch (default);
-  'split' — one solve per phase with that phase's smooth field, integrating only the channels that move;
+  'split' — one solve per phase with that phase's smooth field, integrating only the channels that move (default):
+            each phase restarts its step size from `dt0` and its error norm covers only the moving channels;
+  'jump'  — one diffrax solve with `jump_ts=[Δt, 1]`: no step straddles a switch, but the step size carries over
+            the switch and frozen channels dilute the RMS error norm (docs/diffusion.md: why this is not default);
   'none'  — straight through the switches, as the reference (for comparison only).
 `step_control`: 'per_sample' vmaps each image's own solve (own step sizes and error norm), so an image does not
 depend on the batch it is in; 'batch' uses one RMS error norm over the whole batch tensor, as the reference.
@@ -84,8 +86,8 @@ def trace_count(reset: bool = False) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 def sample(model, z0, y, *, solver: str = "dopri5", num_steps: int | None = None, rtol: float = 1e-3,
            atol: float = 1e-6, delta_t: float = 0.3, guidance=None, step_control: str = "per_sample",
-           phase_mode: str = "jump", semantic_chans: int = 16, max_steps: int = 4096, on_max_steps: str = "raise",
-           pid: tuple[float, float, float] = (0.0, 1.0, 0.0), dt0: float = 0.01,
+           phase_mode: str = "split", semantic_chans: int = 16, max_steps: int = 4096, on_max_steps: str = "raise",
+           pid: tuple[float, float, float] = (0.0, 1.0, 0.0), dt0: float = 0.05,
            return_trajectory: bool = False):
     """Integrates the three-phase ODE from noise z0 (B, H, W, C) with labels y (B,); returns (x_final, stats).
 

@@ -105,7 +105,7 @@ class SamplerSettings:
     atol: float = 1e-6
     delta_t: float = 0.3
     step_control: str = "per_sample"
-    phase_mode: str = "jump"
+    phase_mode: str = "split"
     max_steps: int = 4096
 
     def __post_init__(self):

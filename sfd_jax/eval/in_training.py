@@ -43,7 +43,7 @@ DEFAULTS = dict(
     num_images=5000, labels="balanced", num_classes=0, seed=0,
     texture_vae="", vae_dtype="float32", latent_stats="", latent_multiplier=None,
     solver="dopri5", num_steps=0, rtol=1e-3, atol=1e-6, delta_t=None, step_control="per_sample",
-    phase_mode="jump", max_steps=4096,
+    phase_mode="split", max_steps=4096,
     guidance="none", scale=1.5, scale_sem=None, scale_tex=None, interval_start=None, guide="", guide_use_ema=True,
     per_device_batch=32, decode_batch=8,
     inception_weights="", feature_fn="", ref_batch="", resize="tf1", input_size=299, feature_batch=256,

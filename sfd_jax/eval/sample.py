@@ -67,7 +67,7 @@ def settings_from_config(block, *, delta_t: float | None = None) -> SamplerSetti
         solver=str(get("solver", "dopri5")), num_steps=int(get("num_steps", 0)) or None,
         rtol=float(get("rtol", 1e-3)), atol=float(get("atol", 1e-6)),
         delta_t=float(get("delta_t", 0.3) if delta_t is None else delta_t),
-        step_control=str(get("step_control", "per_sample")), phase_mode=str(get("phase_mode", "jump")),
+        step_control=str(get("step_control", "per_sample")), phase_mode=str(get("phase_mode", "split")),
         max_steps=int(get("max_steps", 4096)))
 
 
@@ -116,6 +116,11 @@ def guidance_from_config(block, *, dtype: str | None = None, guide=None):
     if guide is None:
         guide, desc["guide"] = load_model(str(config_get(block, "guide", "")), dtype=dtype, what="guide",
                                           use_ema=bool(config_get(block, "guide_use_ema", True)))
+        # A guide of the wrong step still samples, just with another FID than the recipe's: refuse when we can tell.
+        want, got = int(config_get(block, "guide_step", 0) or 0), desc["guide"].get("meta", {}).get("step")
+        if want and got is not None and int(got) != want:
+            raise ValueError(f"config guide_step={want}, but the guide weights {desc['guide']['path']} are of step "
+                             f"{got}; pass the guide checkpoint of step {want} or set guide_step=0")
     return AutoGuidance(guide_model=guide, scale=scale, scale_sem=None if scale_sem is None else float(scale_sem),
                         scale_tex=None if scale_tex is None else float(scale_tex), interval_start=start), desc
 

@@ -59,6 +59,9 @@ class DiTConfig:
     remat: bool = False  # rematerialise each block in the backward pass (memory for compute)
     remat_policy: str = "full"  # what a rematerialised block saves: one of REMAT_POLICIES
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: XLA picks)
+    # Two D/2 timestep embedders (t_sem | t_tex), or one D-wide embedder of the single time, as the reference
+    # builds for its ablations without semantic-first (Δt = 0 or no semantic channels).
+    dual_timestep: bool = True
 
     def __post_init__(self):
         problems = []
@@ -130,13 +133,16 @@ class LightningDiT(nnx.Module):
         self.cfg = cfg
         dtype = cfg.compute_dtype
         d = cfg.hidden_size
-        if d % 2:
+        if d % 2 and cfg.dual_timestep:
             raise ValueError(f"hidden_size {d} must be even (two timestep embedders of width D/2)")
         rngs = layers.KeyStream(rngs)
         # The reference's 1×1 conv patch embed; xavier on the (D, 48) matrix, zero bias.
         self.x_embedder = layers.Dense(cfg.in_channels, d, names=(None, "embed"), dtype=dtype, rngs=rngs)
-        self.t_embedder_sem = layers.TimestepEmbedder(d // 2, dtype=dtype, rngs=rngs)
-        self.t_embedder_tex = layers.TimestepEmbedder(d // 2, dtype=dtype, rngs=rngs)
+        if cfg.dual_timestep:
+            self.t_embedder_sem = layers.TimestepEmbedder(d // 2, dtype=dtype, rngs=rngs)
+            self.t_embedder_tex = layers.TimestepEmbedder(d // 2, dtype=dtype, rngs=rngs)
+        else:
+            self.t_embedder = layers.TimestepEmbedder(d, dtype=dtype, rngs=rngs)
         self.y_embedder = layers.LabelEmbedder(cfg.num_classes, d, rngs=rngs)
         self.blocks = nnx.List([
             layers.DiTBlock(d, cfg.num_heads, cfg.mlp_hidden, dtype=dtype, attention_impl=cfg.attention_impl,
@@ -164,7 +170,10 @@ class LightningDiT(nnx.Module):
         # the conditioning vector stay float32 (float32 + low-precision outputs promote to float32).
         tokens = x.reshape(b, h * w, c)  # row-major (h, w) tokens, as the reference's flatten(2)
         hidden = self.x_embedder(tokens).astype(jnp.float32) + self.pos_embed[...][None]
-        t_emb = jnp.concatenate([self.t_embedder_sem(t_sem), self.t_embedder_tex(t_tex)], axis=-1)
+        if cfg.dual_timestep:
+            t_emb = jnp.concatenate([self.t_embedder_sem(t_sem), self.t_embedder_tex(t_tex)], axis=-1)
+        else:  # only built for Δt = 0 or no semantic channels, where both parts share one time
+            t_emb = self.t_embedder(t_tex)
         cond = t_emb.astype(jnp.float32) + self.y_embedder(y)
         rope_cos, rope_sin = self.rope_cos[...], self.rope_sin[...]
 
@@ -216,7 +225,8 @@ def forward_flops_per_image(cfg: DiTConfig, *, include_repa: bool = False) -> fl
     d, t, hf = cfg.hidden_size, cfg.num_tokens, cfg.mlp_hidden
     per_token = cfg.in_channels * d + cfg.depth * (d * 3 * d + d * d + d * 2 * hf + hf * d) + d * cfg.in_channels
     attention = cfg.depth * 2 * t * t * d  # q·kᵀ and softmax·v over all heads
-    per_image = 2 * (256 * d // 2 + (d // 2) ** 2) + cfg.depth * d * 6 * d + d * 2 * d
+    t_embed = 2 * (256 * d // 2 + (d // 2) ** 2) if cfg.dual_timestep else 256 * d + d * d
+    per_image = t_embed + cfg.depth * d * 6 * d + d * 2 * d
     flops = 2.0 * (t * per_token + attention + per_image)
     if include_repa and cfg.use_repa:
         p = cfg.repa_projector_dim

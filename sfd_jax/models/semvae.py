@@ -158,11 +158,12 @@ class LossWeights:
 
 
 def losses(recon: jax.Array, tokens: jax.Array, mu: jax.Array, logvar: jax.Array, *,
-           weights: LossWeights = LossWeights(), cos_axis: str = "feature") -> dict:
+           weights: LossWeights = LossWeights(), cos_axis: str = "token") -> dict:
     """Every loss term (scalars, fp32) and their weighted `total`.
 
-    cos_axis='feature' is the paper's cosine (over the C features of each token); 'token' reproduces the reference
-    training code, whose `F.cosine_similarity(recon, feats)` defaults to dim=1, the token axis of (B, L, C).
+    cos_axis='token' (default) is what the released SemVAE was trained with: the reference training code's
+    `F.cosine_similarity(recon, feats)` defaults to dim=1, the token axis of (B, L, C). 'feature' is the paper's
+    description (the cosine over the C features of each token).
     """
     if cos_axis not in COS_AXES:
         raise ValueError(f"cos_axis={cos_axis!r}; allowed: {COS_AXES}")

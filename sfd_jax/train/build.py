@@ -62,7 +62,10 @@ def model_config(config, model_channels: int = 48):
         str(m.size), dtype=str(m.dtype), remat=bool(m.remat), remat_policy=str(m.get("remat_policy", "full")),
         attention_impl=(m.attention_impl or None),
         repa_depth=int(m.repa_depth), use_repa=float(config.repa.weight) > 0,
-        in_channels=int(model_channels), semantic_chans=int(config.diffusion.semantic_chans), **overrides)
+        in_channels=int(model_channels), semantic_chans=int(config.diffusion.semantic_chans),
+        # the reference's embedder choice, so that its ablation checkpoints load (and ours export to its format)
+        dual_timestep=float(config.diffusion.delta_t) > 0 and int(config.diffusion.semantic_chans) > 0,
+        **overrides)
 
 
 def loss_config(config):

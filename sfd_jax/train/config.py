@@ -17,6 +17,7 @@ from sfd_jax.train import skeleton
 
 SOURCES = ("synthetic", "arrayrecord")
 TEXTURE_CHANS = 32
+MAX_SEMANTIC_CHANS = 16
 
 
 class ConfigError(ValueError):
@@ -49,8 +50,9 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
     require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
-    require(int(d.semantic_chans) in (0, 16), "diffusion.semantic_chans",
-             f"{d.semantic_chans}; valid: 16 (SemVAE latent) or 0 (texture-only ablation)")
+    require(0 <= int(d.semantic_chans) <= MAX_SEMANTIC_CHANS, "diffusion.semantic_chans",
+            f"{d.semantic_chans}; valid: 16 (SemVAE latent), 1..{MAX_SEMANTIC_CHANS} (PCA-k of the DINOv2 tokens) "
+            "or 0 (texture-only ablation)")
     if int(d.semantic_chans) == 0:
         require(float(d.delta_t) == 0.0, "diffusion.delta_t",
                  f"{d.delta_t}: without a semantic latent there is nothing to lead; use 0")

@@ -73,14 +73,17 @@ def make_data_iterator(config, *, batch_size: int, process_index: int, process_c
 _BATCH_KEYS = ("x1", "y", "dino")
 
 
-def _check_batch(batch: dict, local_batch: int, channels: int = 48) -> dict:
+def _check_batch(batch: dict, local_batch: int, channels: int = 48, exact: bool = False) -> dict:
+    """exact: the data must hold exactly `channels` channels (a semantic latent of another width than the model's
+    would otherwise be cut silently); without a semantic latent the model reads the texture part of any data."""
     missing = [k for k in _BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"data iterator returned keys {sorted(batch)}; missing {missing} (expected {_BATCH_KEYS})")
     x1, y, dino = batch["x1"], batch["y"], batch["dino"]
-    if x1.ndim != 4 or x1.shape[0] != local_batch or x1.shape[-1] < channels:
-        raise ValueError(f"batch['x1'] has shape {x1.shape}; expected ({local_batch}, H, W, >= {channels}) "
-                         "(the per-process batch, channels-last)")
+    if x1.ndim != 4 or x1.shape[0] != local_batch or x1.shape[-1] < channels or (exact and x1.shape[-1] != channels):
+        raise ValueError(f"batch['x1'] has shape {x1.shape}; expected ({local_batch}, H, W, {'' if exact else '>= '}"
+                         f"{channels}) (the per-process batch, channels-last; 32 texture + "
+                         "config.diffusion.semantic_chans semantic channels)")
     if y.shape != (local_batch,):
         raise ValueError(f"batch['y'] has shape {y.shape}; expected ({local_batch},)")
     if dino.ndim != 3 or dino.shape[0] != local_batch:
@@ -153,7 +156,8 @@ def run(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
     compiled = {}
 
     def step(state, batch):
-        batch = _check_batch(batch, derived["per_process_batch"], derived["model_channels"])
+        batch = _check_batch(batch, derived["per_process_batch"], derived["model_channels"],
+                             exact=int(config.diffusion.semantic_chans) > 0 and config.data.source != "synthetic")
         batch = parallel.host_to_global(batch, run_.mesh)
         if "fn" not in compiled:
             compiled["fn"] = run_.compile(state, aux, batch)

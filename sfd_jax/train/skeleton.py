@@ -194,7 +194,8 @@ def loop_settings(config) -> dict:
     """The loop's settings, read once: the same names in every trainer's config."""
     t = config.train
     return dict(num_steps=t.num_steps, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_last=t.keep_last,
-                keep_every=t.keep_every, async_checkpoint=t.async_checkpoint, nonfinite=t.nonfinite,
+                keep_every=t.keep_every, keep_steps=frozenset(int(k) for k in t.get("keep_steps", ()) or ()),
+                async_checkpoint=t.async_checkpoint, nonfinite=t.nonfinite,
                 eval_every=config.eval.every)
 
 
@@ -206,6 +207,9 @@ def validate_loop(config, error=ValueError) -> None:
             raise error(f"config.train.{name}: {s[name]} must be a positive integer")
     if s["keep_every"] < 0:
         raise error(f"config.train.keep_every: {s['keep_every']} must be >= 0 (0 = off)")
+    if not all(0 < k <= s["num_steps"] for k in s["keep_steps"]):
+        raise error(f"config.train.keep_steps: {sorted(s['keep_steps'])}: each must be a step in "
+                    f"[1, train.num_steps={s['num_steps']}]")
     if s["eval_every"] < 0:
         raise error(f"config.eval.every: {s['eval_every']} must be >= 0 (0 = never)")
     if s["nonfinite"] not in NONFINITE:
@@ -236,7 +240,7 @@ class _Loop:
     def run(self) -> Result:
         task, s = self.task, self.s
         self.ckpt = Checkpoints(self.workdir, keep_last=s["keep_last"], keep_every=s["keep_every"],
-                                async_save=s["async_checkpoint"])
+                                keep_steps=s["keep_steps"], async_save=s["async_checkpoint"])
         self.writer = None
         try:
             step, state, data_state = self._restore()
@@ -282,7 +286,7 @@ class _Loop:
             window.check_finite(lag=1)  # the previous step is done (or nearly): no stall
             if step % s["log_every"] == 0 or step == num_steps:
                 self._log(step)
-            if step % s["ckpt_every"] == 0 or step == num_steps:
+            if step % s["ckpt_every"] == 0 or step == num_steps or step in s["keep_steps"]:
                 self._save(step, state)
             if task.evaluate is not None and s["eval_every"] and (step % s["eval_every"] == 0
                                                                   or step == num_steps):
