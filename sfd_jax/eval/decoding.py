@@ -2,7 +2,6 @@
 used by every sampling path (`ImageGenerator`, `--mode=sample`, the in-training FID, the demo)."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
