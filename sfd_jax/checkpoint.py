@@ -12,8 +12,8 @@ mesh resumes on another mesh shape or device count -- and falls back to the prev
 naming the unreadable one, when the newest cannot be read; the unreadable ones are moved to
 `<workdir>/checkpoints_corrupt/` so that training can write those step numbers again.
 
-`python -m sfd_jax.checkpoint export --workdir=DIR --out=DIR [--step=N]` writes the EMA weights alone (the weights
-directory format of `sfd_jax.convert.dit.save_dit`) for sampling.
+`python -m sfd_jax.checkpoint export --workdir=DIR --out=DIR [--step=N] [--overwrite]` writes the EMA weights alone
+(the weights directory format of `sfd_jax.convert.dit.save_dit`) for sampling; a non-empty --out needs --overwrite.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -274,11 +275,16 @@ def export_ema(directory: str, model_cfg: Any, model: Any, meta: dict | None = N
     save_dit(directory, model_cfg, model, meta=meta)
 
 
-def export_ema_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
+def export_ema_from_workdir(workdir: str, out: str, step: int | None = None, *, overwrite: bool = False) -> str:
     """Restores checkpoint `step` (default: newest readable) of a run on this host's devices and exports its EMA
-    weights to `out`. Returns `out`."""
+    weights to `out`, which must be absent or empty unless `overwrite`. Returns `out`."""
     from ml_collections import ConfigDict
 
+    from sfd_jax.errors import InputError
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise InputError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{out} exists and is not a directory")
     from sfd_jax.train.build import build
     saved = read_config_json(workdir, step)
     config = ConfigDict(saved["config"])
@@ -308,7 +314,12 @@ def _main(argv):
     if argv[1:] not in ([], ["export"]):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; usage: python -m sfd_jax.checkpoint export "
                              "--workdir=DIR --out=DIR [--step=N]")
-    export_ema_from_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
+    from sfd_jax.errors import InputError
+    try:
+        export_ema_from_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step,
+                                overwrite=flags.FLAGS.overwrite)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
@@ -317,4 +328,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
     flags.DEFINE_string("out", None, "Directory to write the EMA weights to.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: newest readable).")
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
     app.run(_main)

@@ -78,7 +78,11 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
 def fill_shape(shape: Sequence[int], total: int, field: str) -> tuple[int, ...]:
     """`shape` (one entry per mesh axis, at most one -1) with the -1 resolved so the product is `total`; errors
     name `field`."""
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={shape!r}: expected {len(AXES)} integers for axes {AXES}, e.g. (1, -1, 1)") \
+            from None
     if len(shape) != len(AXES):
         raise ValueError(f"{field}={shape}: expected {len(AXES)} entries for axes {AXES}")
     if shape.count(-1) > 1:

@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
         raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
-    return int(args.func(args) or 0)
+    from sfd_jax.errors import InputError
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, FileNotFoundError) as e:  # names the file and what is wrong: no traceback needed
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
+from sfd_jax.errors import InputError
 
-class ConversionError(ValueError):
+
+class ConversionError(InputError):
     """A checkpoint does not fit the model it is being loaded into."""
 
     def __init__(self, what: str, source: str, missing=(), unexpected=(), mismatched=(), hint: str = ""):
@@ -102,6 +104,28 @@ def to_numpy(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarr
             value = value.numpy()
         out[key[len(prefix):]] = np.asarray(value)
     return out
+
+
+LOW_PRECISION = ("torch.bfloat16", "torch.float16", "bfloat16", "float16")
+
+
+def low_precision_dtypes(mapping: Mapping[str, Any]) -> list[str]:
+    """The 16-bit float dtypes among `mapping`'s tensors (before `to_numpy` widens them)."""
+    return sorted({str(v.dtype) for v in mapping.values() if hasattr(v, "dtype") and str(v.dtype) in LOW_PRECISION})
+
+
+def check_finite(state_dict: Mapping[str, np.ndarray], *, what: str, source: str, allow: bool = False) -> list[str]:
+    """Names of the tensors holding NaN/Inf; raises a ConversionError naming them unless `allow`. Weights that
+    are not finite give NaN images with exit code 0, so a conversion never passes them on silently."""
+    bad = [k for k, v in state_dict.items()
+           if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))]
+    if bad and not allow:
+        counts = [f"{k} ({int(np.size(state_dict[k]) - np.isfinite(state_dict[k]).sum())} non-finite)"
+                  for k in sorted(bad)]
+        raise ConversionError(what, source, hint=(
+            f"{len(bad)} tensor(s) hold NaN/Inf, e.g. {_clip(counts, 6)}; the checkpoint is damaged or was saved "
+            "after training diverged (pass --allow-nonfinite to convert it anyway)"))
+    return sorted(bad)
 
 
 def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], *, what: str,

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfd_jax.convert.common import ConversionError, check_state_dict, read_checkpoint, to_numpy
+from sfd_jax.convert.common import (ConversionError, check_finite, check_state_dict, low_precision_dtypes,
+                                    read_checkpoint, to_numpy)
 from sfd_jax.models.lightningdit import DiTConfig, LightningDiT, abstract_model, count_params, fixed_tables
 
 WHAT = "LightningDiT"
@@ -100,6 +101,7 @@ class DiTSource:
     weights: str  # "ema", "model" (raw training weights) or "state_dict" (a bare state dict: EMA unknown)
     step: int | None
     ckpt_config: dict | None  # the training checkpoint's config as plain containers
+    stored_dtypes: tuple = ()  # 16-bit float dtypes the tensors were stored in (widened to float32 on reading)
 
 
 def _plain_config(config: Any) -> dict | None:
@@ -149,11 +151,12 @@ def read_dit_state_dict(path_or_state_dict, *, use_ema: bool = True) -> DiTSourc
         sd, weights = (raw[wrappers[0]] if wrappers else raw), "state_dict"
     if not isinstance(sd, Mapping):
         raise ConversionError(WHAT, source, hint=f"expected a state dict, found {type(sd).__name__}")
+    stored = tuple(low_precision_dtypes(sd))
     sd = to_numpy(sd)
     for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return DiTSource(sd, source, weights, step, ckpt_config)
+    return DiTSource(sd, source, weights, step, ckpt_config, stored)
 
 
 def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "<mapping>",
@@ -241,13 +244,19 @@ def _looks_like_dit_key(key: str) -> bool:
                                  "feat_rope", "blocks", "final_layer", "repa_projector"}
 
 
-def _check_buffers(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str) -> None:
+def _check_buffers(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str,
+                   stored_dtypes: tuple = ()) -> None:
+    # Tables stored in 16 bits were rounded: allow the rounding of their format (bf16 keeps 8 significant bits,
+    # fp16 11) relative to each value; another layout differs by O(1).
+    rel = 2.0 ** -8 if any("bfloat16" in d for d in stored_dtypes) else 2.0 ** -11 if stored_dtypes else 0.0
     pos_embed, (rope_cos, rope_sin) = fixed_tables(cfg)
     computed = {"pos_embed": pos_embed[None], "feat_rope.freqs_cos": rope_cos, "feat_rope.freqs_sin": rope_sin}
     wrong = []
     for key, value in computed.items():
-        err = float(np.max(np.abs(np.asarray(state_dict[key], np.float32) - value)))
-        if not err <= 1e-5:  # the tables are fixed functions of (D, head_dim, grid); a mismatch is another layout
+        diff = np.abs(np.asarray(state_dict[key], np.float32) - value)
+        err = float(np.max(diff))
+        # the tables are fixed functions of (D, head_dim, grid); a mismatch is another layout
+        if not np.all(diff <= 1e-5 + rel * np.abs(value)):
             wrong.append(f"{key} (max abs difference {err:.3g})")
     if wrong:
         raise ConversionError(WHAT, source, hint=(
@@ -269,7 +278,8 @@ def load_dit(path_or_state_dict, *, use_ema: bool = True, config: DiTConfig | No
     return _build(found, config=config, dtype=dtype)
 
 
-def _build(found: DiTSource, *, config: DiTConfig | None, dtype: str | None) -> tuple[DiTConfig, LightningDiT]:
+def _build(found: DiTSource, *, config: DiTConfig | None, dtype: str | None,
+           allow_nonfinite: bool = False) -> tuple[DiTConfig, LightningDiT]:
     sd, source = found.state_dict, found.source
     if config is None:
         cfg = infer_config(sd, source=source, ckpt_config=found.ckpt_config)
@@ -284,7 +294,8 @@ def _build(found: DiTSource, *, config: DiTConfig | None, dtype: str | None) -> 
         hint += (" -- these weights have the one D-wide timestep embedder of a Δt = 0 / no-semantic model, which two "
                  "D/2 embedders cannot represent; build the model with dual_timestep=False")
     check_state_dict(sd, expected_shapes(cfg), what=WHAT, source=source, hint=hint)
-    _check_buffers(sd, cfg, source)
+    _check_buffers(sd, cfg, source, found.stored_dtypes)
+    check_finite(sd, what=WHAT, source=source, allow=allow_nonfinite)
     model = abstract_model(cfg)
     params = {path: _from_ref(path, np.asarray(sd[_ref_key(path)], np.float32))
               for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -394,13 +405,21 @@ def add_cli(subparsers) -> None:
     p.add_argument("output_dir", help="directory to write (params/, config.json, meta.json)")
     p.add_argument("--raw", action="store_true", help="take the raw training weights ('model') instead of 'ema'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights directory")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert even if tensors hold NaN/Inf (refused by default; their names are printed)")
     p.set_defaults(func=_cli_main)
 
 
 def _cli_main(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output_dir)
     found = read_dit_state_dict(args.input, use_ema=not args.raw)
-    cfg, model = _build(found, config=None, dtype="float32")
+    cfg, model = _build(found, config=None, dtype="float32", allow_nonfinite=args.allow_nonfinite)
+    if found.stored_dtypes:
+        print(f"note: {args.input} stores {', '.join(found.stored_dtypes)} tensors; converted to float32 "
+              "(exact: every 16-bit value is a float32 value)")
+    bad = check_finite(found.state_dict, what=WHAT, source=found.source, allow=True)
+    if bad:
+        print(f"WARNING: converted with --allow-nonfinite; {len(bad)} tensor(s) hold NaN/Inf: {', '.join(bad[:12])}")
     n_params = count_params(cfg)
     n_repa = count_params(cfg, include_repa=True) - n_params
     weights = {"ema": "EMA", "model": "raw (non-EMA training weights)",

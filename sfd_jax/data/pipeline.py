@@ -28,10 +28,13 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import bisect
+
 import grain
 import numpy as np
 
 from sfd_jax.data import records
+from sfd_jax.errors import DataError
 
 STATE_VERSION = 1
 
@@ -48,12 +51,79 @@ def derive_seeds(seed: int) -> tuple[int, int]:
     return int(a), int(b)
 
 
+class _NamedShards:
+    """Grain's ArrayRecord source with errors that name the shard: a truncated, emptied or bit-flipped shard
+    otherwise surfaces as a bare Riegeli error from a reader thread."""
+
+    def __init__(self, paths: list[str]):
+        from array_record.python.array_record_module import ArrayRecordReader
+        counts = []
+        for path in paths:  # opening reads the shard's footer and index: a cut or emptied file fails here
+            try:
+                reader = ArrayRecordReader(path)
+                try:
+                    counts.append(int(reader.num_records()))
+                finally:
+                    reader.close()
+            except Exception as e:  # noqa: BLE001 - Riegeli raises RuntimeError/ValueError/OSError
+                raise DataError(_corrupt(path, e)) from None
+        self.paths = list(paths)
+        self.ends = np.cumsum(counts).tolist()
+        self.source = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def shard_of(self, record_id: int) -> str:
+        return self.paths[bisect.bisect_right(self.ends, int(record_id))]
+
+    def __getitem__(self, record_id: int) -> bytes:
+        try:
+            return self.source[record_id]
+        except Exception as e:  # noqa: BLE001
+            raise DataError(_corrupt(self.shard_of(record_id), e)) from None
+
+
+def _corrupt(path: str, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"latent shard {path} is corrupt or truncated ({type(error).__name__}: {first[:200]}); re-extract it: "
+            f"delete it and its .json, then rerun --mode=extract with the same --workdir")
+
+
+def _check_layout(path: str, layout: records.RecordLayout, channels) -> None:
+    """The records' channel layout against what the model needs: (texture channels, semantic channels), a
+    semantic count of 0 accepting any (the texture-only ablation ignores them)."""
+    if channels is None:
+        return
+    tex, sem = (int(c) for c in channels)
+    have_tex, have_sem = layout.texture_shape[-1], layout.semantic_shape[-1]
+    if have_tex != tex or (sem and have_sem != sem):
+        raise DataError(f"{path}/dataset.json: the records hold {have_tex} texture + {have_sem} semantic channels, "
+                        f"the model needs {tex} texture + {sem or 'any'} semantic; extract the latents with the "
+                        "encoders this model was configured for (or fix diffusion.semantic_chans)")
+
+
+def _check_label_ranges(path: str, shard_names, num_classes) -> None:
+    """Label ranges recorded by the extraction in each shard's .json, when present (older datasets are checked
+    batch by batch instead)."""
+    if num_classes is None:
+        return
+    for name in shard_names:
+        meta = records.read_json(os.path.join(path, name + ".json"), "shard metadata")
+        lo_hi = meta.get("label_range") if isinstance(meta, dict) else None
+        if lo_hi and not (0 <= int(lo_hi[0]) and int(lo_hi[1]) < num_classes):
+            raise DataError(f"{os.path.join(path, name)}: labels span [{lo_hi[0]}, {lo_hi[1]}], the model has "
+                            f"data.num_classes={num_classes} (valid labels 0..{num_classes - 1}; {num_classes} is the "
+                            "null label); extract with the right label mapping or set data.num_classes")
+
+
 class _ReadAndCollate:
     """Record indices → the training batch dict (one copy from each record into the batch arrays)."""
 
     def __init__(self, source, layout: records.RecordLayout, stats: Mapping[str, np.ndarray], multiplier: float,
-                 with_meta: bool):
+                 with_meta: bool, num_classes: int | None = None):
         self.source = source
+        self.num_classes = num_classes
         self.layout = layout
         self.with_meta = with_meta
         mean = np.concatenate([stats["texture_mean"], stats["semantic_mean"]])
@@ -91,6 +161,14 @@ class _ReadAndCollate:
             x1[i, ..., :self.c_tex] = self._field(record, "texture")
             x1[i, ..., self.c_tex:] = self._field(record, "semantic")
             dino[i] = self._field(record, "dino")
+        if self.num_classes is not None:  # one vectorised compare per batch; a bad label trains silently otherwise
+            bad = np.flatnonzero((y < 0) | (y >= self.num_classes))
+            if bad.size:
+                rid = int(record_ids[bad[0]])
+                raise DataError(f"latent shard {self.source.shard_of(rid)}: record {rid} has label {int(y[bad[0]])}, "
+                                f"outside 0..{self.num_classes - 1} (data.num_classes={self.num_classes}; "
+                                f"{self.num_classes} is the null label); re-extract with the right labels or set "
+                                "data.num_classes")
         x1 -= self.mean
         x1 *= self.scale
         batch = {"x1": x1, "y": y, "dino": dino}
@@ -121,7 +199,7 @@ class LatentIterator:
     """Endless host-local batch iterator with a JSON-serialisable, restorable position."""
 
     def __init__(self, data_config, *, batch_size: int, process_index: int, process_count: int, seed: int,
-                 with_meta: bool = False):
+                 with_meta: bool = False, channels: tuple[int, int] | None = None):
         source = _field(data_config, "source", "arrayrecord")
         if source != "arrayrecord":
             raise ValueError(f"data.source={source!r}: the latent pipeline reads 'arrayrecord' datasets only")
@@ -134,6 +212,10 @@ class LatentIterator:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = os.fspath(path)
         meta, layout, shard_paths = records.load_dataset(self.path)
+        _check_layout(self.path, layout, channels)
+        num_classes = _field(data_config, "num_classes", None)
+        num_classes = None if num_classes is None else int(num_classes)
+        _check_label_ranges(self.path, meta["shards"], num_classes)
         stats = records.load_stats(self.path, layout)
         self.semantic_normalised = semantic_is_normalised(
             meta, records.read_json(os.path.join(self.path, "stats.json"), "latent statistics"))
@@ -149,7 +231,7 @@ class LatentIterator:
         read_threads = int(_field(data_config, "read_threads", 8))
         prefetch = int(_field(data_config, "prefetch_batches", 8))
 
-        source_ds = grain.sources.ArrayRecordDataSource(shard_paths)
+        source_ds = _NamedShards(shard_paths)
         if len(source_ds) % 2:
             raise ValueError(f"{self.path} holds {len(source_ds)} records; a dataset stores two per image")
         self.num_images = len(source_ds) // 2  # each image has two view records
@@ -165,7 +247,7 @@ class LatentIterator:
         ds = ds.random_map(_ChooseView(random_flip), seed=flip_seed)
         ds = ds[:per_epoch][process_index::process_count].repeat()
         ds = ds.batch(self.batch_size, drop_remainder=True,
-                      batch_fn=_ReadAndCollate(source_ds, layout, stats, multiplier, with_meta))
+                      batch_fn=_ReadAndCollate(source_ds, layout, stats, multiplier, with_meta, num_classes))
         options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 1))
         self._iter = ds.to_iter_dataset(options).__iter__()
         self._identity = {"path": os.path.abspath(self.path), "num_images": self.num_images,
@@ -197,11 +279,13 @@ class LatentIterator:
 
 
 def make_iterator(data_config, *, batch_size: int, process_index: int, process_count: int, seed: int,
-                  with_meta: bool = False) -> LatentIterator:
+                  with_meta: bool = False, channels: tuple[int, int] | None = None) -> LatentIterator:
     """The training-batch iterator for this process. `batch_size` is the per-process (host-local) batch.
 
     Batches: {x1 float32 (b, H, W, C_tex + C_sem), y int32 (b,), dino (b, T, D) in the stored dtype}; with
-    `with_meta` also the source `index` (int64) and the `flip` choice (bool) of every row.
+    `with_meta` also the source `index` (int64) and the `flip` choice (bool) of every row. `channels`: the model's
+    (texture, semantic) channel counts, checked against the records (0 semantic: any); `data.num_classes`, when
+    set, bounds the labels.
     """
     return LatentIterator(data_config, batch_size=batch_size, process_index=process_index,
-                          process_count=process_count, seed=seed, with_meta=with_meta)
+                          process_count=process_count, seed=seed, with_meta=with_meta, channels=channels)

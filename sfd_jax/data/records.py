@@ -327,10 +327,24 @@ def finalize_stats(directory: str, shard_names: Sequence[str], *, made_by: Mappi
 
 def load_dataset(directory: str) -> tuple[dict, RecordLayout, list[str]]:
     """dataset.json, its layout and the shard paths; refuses an incomplete dataset."""
-    meta = read_json(os.path.join(directory, "dataset.json"), "dataset description")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory}/dataset.json has format {meta.get('format')!r}, expected {FORMAT!r}")
-    layout = RecordLayout.from_json(meta["layout"])
+    from sfd_jax.errors import DataError
+    path = os.path.join(directory, "dataset.json")
+    try:
+        meta = read_json(path, "dataset description")
+    except ValueError as e:
+        raise DataError(f"{e}; rerun --mode=extract into this directory to rewrite it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                        f"expected {FORMAT!r}")
+    absent = [k for k in ("layout", "shards") if k not in meta]
+    if absent or not isinstance(meta["shards"], list) or not meta["shards"]:
+        raise DataError(f"{path} lacks {absent or ['a non-empty shards list']} (it holds {sorted(meta)}): the file "
+                        "is damaged; rerun --mode=extract into this directory to rewrite it (finished shards are "
+                        "kept)")
+    try:
+        layout = RecordLayout.from_json(meta["layout"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: unreadable layout ({type(e).__name__}: {e}); rerun --mode=extract") from None
     missing = [n for n in meta["shards"] if not shard_done(directory, n)]
     if missing:
         raise FileNotFoundError(f"{directory}: {len(missing)} of {len(meta['shards'])} shards are missing or "
@@ -354,6 +368,26 @@ def read_images(directory: str) -> tuple[dict, RecordLayout, list[dict[str, Any]
     return meta, layout, images
 
 
+def check_stats_vector(path: str, name: str, value, channels: int | None, why: str = "") -> np.ndarray:
+    """One mean/std vector of stats.json as float64, refused unless finite (std also > 0) with the right length:
+    an inf std would zero a channel and a NaN mean would poison every loss, both without an error."""
+    from sfd_jax.errors import DataError
+    try:
+        value = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {name} is not a list of numbers; re-run the extraction (or its stats step) to "
+                        "rewrite stats.json") from None
+    if value.ndim != 1 or value.size == 0 or (channels is not None and value.shape != (channels,)):
+        raise DataError(f"{path}: {name} has shape {value.shape}, expected ({channels if channels else 'C'},) "
+                        f"({why or 'one entry per latent channel'})")
+    bad = np.flatnonzero(~np.isfinite(value) | ((value <= 0) if name.endswith("std") else False))
+    if bad.size:
+        need = "finite and > 0" if name.endswith("std") else "finite"
+        raise DataError(f"{path}: {name} must be {need}; channel(s) {bad[:8].tolist()} hold "
+                        f"{value[bad[:8]].tolist()}; recompute stats.json (rerun --mode=extract after deleting it)")
+    return value
+
+
 def load_stats(directory: str, layout: RecordLayout) -> dict[str, np.ndarray]:
     """stats.json as float32 arrays, checked against the record layout's channel counts."""
     path = os.path.join(directory, "stats.json")
@@ -361,16 +395,13 @@ def load_stats(directory: str, layout: RecordLayout) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"latent statistics missing: {path}; the extraction writes it after its last shard "
                                 "(rerun `--mode=extract`, or convert the reference stats with reference_latents)")
     stats = read_json(path, "latent statistics")
-    if stats.get("format") != STATS_FORMAT:
-        raise ValueError(f"{path} has format {stats.get('format')!r}, expected {STATS_FORMAT!r}")
+    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
+        from sfd_jax.errors import DataError
+        raise DataError(f"{path} has format {stats.get('format')!r}, expected {STATS_FORMAT!r}")
     out = {}
     for part, shape in (("texture", layout.texture_shape), ("semantic", layout.semantic_shape)):
         for key in ("mean", "std"):
-            value = np.asarray(stats.get(part, {}).get(key, []), np.float64)
-            if value.shape != (shape[-1],):
-                raise ValueError(f"{path}: {part}.{key} has shape {value.shape}, but the records hold {part} "
-                                 f"latents of shape {shape} (expected ({shape[-1]},))")
-            if key == "std" and not np.all(value > 0):
-                raise ValueError(f"{path}: {part}.std has non-positive entries {value[value <= 0][:4]}")
+            value = check_stats_vector(path, f"{part}.{key}", stats.get(part, {}).get(key, []), shape[-1],
+                                       f"the records hold {part} latents of shape {shape}")
             out[f"{part}_{key}"] = value.astype(np.float32)
     return out

@@ -133,6 +133,7 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
             stored = {k: fields[k][chosen].astype(layout.field_spec(k)[0]) for k in ("texture", "semantic")}
             shard_meta = {"num_records": 2 * n, "num_images": n, "first_index": start, "stop_index": start + n,
                           "skipped": [],
+                          "label_range": [int(np.min(arrays["labels"])), int(np.max(arrays["labels"]))],
                           "source_file": os.path.basename(path),
                           "moments": {"images": int(chosen.sum()),
                                       "texture": records.Moments.of(stored["texture"]).to_json(),

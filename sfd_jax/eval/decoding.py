@@ -2,7 +2,6 @@
 used by every sampling path (`ImageGenerator`, `--mode=sample`, the in-training FID, the demo)."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -23,19 +22,14 @@ def read_latent_stats(path: str, texture_channels: int | None = None) -> tuple[n
     if not os.path.exists(path):
         raise FileNotFoundError(f"latent statistics not found: {path} (the stats.json written by --mode=extract "
                                 "beside the latent shards)")
-    with open(path) as f:
-        stats = json.load(f)
-    if stats.get("format") != records.STATS_FORMAT:
-        raise ValueError(f"{path} has format {stats.get('format')!r}, expected {records.STATS_FORMAT!r}")
-    mean = np.asarray(stats.get("texture", {}).get("mean", []), np.float64)
-    std = np.asarray(stats.get("texture", {}).get("std", []), np.float64)
-    if mean.ndim != 1 or mean.shape != std.shape or mean.size == 0:
-        raise ValueError(f"{path}: texture.mean {mean.shape} and texture.std {std.shape} must be equal-length vectors")
-    if texture_channels is not None and mean.size != texture_channels:
-        raise ValueError(f"{path}: texture stats have {mean.size} channels, the model's texture part has "
-                         f"{texture_channels}")
-    if not np.all(std > 0):
-        raise ValueError(f"{path}: texture.std has non-positive entries")
+    from sfd_jax.errors import DataError
+    stats = records.read_json(path, "latent statistics")
+    if not isinstance(stats, dict) or stats.get("format") != records.STATS_FORMAT:
+        raise DataError(f"{path} has format {stats.get('format') if isinstance(stats, dict) else None!r}, "
+                        f"expected {records.STATS_FORMAT!r}")
+    texture = stats.get("texture", {}) if isinstance(stats.get("texture"), dict) else {}
+    mean = records.check_stats_vector(path, "texture.mean", texture.get("mean", []), texture_channels)
+    std = records.check_stats_vector(path, "texture.std", texture.get("std", []), mean.size)
     return mean.astype(np.float32), std.astype(np.float32)
 
 

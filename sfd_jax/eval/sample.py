@@ -41,6 +41,7 @@ from absl import logging
 
 from sfd_jax import parallel
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
+from sfd_jax.errors import InputError
 from sfd_jax.eval.generator import (LABEL_MODES, BatchStats, ImageGenerator, SamplerSettings, TextureDecoder,
                                     class_labels)
 from sfd_jax.eval.sample_files import (ChunkReader, coverage, file_sha256, grid_indices, make_grid, save_png,
@@ -123,6 +124,19 @@ def guidance_from_config(block, *, dtype: str | None = None, guide=None):
                              f"{got}; pass the guide checkpoint of step {want} or set guide_step=0")
     return AutoGuidance(guide_model=guide, scale=scale, scale_sem=None if scale_sem is None else float(scale_sem),
                         scale_tex=None if scale_tex is None else float(scale_tex), interval_start=start), desc
+
+
+def check_guide(model_cfg, guide_cfg, model_path: str = "model", guide_path: str = "guide") -> None:
+    """AutoGuidance evaluates the guide on the model's inputs and labels: latent grid, channels and label table
+    must be the same (a 1000-class guide would read a 10-class model's labels as other classes)."""
+    if guide_cfg is None:
+        return
+    fields = ("input_size", "in_channels", "semantic_chans", "num_classes")
+    diffs = [f"{f} {getattr(guide_cfg, f)} vs {getattr(model_cfg, f)}" for f in fields
+             if getattr(guide_cfg, f) != getattr(model_cfg, f)]
+    if diffs:
+        raise InputError(f"guide and model differ: {'; '.join(diffs)} (guide {guide_path}, model {model_path}); "
+                         "AutoGuidance needs a guide trained on the same latents and classes")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +228,13 @@ def run(config, workdir: str) -> dict:
     gen = ImageGenerator(decoder, settings=settings, seed=int(config.seed), mesh=mesh, rules=rules,
                          per_device_batch=int(c.per_device_batch))
     cfg = model.cfg
+    if isinstance(guidance, AutoGuidance):
+        check_guide(cfg, getattr(guidance.guide_model, "cfg", None), str(c.model), str(c.guide))
     num_classes = int(c.num_classes) or cfg.num_classes
+    if not 0 < num_classes <= cfg.num_classes:
+        raise InputError(f"config.sample.num_classes={int(c.num_classes)}: the model {c.model} has "
+                         f"{cfg.num_classes} classes (labels 0..{cfg.num_classes - 1}; {cfg.num_classes} is its "
+                         f"null label); use 1..{cfg.num_classes}, or 0 for all of them")
     latent_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     image_shape = gen.image_shape(latent_shape)
     labels = class_labels(np.arange(num_images), num_images=num_images, num_classes=num_classes,

@@ -64,9 +64,15 @@ class ChunkReader:
             start, stop, _ = chunks[k]
             self.owner[start:stop] = k
         for start, stop, path in chunks:
-            arr = np.load(path, mmap_mode="r")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:  # a chunk cut short by a full disk or a copy
+                from sfd_jax.errors import DataError
+                raise DataError(f"sample chunk {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
+                                "the same command to sample those images again") from None
             if arr.shape != (stop - start,) + tuple(image_shape) or arr.dtype != np.uint8:
-                raise ValueError(f"{path} holds {arr.dtype} {arr.shape}, expected uint8 "
+                from sfd_jax.errors import DataError
+                raise DataError(f"{path} holds {arr.dtype} {arr.shape}, expected uint8 "
                                  f"{(stop - start,) + tuple(image_shape)}; delete it to sample it again")
             self.arrays.append(arr)
             self.starts.append(start)

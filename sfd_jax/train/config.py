@@ -14,13 +14,14 @@ from sfd_jax.diffusion.losses import REPA_MODES
 from sfd_jax.diffusion.schedule import TIME_DISTS
 from sfd_jax.models.lightningdit import DTYPES, REMAT_POLICIES, SIZES
 from sfd_jax.train import skeleton
+from sfd_jax.errors import InputError
 
 SOURCES = ("synthetic", "arrayrecord")
 TEXTURE_CHANS = 32
 MAX_SEMANTIC_CHANS = 16
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config field holds a value the trainer cannot use; the message names the field."""
 
 
@@ -89,7 +90,11 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
         rules = parallel.parse_rules(config.mesh.rules)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
-    dcn = tuple(int(v) for v in config.mesh.dcn)
+    try:
+        dcn = tuple(int(v) for v in config.mesh.dcn)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config.mesh.dcn={config.mesh.dcn!r}: expected {len(parallel.AXES)} integers for axes "
+                          f"{parallel.AXES}, e.g. (1, 1, 1)") from None
     slices = process_count if num_slices is None else num_slices
     try:
         dcn_shape = parallel.fill_shape(dcn, slices if -1 in dcn else math.prod(dcn), "mesh.dcn")

@@ -12,6 +12,7 @@ never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -63,7 +64,9 @@ def make_data_iterator(config, *, batch_size: int, process_index: int, process_c
     if source == "synthetic":
         from sfd_jax.data.synthetic import make_iterator
     elif source == "arrayrecord":
-        from sfd_jax.data.pipeline import make_iterator
+        from sfd_jax.data.pipeline import make_iterator as _make
+        make_iterator = functools.partial(_make, channels=(config_lib.TEXTURE_CHANS,
+                                                           int(config.diffusion.semantic_chans)))
     else:
         raise config_lib.ConfigError(f"config.data.source: {source!r}; valid: {config_lib.SOURCES}")
     return make_iterator(config.data, batch_size=batch_size, process_index=process_index,
