@@ -183,14 +183,18 @@ def _md5(local: str) -> str:
 
 
 def local_copy(p: Any, cache: str | None = None) -> str:
-    """A local path holding `p`'s bytes: `p` itself when local, else a verified copy under `cache` (default
+    """A local path holding `p`'s bytes (a file, or a directory recursively): `p` itself when local, else a verified copy under `cache` (default
     `staging_dir()`, keyed by the URL). A copy already there with the object's size (and MD5 where the store reports
     one) is reused, so a restarted job downloads only what it lacks; a download goes to a temporary name first."""
     p = os.fspath(p)
     if not is_remote(p):
         return p
     scheme, rest = p.split("://", 1)
-    local = os.path.join(cache or staging_dir(), scheme, rest)
+    local = os.path.join(cache or staging_dir(), scheme, rest.rstrip("/"))
+    if path(p).is_dir():  # a weights directory for a reader of local files (safetensors, torch)
+        for child in path(p).iterdir():
+            local_copy(os.fspath(child), cache)
+        return local
     size = path(p).stat().length
     md5 = None
     if os.path.exists(local) and os.path.getsize(local) == size:

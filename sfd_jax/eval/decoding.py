@@ -2,7 +2,6 @@
 used by every sampling path (`ImageGenerator`, `--mode=sample`, the in-training FID, the demo)."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -16,15 +15,15 @@ def read_latent_stats(path: str, texture_channels: int | None = None) -> tuple[n
     Format (`sfd_jax.data.records`): {"format": "sfd_jax.latent_stats.v1", "texture": {"mean": [...], "std": [...]},
     "semantic": {...}}.
     """
+    from sfd_jax import paths
     from sfd_jax.data import records
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "stats.json")
-    if not os.path.exists(path):
+    if paths.isdir(path):
+        path = paths.join(path, "stats.json")
+    if not paths.exists(path):
         raise FileNotFoundError(f"latent statistics not found: {path} (the stats.json written by --mode=extract "
                                 "beside the latent shards)")
-    with open(path) as f:
-        stats = json.load(f)
+    stats = paths.read_json(path, "latent statistics")
     if stats.get("format") != records.STATS_FORMAT:
         raise ValueError(f"{path} has format {stats.get('format')!r}, expected {records.STATS_FORMAT!r}")
     mean = np.asarray(stats.get("texture", {}).get("mean", []), np.float64)

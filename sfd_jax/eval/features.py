@@ -149,9 +149,11 @@ class FolderImages:
 
 def open_images(path: str, key: str = "arr_0") -> ImageSource:
     """An image source for an npz (`key`, default `arr_0`), a `.npy` file or a folder of PNG/JPEG files."""
+    from sfd_jax import paths
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"images not found: {path}")
+    path = paths.local_copy(path)  # gs://: a verified local copy (memory-mapped / zip-read below)
     if os.path.isdir(path):
         return FolderImages(path)
     if path.endswith(".npy"):

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sfd_jax import parallel
+from sfd_jax import parallel, paths
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
 from sfd_jax.eval.generator import (LABEL_MODES, BatchStats, ImageGenerator, SamplerSettings, TextureDecoder,
                                     class_labels)
@@ -78,22 +78,21 @@ def load_model(path: str, *, use_ema: bool = True, dtype: str | None = None, wha
     if not path:
         raise ValueError(f"config.{what} is required: a DiT weights directory or a reference .pt checkpoint")
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"config.{what}: {path} does not exist")
-    meta = {"path": os.path.abspath(path)}
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, "config.json")):
+    meta = {"path": paths.absolute(path)}
+    if paths.isdir(path):
+        if paths.isdir(paths.join(path, "checkpoints")) and not paths.exists(paths.join(path, "config.json")):
             raise ValueError(f"config.{what}: {path} is a training workdir; export its EMA weights first with "
                              f"`python -m sfd_jax.checkpoint export --workdir={path} --out=OUT` and pass OUT")
         _, model = restore_dit(path, dtype=dtype)
-        meta_path = os.path.join(path, "meta.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta["meta"] = json.load(f)
+        meta_path = paths.join(path, "meta.json")
+        if paths.exists(meta_path):
+            meta["meta"] = paths.read_json(meta_path, "weights metadata")
     else:
-        _, model = load_dit(path, use_ema=use_ema, dtype=dtype or "float32")
-        st = os.stat(path)
-        meta.update(use_ema=bool(use_ema), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        _, model = load_dit(paths.local_copy(path), use_ema=use_ema, dtype=dtype or "float32")
+        st = paths.path(path).stat()
+        meta.update(use_ema=bool(use_ema), size=st.length, mtime_ns=int(st.mtime * 1e9))
     return model, meta
 
 
@@ -145,10 +144,9 @@ def _from_main(value: np.ndarray) -> np.ndarray:
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 def _check_manifest(path: str, manifest: dict, overwrite: bool) -> None:
-    if not os.path.exists(path) or overwrite:
+    if not paths.exists(path) or overwrite:
         return
-    with open(path) as f:
-        old = json.load(f)
+    old = paths.read_json(path, "sampling manifest")
     changed = sorted(k for k in set(old["identity"]) | set(manifest["identity"])
                      if old["identity"].get(k) != manifest["identity"].get(k))
     if changed:
@@ -184,10 +182,10 @@ def run(config, workdir: str) -> dict:
     """Entry point of `--mode=sample` (see the module doc and docs/sampling.md)."""
     c = config.sample
     parallel.maybe_initialize_distributed(str(config.get("distributed", "auto")))
-    workdir = os.path.abspath(workdir)
-    chunk_dir = os.path.join(workdir, CHUNK_DIR)
+    workdir = paths.absolute(workdir)
+    chunk_dir = paths.join(workdir, CHUNK_DIR)
     if _is_main():
-        os.makedirs(chunk_dir, exist_ok=True)
+        paths.makedirs(chunk_dir)
 
     num_images = int(c.num_images)
     if num_images < 1:
@@ -218,8 +216,8 @@ def run(config, workdir: str) -> dict:
     manifest = {"identity": {
         "model": model_desc, "dtype": dtype, "guidance": guidance_desc, "settings": settings.to_dict(),
         "seed": int(config.seed), "num_images": num_images, "labels": str(c.labels), "num_classes": num_classes,
-        "label_seed": int(c.label_seed), "texture_vae": os.path.abspath(str(c.texture_vae)),
-        "vae_dtype": str(c.vae_dtype), "latent_stats": os.path.abspath(stats_path),
+        "label_seed": int(c.label_seed), "texture_vae": paths.absolute(str(c.texture_vae)),
+        "vae_dtype": str(c.vae_dtype), "latent_stats": paths.absolute(stats_path),
         "texture_mean": decoder.mean.tolist(), "texture_std": decoder.std.tolist(),
         "latent_multiplier": float(c.latent_multiplier), "image_shape": list(image_shape)},
         "execution": {"per_device_batch": gen.per_device_batch, "decode_batch": decoder.decode_batch}}
@@ -229,10 +227,9 @@ def run(config, workdir: str) -> dict:
         try:
             if bool(c.overwrite):
                 for _, _, path in scan_chunks(chunk_dir, num_images):
-                    os.remove(path)
-            _check_manifest(os.path.join(workdir, MANIFEST), manifest, bool(c.overwrite))
-            with open(os.path.join(workdir, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=2)
+                    paths.remove(path)
+            _check_manifest(paths.join(workdir, MANIFEST), manifest, bool(c.overwrite))
+            paths.write_json_atomic(paths.join(workdir, MANIFEST), manifest, indent=2)
         except (ValueError, OSError) as e:
             error = str(e)
             if jax.process_count() == 1:
@@ -285,8 +282,7 @@ def run(config, workdir: str) -> dict:
     }
     if _is_main():
         summary.update(_write_outputs(c, workdir, chunk_dir, num_images, image_shape, labels))
-        with open(os.path.join(workdir, "sample.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        paths.write_json_atomic(paths.join(workdir, "sample.json"), summary, indent=2)
         logging.info("sample: done, %s", {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s",
                                                                    "nfe_per_image_mean") if k in summary})
     _sync("sfd_sample_outputs")
@@ -299,14 +295,15 @@ def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape
     out = {}
     if int(c.grid_size) > 0:
         grid = make_grid(reader.read(grid_indices(num_images, int(c.grid_size))), int(c.grid_cols))
-        out["grid"] = os.path.join(workdir, "grid.png")
+        out["grid"] = paths.join(workdir, "grid.png")
         save_png(out["grid"], grid)
     if bool(c.save_png):
-        png_dir = os.path.join(workdir, "images")
-        os.makedirs(png_dir, exist_ok=True)
+        png_dir = paths.join(workdir, "images")
+        paths.makedirs(png_dir)
+        have = set(paths.listdir(png_dir))
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(save_png, os.path.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
-                       for g in range(num_images) if not os.path.exists(os.path.join(png_dir, f"{g:06d}.png"))]
+            futures = [pool.submit(save_png, paths.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
+                       for g in range(num_images) if f"{g:06d}.png" not in have]
             for fut in futures:
                 fut.result()
         out["png_dir"] = png_dir
@@ -314,7 +311,7 @@ def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape
         perm = shuffle_order(num_images, int(c.shuffle_seed))
         h, w, ch = image_shape
         name = str(c.npz_name) or f"samples_{num_images}x{h}x{w}x{ch}.npz"
-        path = os.path.join(workdir, name)
+        path = paths.join(workdir, name)
         block = 1024
 
         def image_blocks() -> Iterator[np.ndarray]:

@@ -28,6 +28,7 @@ from flax import nnx
 
 from sfd_jax import parallel
 from sfd_jax.checkpoint import Checkpoints, export_ema
+from sfd_jax.profiling import Profiler
 from sfd_jax.train import config as config_lib
 from sfd_jax.train.build import Run, build, config_json, loss_config, model_config  # noqa: F401 (re-exported)
 from sfd_jax.train.metrics import MetricsWriter, format_duration, is_remote, peak_flops_per_device
@@ -273,6 +274,7 @@ def _train(config, workdir: str, eval_fn: Callable | None, preemption: _Preempti
             raise RuntimeError(f"checkpoint {step} holds state.step={int(jax.device_get(state.step))}")
 
     writer = MetricsWriter(workdir, resume_step=step)
+    profile = Profiler(config.get("profile"), workdir)
     num_steps = int(t.num_steps)
     log_every, ckpt_every, eval_every = int(t.log_every), int(t.ckpt_every), int(config.eval.every)
     n_dev, global_batch = derived["device_count"], derived["global_batch"]
@@ -314,6 +316,7 @@ def _train(config, workdir: str, eval_fn: Callable | None, preemption: _Preempti
 
     try:
         while step < num_steps:
+            profile(step)
             batch = _check_batch(next(data), derived["per_process_batch"], derived["model_channels"])
             batch = parallel.host_to_global(batch, run_.mesh)
             if compiled is None:
@@ -341,6 +344,7 @@ def _train(config, workdir: str, eval_fn: Callable | None, preemption: _Preempti
     finally:
         ckpt.close()  # waits for the async save in flight
         writer.close()
+        profile.close()
 
     if not preempted and step >= num_steps and bool(t.export_ema):
         out = os.fspath(epath.Path(workdir) / "ema")
