@@ -41,6 +41,8 @@ from absl import logging
 
 from sfd_jax import parallel, paths
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
+from sfd_jax.preemption import Preemption
+from sfd_jax.profiling import Profiler
 from sfd_jax.eval.generator import (LABEL_MODES, BatchStats, ImageGenerator, SamplerSettings, TextureDecoder,
                                     class_labels)
 from sfd_jax.eval.sample_files import (ChunkReader, coverage, file_sha256, grid_indices, make_grid, save_png,
@@ -242,37 +244,59 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"config.sample.chunk_size must be positive, got {chunk_size}")
     done = _from_main(coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main()
                       else np.zeros(num_images, bool))
-    todo_chunks = [(s, min(s + chunk_size, num_images)) for s in range(0, num_images, chunk_size)
-                   if not done[s:min(s + chunk_size, num_images)].all()]
-    todo = np.concatenate([np.arange(s, e) for s, e in todo_chunks]) if todo_chunks else np.zeros(0, np.int64)
+    # Images still missing, in index order; they are written as pieces: runs of consecutive missing indices within
+    # one cell of the chunk grid (a whole chunk, unless an interrupted run left its first part).
+    todo = np.flatnonzero(~done).astype(np.int64)
     already = num_images - todo.size
+    new_piece = np.ones(todo.size, bool)
+    new_piece[1:] = (np.diff(todo) != 1) | (todo[1:] // chunk_size != todo[:-1] // chunk_size)
+    piece_start = todo[np.maximum.accumulate(np.where(new_piece, np.arange(todo.size), 0))] if todo.size else todo
+    piece_len = dict(zip(*np.unique(piece_start, return_counts=True))) if todo.size else {}
     logging.info("sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d "
                  "on %d devices", num_images, image_shape, already, chunk_dir, todo.size, settings.to_dict(),
                  guidance_desc["kind"], gen.global_batch, mesh.devices.size)
 
     on_batch, progress = _progress_logger(todo.size, num_images, already, float(c.log_every_s))
-    t0 = time.perf_counter()
+    profile = Profiler(config.get("profile"), workdir)
+    t0, preempted = time.perf_counter(), False
     if todo.size:
-        pending: dict[int, list] = {}  # chunk start -> [images filled so far, images]; chunks are grid-aligned
-        for offset, images, stats in gen.batches(model, todo, labels[todo], guidance=guidance,
-                                                 latent_shape=latent_shape, null_label=cfg.num_classes):
-            for k, g in enumerate(todo[offset:offset + len(images)].tolist()):
-                s = g - g % chunk_size
-                entry = pending.setdefault(s, [0, np.empty((min(s + chunk_size, num_images) - s,) + image_shape,
-                                                           np.uint8)])
-                entry[1][g - s] = images[k]
-                entry[0] += 1
-            for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
-                _, chunk_images = pending.pop(s)
-                if _is_main():
-                    write_chunk(chunk_dir, s, chunk_images)
-            on_batch(len(images), stats)
+        pending: dict[int, list] = {}  # piece start -> [images filled so far, images]
+        with Preemption(sync=True) as preemption:
+            for b, (offset, images, stats) in enumerate(gen.batches(model, todo, labels[todo], guidance=guidance,
+                                                                    latent_shape=latent_shape,
+                                                                    null_label=cfg.num_classes)):
+                profile(b)
+                for k in range(len(images)):
+                    j = offset + k
+                    s = int(piece_start[j])
+                    entry = pending.setdefault(s, [0, np.empty((int(piece_len[s]),) + image_shape, np.uint8)])
+                    entry[1][int(todo[j]) - s] = images[k]
+                    entry[0] += 1
+                for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
+                    _, chunk_images = pending.pop(s)
+                    if _is_main():
+                        write_chunk(chunk_dir, s, chunk_images)
+                on_batch(len(images), stats)
+                if preemption.reached(b) and offset + len(images) < todo.size:
+                    # Pieces fill in index order, so what a piece holds so far is its first `filled` images.
+                    for s, (filled, buf) in pending.items():
+                        if filled and _is_main():
+                            write_chunk(chunk_dir, s, buf[:filled])
+                    preempted = True
+                    logging.warning("sample: preempted after %d of %d images; rerun the command to finish",
+                                    already + offset + len(images), num_images)
+                    break
+        profile.close()
     sample_seconds = time.perf_counter() - t0
     _sync("sfd_sample_chunks")
+    if preempted:
+        return {"num_images": num_images, "preempted": True, "resumed_images": int(already),
+                "sampled_this_run": int(progress["done"])}
 
     summary = {
         "num_images": num_images, "image_shape": list(image_shape), "labels": str(c.labels),
         "num_classes": num_classes, "sampled_this_run": int(todo.size), "resumed_images": int(already),
+        "preempted": False,
         "seconds": round(sample_seconds, 2),
         "images_per_s": round(todo.size / sample_seconds, 3) if todo.size and sample_seconds > 0 else None,
         "nfe_per_batch_mean": float(np.mean(progress["nfe"])) if progress["nfe"] else None,

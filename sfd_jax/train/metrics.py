@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from typing import Mapping
 
 import jax
@@ -82,6 +84,7 @@ class MetricsWriter:
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self.segments = epath.Path(workdir) / SEGMENT_DIR
         self._lines: list[str] = []  # the open segment (gs:// only)
+        self._tb_local = None
         self._segment = 0
         self._tb = None
         if not self.enabled:
@@ -91,9 +94,13 @@ class MetricsWriter:
             self._resume_segments(resume_step)
         else:
             self._truncate_file(resume_step)
+        self._tb_dir = os.fspath(epath.Path(workdir) / "tb")
+        # tensorboardX's own gs:// writer re-uploads the whole event file at every flush: events of a gs:// workdir
+        # go to a local file instead, uploaded (a new object per run segment) when the writer closes.
+        self._tb_local = tempfile.mkdtemp(prefix="sfd_jax_tb_") if self._remote else None
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tb"))
+            self._tb = SummaryWriter(self._tb_local or self._tb_dir)
         except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage installed
             log.warning("TensorBoard events disabled (%s: %s); metrics.jsonl is still written", type(e).__name__, e)
 
@@ -146,6 +153,10 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            if self._tb_local:
+                for name in os.listdir(self._tb_local):
+                    paths.upload(os.path.join(self._tb_local, name), paths.join(self._tb_dir, name))
+                shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _jsonable(v):
