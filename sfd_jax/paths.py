@@ -40,6 +40,18 @@ def configure_emulator(environ=os.environ) -> None:
 configure_emulator()
 
 
+def _no_listing_cache() -> None:
+    # gcsfs caches directory listings, object sizes included, for the life of the process by default. Here other
+    # processes and hosts keep writing the same objects (metrics segments, checkpoints, shards), and a read sized
+    # from a stale listing returns a truncated object, so every listing and size is asked for afresh.
+    import fsspec.config
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
 def is_remote(path: Any) -> bool:
     """gs://, s3://, ...: no rename, no append, no local-file libraries."""
     return "://" in os.fspath(path)
