@@ -84,9 +84,9 @@ def test_evaluate_sigterm_saves_sample_features_and_resumes_to_the_same_scores(a
                                                                                monkeypatch):
     from test_sample import eval_config as base_config
 
-    def eval_config(*args, batch_size, **fields):
+    def eval_config(*args, batch_size, cache_reference=False, **fields):
         c = base_config(*args, **fields)
-        c.eval.batch_size = batch_size  # 8 batches of 8 images
+        c.eval.update(batch_size=batch_size, cache_reference=cache_reference)  # 8 batches of 8 images
         return c
 
     from sfd_jax.eval import evaluate

@@ -219,12 +219,13 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
         batch = options.batch_size_per_device * mesh.size
         total = sum(len(_shard_range(s, options.shard_size, num_images)) for s in mine)
         bar = _progress(total, done_images, progress)
-        t0, processed, preempted = time.time(), 0, False
+        t0, processed, preempted, written = time.time(), 0, False, 0
         try:
             for k, s in enumerate(todo):
                 profile(k)
                 processed += _extract_shard(source, out_dir, names[s], _shard_range(s, options.shard_size,
                                             num_images), encode, layout, batch, selection, options, pool, bar)
+                written += 1
                 if preemption.reached(k) and k + 1 < len(todo):
                     log.warning("preempted: %d shards written this run, the rest is left to the rerun", k + 1)
                     preempted = True
@@ -233,7 +234,7 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
             bar.close()
             profile.close()
         remaining = [s for s in mine if not records.shard_done(out_dir, names[s])]
-        summary = {"out_dir": out_dir, "num_shards": num_shards, "shards_written": len(todo),
+        summary = {"out_dir": out_dir, "num_shards": num_shards, "shards_written": written,
                    "images_processed": processed, "seconds": time.time() - t0,
                    "images_per_second": processed / max(time.time() - t0, 1e-9), "complete": False,
                    "preempted": preempted}
