@@ -31,6 +31,9 @@ def get_config(arg: str = "score") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/eval.py:{arg} is not a variant; choose one of {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.mode = "evaluate"
+    # jax.profiler trace of loop steps [start_step, start_step + num_steps) into dir (default <workdir>/profile);
+    # start_step < 0: off. See docs/training.md ("Profiling").
+    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3, dir=""))
     c.eval = ml_collections.ConfigDict(dict(
         task=arg,                  # 'score' | 'build_reference'
         inception_weights="",      # pt_inception-2015-12-05-*.pth or an npz with the same keys

@@ -26,6 +26,9 @@ def get_config(arg: str = "imagenet") -> ml_collections.ConfigDict:
     c.mode = "extract"
     c.distributed = "auto"  # jax.distributed.initialize() when a multi-process environment is detected
 
+    # jax.profiler trace of loop steps [start_step, start_step + num_steps) into dir (default <workdir>/profile);
+    # start_step < 0: off. See docs/training.md ("Profiling").
+    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3, dir=""))
     e = c.extract = ml_collections.ConfigDict()
     e.source = ml_collections.ConfigDict()
     e.source.kind = "folder" if variant == "folder" else "tfds"

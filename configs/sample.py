@@ -90,6 +90,9 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         overwrite=False,          # True: delete chunks made with other settings instead of refusing
         log_every_s=30.0,
     ))
+    # jax.profiler trace of loop steps [start_step, start_step + num_steps) into dir (default <workdir>/profile);
+    # start_step < 0: off. See docs/training.md ("Profiling").
+    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3, dir=""))
     c.mesh = ml_collections.ConfigDict(dict(
         ici=(-1, 1, 1),           # (data, fsdp, tensor): pure data parallelism, weights replicated
         dcn=(1, 1, 1),

@@ -92,6 +92,9 @@ def base() -> ml_collections.ConfigDict:
         # logical weight axis -> mesh axes ('' = replicated, 'data+fsdp' = both)
         rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
     ))
+    # jax.profiler trace of loop steps [start_step, start_step + num_steps) into dir (default <workdir>/profile);
+    # start_step < 0: off. See docs/training.md ("Profiling").
+    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3, dir=""))
     c.eval = eval_block()
     return c
 

@@ -304,7 +304,8 @@ def export_ema_from_workdir(workdir: str, out: str, step: int | None = None, *, 
         ckpt.close()
     aux = run.setup.init_aux()
     export_ema(out, run.model_cfg, run.setup.merge(state.ema_params, aux),
-               meta={"source": os.path.abspath(workdir), "step": int(step), "weights": "ema"})
+               meta={"source": workdir if "://" in workdir else os.path.abspath(workdir), "step": int(step),
+                     "weights": "ema"})
     log.info("exported EMA weights of step %d to %s", step, out)
     return out
 

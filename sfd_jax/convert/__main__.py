@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # subcommand → module providing add_cli(subparsers)
@@ -38,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import sfd_jax  # noqa: F401  (switches off flax eager sharding before any model is built)
     args = build_parser().parse_args(argv)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+    from sfd_jax import paths
+    if paths.isdir(args.output_dir) and paths.listdir(args.output_dir) and not args.overwrite:
         raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     from sfd_jax.errors import InputError
     try:

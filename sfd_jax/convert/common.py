@@ -63,7 +63,12 @@ def _torch_load(path: str):
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """Load the raw object stored at `path` (a dict for every format the reference uses)."""
+    from sfd_jax import paths
     path = os.fspath(path)
+    if paths.is_remote(path):
+        if not paths.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        path = paths.local_copy(path)  # torch/safetensors read local files only
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -167,13 +172,12 @@ def write_weights_dir(directory: str | os.PathLike, config: dict, arrays: Mappin
                       meta: dict | None = None) -> str:
     """Writes `config` as config.json, `arrays` (reference names and layouts) as model.safetensors and `meta` as
     meta.json; returns the directory."""
-    from safetensors.numpy import save_file
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(dict(arrays), os.path.join(directory, WEIGHTS_NAME))
+    from safetensors.numpy import save
+    from sfd_jax import paths
+    directory = os.fspath(directory)  # a local path or a gs:// URL
+    paths.makedirs(directory)
+    paths.write_atomic(paths.join(directory, CONFIG_NAME), json.dumps(config, indent=2))
+    paths.write_atomic(paths.join(directory, WEIGHTS_NAME), save(dict(arrays)))
     if meta is not None:
-        with open(os.path.join(directory, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        paths.write_atomic(paths.join(directory, "meta.json"), json.dumps(meta, indent=2, default=str))
     return directory

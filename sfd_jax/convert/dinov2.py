@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax import paths
 from sfd_jax.convert.common import ConversionError, assign_params, check_state_dict, read_checkpoint, to_numpy
 from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
 
@@ -198,7 +199,7 @@ def load_dinov2(path_or_state_dict, config: Mapping[str, Any] | Dinov2Config | N
     """
     file_config = None
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        source = os.fspath(path_or_state_dict)
+        source = paths.local_copy(os.fspath(path_or_state_dict))  # gs:// weights: a verified local copy
         if os.path.isdir(source):
             obj, file_config = _read_directory(source)
         else:

@@ -18,15 +18,16 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from sfd_jax import paths
 from sfd_jax.convert.common import (ConversionError, check_finite, check_state_dict, low_precision_dtypes,
                                     read_checkpoint, to_numpy)
 from sfd_jax.models.lightningdit import DiTConfig, LightningDiT, abstract_model, count_params, fixed_tables
@@ -336,10 +337,11 @@ def _describe(cfg: DiTConfig) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Weights directory: orbax params + config.json (+ meta.json)
 
-def save_dit(directory, cfg: DiTConfig, model: LightningDiT, *, meta: dict | None = None) -> pathlib.Path:
-    """Write `params/` (orbax, Params only: the fixed tables are recomputed on restore), config.json, meta.json."""
+def save_dit(directory, cfg: DiTConfig, model: LightningDiT, *, meta: dict | None = None) -> epath.Path:
+    """Write `params/` (orbax, Params only: the fixed tables are recomputed on restore), config.json, meta.json.
+    `directory`: a local path or a gs:// URL."""
     import orbax.checkpoint as ocp
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.path(paths.absolute(directory))
     directory.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
@@ -351,9 +353,9 @@ def save_dit(directory, cfg: DiTConfig, model: LightningDiT, *, meta: dict | Non
 
 
 def restore_dit(directory, *, dtype: str | None = None) -> tuple[DiTConfig, LightningDiT]:
-    """Read a weights directory written by `save_dit` (or `python -m sfd_jax.convert dit`)."""
+    """Read a weights directory written by `save_dit` (or `python -m sfd_jax.convert dit`), local or gs://."""
     import orbax.checkpoint as ocp
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.path(paths.absolute(directory))
     config_path = directory / "config.json"
     if not config_path.exists() or not (directory / "params").exists():
         raise FileNotFoundError(f"{directory} is not a DiT weights directory (needs config.json and params/; "
@@ -411,7 +413,7 @@ def add_cli(subparsers) -> None:
 
 
 def _cli_main(args: argparse.Namespace) -> int:
-    out = pathlib.Path(args.output_dir)
+    out = paths.absolute(args.output_dir)
     found = read_dit_state_dict(args.input, use_ema=not args.raw)
     cfg, model = _build(found, config=None, dtype="float32", allow_nonfinite=args.allow_nonfinite)
     if found.stored_dtypes:
@@ -428,8 +430,8 @@ def _cli_main(args: argparse.Namespace) -> int:
     print(f"  step: {found.step if found.step is not None else 'unknown'}")
     print(f"  weights: {weights}")
     print(f"  params: {n_params:,} ({n_params / 1e6:.2f}M; + REPA projector {n_repa:,})")
-    meta = {"source": os.path.abspath(args.input), "step": found.step, "weights": found.weights,
+    meta = {"source": paths.absolute(args.input), "step": found.step, "weights": found.weights,
             "size": cfg.size_name(), "params": n_params, "repa_projector_params": n_repa}
     save_dit(out, cfg, model, meta=meta)
-    print(f"wrote {out.absolute()}")
+    print(f"wrote {out}")
     return 0

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax import paths
 from sfd_jax.convert.common import ConversionError, check_state_dict, read_checkpoint, to_numpy
 from sfd_jax.models.inception import InceptionV3
 
@@ -82,7 +83,7 @@ def load_into(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *, sourc
 def load_inception(path_or_state_dict, *, dtype=jnp.float32, precision="highest") -> InceptionV3:
     """Build the FID InceptionV3 from a pytorch-fid `.pth` file, an `.npz` with the same keys, or a mapping."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        source = os.fspath(path_or_state_dict)
+        source = paths.local_copy(os.fspath(path_or_state_dict))  # gs:// weights: a verified local copy
         raw = read_checkpoint(source)
         if isinstance(raw, Mapping) and "state_dict" in raw and not any(k.endswith(".weight") for k in raw):
             raw = raw["state_dict"]

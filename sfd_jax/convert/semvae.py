@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax import paths
 from sfd_jax.convert.common import (CONFIG_NAME, WEIGHTS_NAME, ConversionError, assign_params, check_state_dict,
                                     read_checkpoint, to_numpy, write_weights_dir)
 from sfd_jax.models.semvae import SemVAE, SemVAEConfig
@@ -116,7 +117,7 @@ def load_semvae(path_or_state_dict, num_heads: int | None = None, *,
     """
     saved_cfg = None
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        source = os.fspath(path_or_state_dict)
+        source = paths.local_copy(os.fspath(path_or_state_dict))  # gs:// weights: a verified local copy
         if os.path.isdir(source):
             config_path = os.path.join(source, CONFIG_NAME)
             if not os.path.exists(config_path):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax import paths
 from sfd_jax.convert.common import (CONFIG_NAME, ConversionError, check_state_dict, read_checkpoint, to_numpy,
                                     write_weights_dir)
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
@@ -106,7 +107,7 @@ def _as_state_dict(path_or_mapping: Any) -> tuple[dict[str, np.ndarray], str, Te
     """(state dict without training-only keys, source name, config stored beside the weights or None)."""
     stored_cfg = None
     if isinstance(path_or_mapping, (str, os.PathLike)):
-        source = os.fspath(path_or_mapping)
+        source = paths.local_copy(os.fspath(path_or_mapping))  # gs:// weights: a verified local copy
         config_path = os.path.join(source, CONFIG_NAME)
         if os.path.isdir(source) and os.path.exists(config_path):  # a weights directory from save_texture_vae
             with open(config_path) as f:

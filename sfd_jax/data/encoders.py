@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sfd_jax import paths
 from sfd_jax.data.preprocess import dino_from_unit_range
 
 TEXTURE, SEMANTIC = 0, 1
@@ -47,14 +47,13 @@ class PCA:
         return int(self.components.shape[0])
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, token_mean=self.token_mean, token_std=self.token_std, components=self.components,
-                 explained_variance=self.explained_variance)
-        os.replace(tmp, path)
+        with paths.local_target(path, suffix=".npz") as tmp:
+            np.savez(tmp, token_mean=self.token_mean, token_std=self.token_std, components=self.components,
+                     explained_variance=self.explained_variance)
 
     @classmethod
     def load(cls, path: str) -> "PCA":
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(paths.local_copy(path), allow_pickle=False) as z:
             missing = {"token_mean", "token_std", "components", "explained_variance"} - set(z.files)
             if missing:
                 raise ValueError(f"PCA file {path} lacks {sorted(missing)}")
@@ -231,16 +230,16 @@ def load_encoders(cfg) -> Encoders:
     if cfg.get("texture_vae_workdir"):
         from sfd_jax.train.texture_vae import load_trained
         _, texture_vae = load_trained(cfg.texture_vae_workdir)
-        sources["texture_vae"] = f"workdir:{os.path.abspath(cfg.texture_vae_workdir)}"
+        sources["texture_vae"] = f"workdir:{paths.absolute(cfg.texture_vae_workdir)}"
     elif cfg.get("texture_vae"):
         _, texture_vae = load_texture_vae(cfg.texture_vae, dtype=dtype)
-        sources["texture_vae"] = os.path.abspath(cfg.texture_vae)
+        sources["texture_vae"] = paths.absolute(cfg.texture_vae)
     else:
         raise ValueError("extract.texture_vae (reference .ckpt) or extract.texture_vae_workdir is required")
     if not cfg.get("dinov2"):
         raise ValueError("extract.dinov2 (a save_pretrained directory or weights file) is required")
     _, dinov2 = load_dinov2(cfg.dinov2, dtype=dtype)
-    sources["dinov2"] = os.path.abspath(cfg.dinov2)
+    sources["dinov2"] = paths.absolute(cfg.dinov2)
     semantic = cfg.get("semantic") or "semvae"
     if semantic not in SEMANTIC_KINDS:
         raise ValueError(f"extract.semantic={semantic!r}; choose one of {', '.join(SEMANTIC_KINDS)}")
@@ -250,10 +249,10 @@ def load_encoders(cfg) -> Encoders:
             raise ValueError("extract.semvae (semantic_ae_final.pt or a SemVAE weights directory) is required "
                              "with extract.semantic='semvae'")
         _, semvae = load_semvae(cfg.semvae, num_heads=cfg.get("semvae_num_heads") or None, dtype=dtype)
-        sources["semvae"] = os.path.abspath(cfg.semvae)
+        sources["semvae"] = paths.absolute(cfg.semvae)
     elif cfg.get("pca_path"):
         pca = PCA.load(cfg.pca_path)
-        sources["pca"] = os.path.abspath(cfg.pca_path)
+        sources["pca"] = paths.absolute(cfg.pca_path)
     return Encoders(texture_vae, dinov2, semvae, pca, sources)
 
 

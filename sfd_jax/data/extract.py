@@ -25,11 +25,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sfd_jax import paths
 from sfd_jax.data import records
 from sfd_jax.data.encoders import (SEMANTIC_KINDS, Encoders, TokenCovariance, PCA, describe_source,
                                    load_encoders, make_encode_fn, make_token_fn)
 from sfd_jax.data.preprocess import adm_center_crop
 from sfd_jax.data.sources import BadImageError, make_source
+from sfd_jax.preemption import NoPreemption, Preemption
+from sfd_jax.profiling import Profiler
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +151,8 @@ def _probe_layout(encoders: Encoders, options: ExtractOptions) -> records.Record
 
 
 def _check_or_write_dataset_json(out_dir: str, meta: dict, is_writer: bool) -> None:
-    path = os.path.join(out_dir, "dataset.json")
-    if os.path.exists(path):
+    path = paths.join(out_dir, "dataset.json")
+    if paths.exists(path):
         old = records.read_json(path, "dataset description")
         for key in ("format", "layout", "shards", "num_source_images", "extraction", "source"):
             if old.get(key) != meta.get(key):
@@ -166,8 +169,13 @@ def _check_or_write_dataset_json(out_dir: str, meta: dict, is_writer: bool) -> N
 
 def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | None = None, *,
             process_index: int | None = None, process_count: int | None = None, progress: bool = True,
-            mesh: Mesh | None = None) -> dict:
-    """Extract `source` into `out_dir` (resuming finished shards). Returns a summary dict."""
+            mesh: Mesh | None = None, preemption=None, profile_config=None, profile_workdir: str = "") -> dict:
+    """Extract `source` into `out_dir` (local or gs://), resuming finished shards. Returns a summary dict.
+
+    preemption: stops after the shard in progress once `preemption.reached(k)` (summary 'preempted': True).
+    profile_config: `config.profile` (a step is a shard), traced into `profile_workdir` (default out_dir)."""
+    preemption = preemption or NoPreemption()
+    profile = Profiler(profile_config, profile_workdir or out_dir)
     options = options or ExtractOptions()
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
@@ -177,15 +185,15 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
         raise ValueError(f"extract.semantic={options.semantic!r} but the encoders "
                          f"{'have' if encoders.semvae is not None else 'lack'} a SemVAE")
     barrier = _Barrier()
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     num_images = len(source)
     if num_images < 1:
         raise ValueError("the image source is empty")
     pool = concurrent.futures.ThreadPoolExecutor(options.num_workers)
     try:
         if options.semantic == "pca" and encoders.pca is None:
-            pca_path = os.path.join(out_dir, "pca.npz")
-            if not os.path.exists(pca_path) and pi == 0:
+            pca_path = paths.join(out_dir, "pca.npz")
+            if not paths.exists(pca_path) and pi == 0:
                 _fit_pca(source, encoders, options, pool).save(pca_path)
             barrier("sfd_extract_pca")
             encoders = dataclasses.replace(encoders, pca=PCA.load(pca_path),
@@ -211,18 +219,26 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
         batch = options.batch_size_per_device * mesh.size
         total = sum(len(_shard_range(s, options.shard_size, num_images)) for s in mine)
         bar = _progress(total, done_images, progress)
-        t0, processed = time.time(), 0
+        t0, processed, preempted, written = time.time(), 0, False, 0
         try:
-            for s in todo:
+            for k, s in enumerate(todo):
+                profile(k)
                 processed += _extract_shard(source, out_dir, names[s], _shard_range(s, options.shard_size,
                                             num_images), encode, layout, batch, selection, options, pool, bar)
+                written += 1
+                if preemption.reached(k) and k + 1 < len(todo):
+                    log.warning("preempted: %d shards written this run, the rest is left to the rerun", k + 1)
+                    preempted = True
+                    break
         finally:
             bar.close()
+            profile.close()
         remaining = [s for s in mine if not records.shard_done(out_dir, names[s])]
-        summary = {"out_dir": out_dir, "num_shards": num_shards, "shards_written": len(todo),
+        summary = {"out_dir": out_dir, "num_shards": num_shards, "shards_written": written,
                    "images_processed": processed, "seconds": time.time() - t0,
-                   "images_per_second": processed / max(time.time() - t0, 1e-9), "complete": False}
-        if remaining:  # stopped early by max_shards: no stats until every shard exists
+                   "images_per_second": processed / max(time.time() - t0, 1e-9), "complete": False,
+                   "preempted": preempted}
+        if remaining:  # stopped early by max_shards or SIGTERM: no stats until every shard exists
             return summary
         barrier("sfd_extract_shards")
         if pi == 0:
@@ -266,7 +282,7 @@ def _extract_shard(source, out_dir, name, indices: range, encode, layout: record
     are dropped.
     """
     chunks = [indices[k:k + batch] for k in range(0, len(indices), batch)]
-    writer = records.ShardWriter(os.path.join(out_dir, name))
+    writer = records.ShardWriter(paths.join(out_dir, name))
     skipped, tex_sel, sem_sel = [], [], []
     try:
         pending_crops = _submit(pool, source, chunks[0], options)
@@ -297,7 +313,7 @@ def _extract_shard(source, out_dir, name, indices: range, encode, layout: record
                   "stop_index": indices.stop, "skipped": [{"index": i, "error": err} for i, err in skipped],
                   "moments": {"images": int(sum(len(t) for t in tex_sel)), "texture": tex_m.to_json(),
                               "semantic": sem_m.to_json()}}
-    records.write_json_atomic(os.path.join(out_dir, name + ".json"), shard_meta)
+    records.write_json_atomic(paths.join(out_dir, name + ".json"), shard_meta)
     if skipped:
         log.warning("shard %s: skipped %d unreadable images, e.g. %s", name, len(skipped), skipped[0][1])
     return len(indices)
@@ -348,6 +364,10 @@ def run(config, workdir: str) -> dict:
     out_dir = cfg.get("out_dir") or workdir
     source = make_source(cfg.source)
     encoders = load_encoders(cfg)
-    summary = extract(source, out_dir, encoders, options_from_config(cfg), progress=bool(cfg.get("progress", True)))
+    # Shards are independent per process, so each process stops on its own signal (no sync point).
+    with Preemption(sync=False) as preemption:
+        summary = extract(source, out_dir, encoders, options_from_config(cfg),
+                          progress=bool(cfg.get("progress", True)), preemption=preemption,
+                          profile_config=config.get("profile"), profile_workdir=workdir)
     log.info("extraction: %s", {k: v for k, v in summary.items() if k != "stats"})
     return summary

@@ -33,6 +33,7 @@ import bisect
 import grain
 import numpy as np
 
+from sfd_jax import paths
 from sfd_jax.data import records
 from sfd_jax.errors import DataError
 
@@ -211,7 +212,7 @@ class LatentIterator:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = os.fspath(path)
-        meta, layout, shard_paths = records.load_dataset(self.path)
+        meta, layout, shard_paths = records.load_dataset(self.path, local=True)  # gs:// shards: staged
         _check_layout(self.path, layout, channels)
         num_classes = _field(data_config, "num_classes", None)
         num_classes = None if num_classes is None else int(num_classes)
@@ -250,7 +251,7 @@ class LatentIterator:
                       batch_fn=_ReadAndCollate(source_ds, layout, stats, multiplier, with_meta, num_classes))
         options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 1))
         self._iter = ds.to_iter_dataset(options).__iter__()
-        self._identity = {"path": os.path.abspath(self.path), "num_images": self.num_images,
+        self._identity = {"path": paths.absolute(self.path), "num_images": self.num_images,
                           "global_batch": self.global_batch, "seed": self.seed, "random_flip": random_flip,
                           "batch_size": self.batch_size, "process_index": self.process_index,
                           "process_count": self.process_count}

@@ -23,13 +23,14 @@ fp16's 65504 limit). Both are configurable.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from sfd_jax import paths
 
 FORMAT = "sfd_jax.latents.v1"
 STATS_FORMAT = "sfd_jax.latent_stats.v1"
@@ -235,25 +236,9 @@ def stats_selection(num_images: int, max_images: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- json helpers
-def write_json_atomic(path: str, obj: Any, *, indent: int = 1, default=None) -> None:
-    """Written to a temporary name, synced, then renamed: a reader (or a rerun after a crash) never sees half a
-    file. `default`: json.dump's hook for objects it cannot serialise."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True, default=default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str, what: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+# Local path or gs:// URL alike (sfd_jax.paths); kept under these names for the modules that import them from here.
+write_json_atomic = paths.write_json_atomic
+read_json = paths.read_json
 
 
 def shard_name(prefix: str, shard: int, num_shards: int) -> str:
@@ -261,18 +246,22 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
 
 
 class ShardWriter:
-    """Streams records into `<path>.tmp-<pid>`; `commit()` renames it to `path`, `abort()` deletes it.
+    """Streams records into a local temporary file; `commit()` makes it `path`, `abort()` deletes it.
 
-    Left-over temporary files of killed runs never look like shards (the reader and the resume logic only know the
-    final names); `remove_stale` deletes them when the shard is redone.
+    Locally the temporary file is `<path>.tmp-<pid>`, renamed on commit. ArrayRecord writes only local files, so for
+    a gs:// `path` it is a file under the system temporary directory, uploaded as one object on commit (an object
+    appears whole or not at all). Left-over temporary files of killed runs never look like shards (the reader and
+    the resume logic only know the final names); `remove_stale` deletes local ones when the shard is redone.
     """
 
     def __init__(self, path: str):
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        self.path = path
-        self.remove_stale(path)
-        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self.path = os.fspath(path)
+        if not paths.is_remote(self.path):
+            self.remove_stale(self.path)
+        self._target = paths.local_target(self.path)
+        self.tmp = self._target.__enter__()
         self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
         self.count = 0
 
@@ -290,18 +279,17 @@ class ShardWriter:
 
     def commit(self) -> None:
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        self._target.__exit__(None, None, None)
 
     def abort(self) -> None:
         try:
             self._writer.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self._target.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def shard_done(directory: str, name: str) -> bool:
-    return os.path.exists(os.path.join(directory, name)) and os.path.exists(os.path.join(directory, name + ".json"))
+    return paths.exists(paths.join(directory, name)) and paths.exists(paths.join(directory, name + ".json"))
 
 
 def finalize_stats(directory: str, shard_names: Sequence[str], *, made_by: Mapping[str, Any],
@@ -309,7 +297,7 @@ def finalize_stats(directory: str, shard_names: Sequence[str], *, made_by: Mappi
     """Merge the shards' partial moments (in shard order) into stats.json and return it."""
     tex, sem, images, skipped = Moments(), Moments(), 0, 0
     for name in shard_names:
-        meta = read_json(os.path.join(directory, name + ".json"), "shard metadata")
+        meta = read_json(paths.join(directory, name + ".json"), "shard metadata")
         tex = tex.merge(Moments.from_json(meta["moments"]["texture"]))
         sem = sem.merge(Moments.from_json(meta["moments"]["semantic"]))
         images += int(meta["moments"]["images"])
@@ -321,14 +309,17 @@ def finalize_stats(directory: str, shard_names: Sequence[str], *, made_by: Mappi
              "semantic": {"mean": sem.mean.tolist(), "std": sem.std().tolist(), "channels": len(sem.mean)},
              "num_images": images, "values_per_channel": {"texture": tex.count, "semantic": sem.count},
              "selection": dict(selection), "skipped_images_in_dataset": skipped, "made_by": dict(made_by)}
-    write_json_atomic(os.path.join(directory, "stats.json"), stats)
+    write_json_atomic(paths.join(directory, "stats.json"), stats)
     return stats
 
 
-def load_dataset(directory: str) -> tuple[dict, RecordLayout, list[str]]:
-    """dataset.json, its layout and the shard paths; refuses an incomplete dataset."""
+def load_dataset(directory: str, *, local: bool = False) -> tuple[dict, RecordLayout, list[str]]:
+    """dataset.json, its layout and the shard paths; refuses an incomplete dataset.
+
+    local: the shard paths are local files ArrayRecord can open: for a gs:// dataset, copies staged under
+    `paths.staging_dir()` (each checked against the object's size and MD5; a rerun keeps the verified ones)."""
     from sfd_jax.errors import DataError
-    path = os.path.join(directory, "dataset.json")
+    path = paths.join(directory, "dataset.json")
     try:
         meta = read_json(path, "dataset description")
     except ValueError as e:
@@ -349,16 +340,19 @@ def load_dataset(directory: str) -> tuple[dict, RecordLayout, list[str]]:
     if missing:
         raise FileNotFoundError(f"{directory}: {len(missing)} of {len(meta['shards'])} shards are missing or "
                                 f"unfinished (e.g. {missing[0]}); rerun the extraction to complete them")
-    return meta, layout, [os.path.join(directory, n) for n in meta["shards"]]
+    shards = [paths.join(directory, n) for n in meta["shards"]]
+    if local:
+        shards = [paths.local_copy(p) for p in shards]
+    return meta, layout, shards
 
 
 def read_images(directory: str) -> tuple[dict, RecordLayout, list[dict[str, Any]]]:
     """(dataset.json, layout, every image's unpacked pair of records in shard order): for inspecting a dataset and
     for tests; training reads through `sfd_jax.data.pipeline`."""
     from array_record.python.array_record_module import ArrayRecordReader
-    meta, layout, paths = load_dataset(directory)
+    meta, layout, shards = load_dataset(directory, local=True)
     images = []
-    for path in paths:
+    for path in shards:
         reader = ArrayRecordReader(path)
         try:
             views = reader.read_all()
@@ -390,8 +384,8 @@ def check_stats_vector(path: str, name: str, value, channels: int | None, why: s
 
 def load_stats(directory: str, layout: RecordLayout) -> dict[str, np.ndarray]:
     """stats.json as float32 arrays, checked against the record layout's channel counts."""
-    path = os.path.join(directory, "stats.json")
-    if not os.path.exists(path):
+    path = paths.join(directory, "stats.json")
+    if not paths.exists(path):
         raise FileNotFoundError(f"latent statistics missing: {path}; the extraction writes it after its last shard "
                                 "(rerun `--mode=extract`, or convert the reference stats with reference_latents)")
     stats = read_json(path, "latent statistics")

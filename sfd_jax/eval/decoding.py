@@ -15,15 +15,16 @@ def read_latent_stats(path: str, texture_channels: int | None = None) -> tuple[n
     Format (`sfd_jax.data.records`): {"format": "sfd_jax.latent_stats.v1", "texture": {"mean": [...], "std": [...]},
     "semantic": {...}}.
     """
+    from sfd_jax import paths
     from sfd_jax.data import records
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "stats.json")
-    if not os.path.exists(path):
+    if paths.isdir(path):
+        path = paths.join(path, "stats.json")
+    if not paths.exists(path):
         raise FileNotFoundError(f"latent statistics not found: {path} (the stats.json written by --mode=extract "
                                 "beside the latent shards)")
     from sfd_jax.errors import DataError
-    stats = records.read_json(path, "latent statistics")
+    stats = paths.read_json(path, "latent statistics")
     if not isinstance(stats, dict) or stats.get("format") != records.STATS_FORMAT:
         raise DataError(f"{path} has format {stats.get('format') if isinstance(stats, dict) else None!r}, "
                         f"expected {records.STATS_FORMAT!r}")

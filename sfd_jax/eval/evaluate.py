@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sfd_jax import paths
 from sfd_jax.convert.inception import load_inception
 from sfd_jax.eval import metrics
 from sfd_jax.eval.features import ImageSource, InceptionExtractor, open_images
+from sfd_jax.preemption import Preempted, Preemption
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 TASKS = ("score", "build_reference")
@@ -38,7 +40,7 @@ TASKS = ("score", "build_reference")
 # ---------------------------------------------------------------------------------------------- reference batch
 def read_reference_statistics(path: str) -> dict | None:
     """{mu, sigma, mu_s, sigma_s} stored in an ADM reference batch, or None when it stores none."""
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(paths.local_copy(path), allow_pickle=False) as z:
         present = [k for k in STAT_KEYS if k in z.files]
         if not present:
             return None
@@ -69,8 +71,8 @@ def build_reference_batch(source: ImageSource, out_path: str, extractor: Incepti
         rows = np.sort(np.random.default_rng(seed).choice(n, size=keep, replace=False))
     arr_0 = np.stack([source.read(int(i), int(i) + 1)[0] for i in rows])
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        np.savez(out_path, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+        with paths.local_target(out_path, suffix=".npz") as tmp:
+            np.savez(tmp, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     logging.info("reference batch %s: statistics of %d images, %d images kept", out_path, n, len(rows))
     return {"reference_batch": os.fspath(out_path), "num_images": int(n), "num_kept": int(len(rows))}
 
@@ -98,8 +100,8 @@ def compute_metrics(sample: dict, ref_stats: dict, ref_pool: np.ndarray, *, spli
 
 
 def _file_id(path: str) -> list:
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    st = paths.path(path).stat()
+    return [paths.absolute(path), st.length, int(st.mtime * 1e9)]
 
 
 def reference_features(ref_path: str, extractor: InceptionExtractor, *, cache_dir: str | None = None,
@@ -108,22 +110,20 @@ def reference_features(ref_path: str, extractor: InceptionExtractor, *, cache_di
     cache = None
     if cache_dir:
         key = json.dumps([_file_id(ref_path), cache_key, extractor.resize, extractor.size])
-        cache = os.path.join(cache_dir, f"ref_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
-        if os.path.exists(cache):
+        cache = paths.join(cache_dir, f"ref_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
+        if paths.exists(cache):
             logging.info("reference features from cache %s", cache)
-            with np.load(cache) as z:
+            with np.load(paths.local_copy(cache)) as z:
                 return {k: z[k] for k in z.files}
     feats = extractor(open_images(ref_path), outputs=("pool", "spatial"), what="reference images")
     if cache and jax.process_index() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, **feats)
-        os.replace(tmp, cache)
+        with paths.local_target(cache, suffix=".npz") as tmp:
+            np.savez(tmp, **feats)
     return feats
 
 
 def score(samples_path: str, ref_path: str, extractor: InceptionExtractor, *, max_samples: int | None = None,
-          cache_dir: str | None = None, cache_key: list | None = None, **metric_kw) -> dict:
+          cache_dir: str | None = None, cache_key: list | None = None, preemption=None, **metric_kw) -> dict:
     """Score a sample npz / PNG folder against an ADM reference batch; returns the JSON-ready result."""
     t0 = time.time()
     ref = reference_features(ref_path, extractor, cache_dir=cache_dir, cache_key=cache_key)
@@ -133,11 +133,17 @@ def score(samples_path: str, ref_path: str, extractor: InceptionExtractor, *, ma
         ref_stats = dict(zip(("mu", "sigma"), metrics.statistics(ref["pool"])))
         ref_stats.update(zip(("mu_s", "sigma_s"), metrics.statistics(ref["spatial"])))
     source = open_images(samples_path)
-    sample = extractor(source, limit=max_samples or None, what="samples")
+    progress_dir = None
+    if cache_dir:  # sample features saved as they are computed: a preempted evaluation resumes (see `run`)
+        key = json.dumps([_file_id(samples_path), cache_key, extractor.resize, extractor.size, extractor.batch_size,
+                          max_samples])
+        progress_dir = paths.join(cache_dir, f"sample_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}")
+    sample = extractor(source, limit=max_samples or None, what="samples", progress_dir=progress_dir,
+                       preemption=preemption)
     result = compute_metrics(sample, ref_stats, ref["pool"], **metric_kw)
     result.update({
         "num_samples": int(sample["pool"].shape[0]), "num_reference_images": int(ref["pool"].shape[0]),
-        "samples": os.path.abspath(samples_path), "ref_batch": os.path.abspath(ref_path),
+        "samples": paths.absolute(samples_path), "ref_batch": paths.absolute(ref_path),
         "resize": extractor.resize, "input_size": extractor.size, "seconds": round(time.time() - t0, 2),
     })
     return result
@@ -148,7 +154,7 @@ def _require_file(cfg, field: str) -> str:
     path = cfg.get(field) or ""
     if not path:
         raise ValueError(f"config.eval.{field} is required (set --config.eval.{field}=PATH)")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"config.eval.{field}: {path} does not exist")
     return path
 
@@ -170,26 +176,31 @@ def run(config, workdir: str) -> dict:
     cfg = config.eval
     if cfg.task not in TASKS:
         raise ValueError(f"config.eval.task must be one of {TASKS}, got {cfg.task!r}")
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     extractor = make_extractor(cfg)
     if cfg.task == "build_reference":
-        out = cfg.reference_out or os.path.join(workdir, "reference_batch.npz")
+        out = cfg.reference_out or paths.join(workdir, "reference_batch.npz")
         result = build_reference_batch(open_images(_require_file(cfg, "images")), out, extractor,
                                        keep=cfg.reference_keep, seed=cfg.reference_seed)
     else:
-        result = score(
-            _require_file(cfg, "samples"), _require_file(cfg, "ref_batch"), extractor,
-            max_samples=cfg.max_samples, cache_dir=os.path.join(workdir, "cache") if cfg.cache_reference else None,
-            cache_key=_file_id(cfg.inception_weights) + [cfg.dtype, cfg.precision],
-            split_size=cfg.is_split_size, fid_eps=cfg.fid_eps, fid_eps_rule=cfg.fid_eps_rule,
-            fid_sqrtm=cfg.fid_sqrtm, pr_k=cfg.pr_k, pr_row_block=cfg.pr_row_block)
-        result["inception_weights"] = os.path.abspath(cfg.inception_weights)
+        # SIGTERM: the sample features computed so far are saved under WORKDIR/cache, the run returns
+        # {'preempted': True} (exit 0) and the same command continues from them.
+        try:
+            with Preemption(sync=True) as preemption:
+                result = score(
+                    _require_file(cfg, "samples"), _require_file(cfg, "ref_batch"), extractor,
+                    max_samples=cfg.max_samples,
+                    cache_dir=paths.join(workdir, "cache") if cfg.cache_reference else None,
+                    cache_key=_file_id(cfg.inception_weights) + [cfg.dtype, cfg.precision], preemption=preemption,
+                    split_size=cfg.is_split_size, fid_eps=cfg.fid_eps, fid_eps_rule=cfg.fid_eps_rule,
+                    fid_sqrtm=cfg.fid_sqrtm, pr_k=cfg.pr_k, pr_row_block=cfg.pr_row_block)
+        except Preempted:
+            return {"preempted": True}
+        result["inception_weights"] = paths.absolute(cfg.inception_weights)
         logging.info("FID %.4f  sFID %.4f  IS %.3f  precision %.4f  recall %.4f", result["fid"], result["sfid"],
                      result["inception_score"], result["precision"], result["recall"])
-    output = cfg.output or os.path.join(workdir, f"{cfg.task}.json")
+    output = cfg.output or paths.join(workdir, f"{cfg.task}.json")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2)
+        paths.write_json_atomic(output, result, indent=2)
         logging.info("wrote %s", output)
     return result

@@ -149,9 +149,11 @@ class FolderImages:
 
 def open_images(path: str, key: str = "arr_0") -> ImageSource:
     """An image source for an npz (`key`, default `arr_0`), a `.npy` file or a folder of PNG/JPEG files."""
+    from sfd_jax import paths
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"images not found: {path}")
+    path = paths.local_copy(path)  # gs://: a verified local copy (memory-mapped / zip-read below)
     if os.path.isdir(path):
         return FolderImages(path)
     if path.endswith(".npy"):
@@ -210,12 +212,29 @@ class InceptionExtractor:
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
     def __call__(self, source: ImageSource, *, limit: int | None = None, outputs: Sequence[str] = OUTPUTS,
-                 what: str = "images", log_every_s: float = 30.0) -> dict[str, np.ndarray]:
+                 what: str = "images", log_every_s: float = 30.0, progress_dir: str | None = None,
+                 preemption=None, save_every: int = 50) -> dict[str, np.ndarray]:
+        """progress_dir: features are saved there every `save_every` batches and when `preemption.reached(batch)`
+        (then `Preempted` is raised); a later call with the same directory starts after the saved ones. The
+        directory must be specific to (source, weights, settings, batch size): the caller keys it."""
+        from sfd_jax import paths
+        from sfd_jax.preemption import Preempted
         n = source.num_images if limit is None else min(int(limit), source.num_images)
         if n < 1:
             raise ValueError(f"{what}: no images to score")
         shape = (self.batch_size,) + tuple(source.image_shape)
         chunks = {k: [] for k in outputs}
+        begin = 0
+        for name in (paths.listdir(progress_dir) if progress_dir and paths.isdir(progress_dir) else []):
+            lo, hi = (int(x) for x in name[:-len(".npz")].split("-")) if name.endswith(".npz") else (-1, -1)
+            if lo == begin:  # a contiguous prefix of saved blocks
+                with np.load(paths.local_copy(paths.join(progress_dir, name))) as z:
+                    for k in outputs:
+                        chunks[k].append(z[k])
+                begin = hi
+        if begin:
+            logging.info("%s: features of %d images restored from %s", what, begin, progress_dir)
+        saved = begin
         pending, t0, last_log = None, time.time(), time.time()
 
         def collect(item):
@@ -224,7 +243,23 @@ class InceptionExtractor:
                 if k in chunks:
                     chunks[k].append(v[:valid])
 
-        for start in range(0, n, self.batch_size):
+        def save(upto: int):
+            nonlocal saved
+            if upto > saved and jax.process_index() == 0:
+                block = {k: np.concatenate(v)[saved - begin:upto - begin] for k, v in chunks.items()}
+                with paths.local_target(paths.join(progress_dir, f"{saved:09d}-{upto:09d}.npz"), ".npz") as tmp:
+                    np.savez(tmp, **block)
+            saved = upto
+
+        for b, start in enumerate(range(begin, n, self.batch_size)):
+            stop = bool(progress_dir) and b > 0 and preemption is not None and preemption.reached(b)
+            if progress_dir and b and (b % save_every == 0 or stop):
+                collect(pending)
+                pending = None
+                save(start)
+                if stop:
+                    logging.warning("%s: preempted after %d of %d images; rerun to continue", what, start, n)
+                    raise Preempted(what)
             images = self._local_rows(source, start, n)
             batch = jax.make_array_from_process_local_data(self._data, images, shape)
             out = self._step(self._state, batch)  # dispatched asynchronously: read the next batch meanwhile
@@ -236,7 +271,8 @@ class InceptionExtractor:
                 rate = done / (time.time() - t0)
                 logging.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", what, done, n, rate, (n - done) / rate)
                 last_log = time.time()
-        collect(pending)
+        if pending is not None:
+            collect(pending)
         seconds = time.time() - t0
         logging.info("%s: %d images in %.1f s (%.1f img/s)", what, n, seconds, n / seconds)
         return {k: np.concatenate(v) for k, v in chunks.items()}

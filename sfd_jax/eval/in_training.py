@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 from typing import Callable
 
@@ -34,6 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from sfd_jax import paths
 from sfd_jax.eval import metrics
 from sfd_jax.eval.generator import ImageGenerator, TextureDecoder, class_labels
 from sfd_jax.eval.sample import config_get, guidance_from_config, settings_from_config
@@ -94,7 +94,7 @@ class FidEvaluator:
         if not get("texture_vae"):
             raise ValueError("eval.texture_vae is required for the in-training FID (images are decoded from the "
                              "texture latents)")
-        stats = get("latent_stats") or (os.path.join(data_path, "stats.json") if data_path else "")
+        stats = get("latent_stats") or (paths.join(data_path, "stats.json") if data_path else "")
         if not stats:
             raise ValueError("eval.latent_stats is required (stats.json of the training latents; defaults to "
                              "<data.path>/stats.json for data.source='arrayrecord')")
@@ -124,8 +124,8 @@ class FidEvaluator:
                                                 batch_size=int(get("feature_batch")), resize=str(get("resize")),
                                                 size=int(get("input_size")))
             self.full = True
-            ref = reference_features(ref_path, self.extractor, cache_dir=os.path.join(workdir, "cache"),
-                                     cache_key=[os.path.abspath(str(get("inception_weights")))])
+            ref = reference_features(ref_path, self.extractor, cache_dir=paths.join(workdir, "cache"),
+                                     cache_key=[paths.absolute(str(get("inception_weights")))])
             self.ref_stats = read_reference_statistics(ref_path)
             if self.ref_stats is None:
                 self.ref_stats = dict(zip(("mu", "sigma"), metrics.statistics(ref["pool"])))
@@ -178,9 +178,9 @@ class FidEvaluator:
                       nfe_per_image=float(np.mean([s.nfe_per_image for s in stats])),
                       eval_seconds=time.perf_counter() - t0)
         if self.grid_size > 0 and jax.process_index() == 0 and step is not None:
-            out = os.path.join(self.workdir, "eval_grids")
-            os.makedirs(out, exist_ok=True)
-            save_png(os.path.join(out, f"step_{int(step):07d}.png"),
+            out = paths.join(self.workdir, "eval_grids")
+            paths.makedirs(out)
+            save_png(paths.join(out, f"step_{int(step):07d}.png"),
                      make_grid(images[grid_indices(self.num_images, self.grid_size)], 8))
         return result
 

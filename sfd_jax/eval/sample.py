@@ -39,9 +39,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from sfd_jax import parallel
+from sfd_jax import parallel, paths
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
 from sfd_jax.errors import InputError
+from sfd_jax.preemption import Preemption
+from sfd_jax.profiling import Profiler
 from sfd_jax.eval.generator import (LABEL_MODES, BatchStats, ImageGenerator, SamplerSettings, TextureDecoder,
                                     class_labels)
 from sfd_jax.eval.sample_files import (ChunkReader, coverage, file_sha256, grid_indices, make_grid, save_png,
@@ -79,22 +81,21 @@ def load_model(path: str, *, use_ema: bool = True, dtype: str | None = None, wha
     if not path:
         raise ValueError(f"config.{what} is required: a DiT weights directory or a reference .pt checkpoint")
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"config.{what}: {path} does not exist")
-    meta = {"path": os.path.abspath(path)}
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, "config.json")):
+    meta = {"path": paths.absolute(path)}
+    if paths.isdir(path):
+        if paths.isdir(paths.join(path, "checkpoints")) and not paths.exists(paths.join(path, "config.json")):
             raise ValueError(f"config.{what}: {path} is a training workdir; export its EMA weights first with "
                              f"`python -m sfd_jax.checkpoint export --workdir={path} --out=OUT` and pass OUT")
         _, model = restore_dit(path, dtype=dtype)
-        meta_path = os.path.join(path, "meta.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta["meta"] = json.load(f)
+        meta_path = paths.join(path, "meta.json")
+        if paths.exists(meta_path):
+            meta["meta"] = paths.read_json(meta_path, "weights metadata")
     else:
-        _, model = load_dit(path, use_ema=use_ema, dtype=dtype or "float32")
-        st = os.stat(path)
-        meta.update(use_ema=bool(use_ema), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        _, model = load_dit(paths.local_copy(path), use_ema=use_ema, dtype=dtype or "float32")
+        st = paths.path(path).stat()
+        meta.update(use_ema=bool(use_ema), size=st.length, mtime_ns=int(st.mtime * 1e9))
     return model, meta
 
 
@@ -164,10 +165,9 @@ def _from_main(value: np.ndarray) -> np.ndarray:
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 def _check_manifest(path: str, manifest: dict, overwrite: bool) -> None:
-    if not os.path.exists(path) or overwrite:
+    if not paths.exists(path) or overwrite:
         return
-    with open(path) as f:
-        old = json.load(f)
+    old = paths.read_json(path, "sampling manifest")
     changed = sorted(k for k in set(old["identity"]) | set(manifest["identity"])
                      if old["identity"].get(k) != manifest["identity"].get(k))
     if changed:
@@ -203,10 +203,10 @@ def run(config, workdir: str) -> dict:
     """Entry point of `--mode=sample` (see the module doc and docs/sampling.md)."""
     c = config.sample
     parallel.maybe_initialize_distributed(str(config.get("distributed", "auto")))
-    workdir = os.path.abspath(workdir)
-    chunk_dir = os.path.join(workdir, CHUNK_DIR)
+    workdir = paths.absolute(workdir)
+    chunk_dir = paths.join(workdir, CHUNK_DIR)
     if _is_main():
-        os.makedirs(chunk_dir, exist_ok=True)
+        paths.makedirs(chunk_dir)
 
     num_images = int(c.num_images)
     if num_images < 1:
@@ -243,8 +243,8 @@ def run(config, workdir: str) -> dict:
     manifest = {"identity": {
         "model": model_desc, "dtype": dtype, "guidance": guidance_desc, "settings": settings.to_dict(),
         "seed": int(config.seed), "num_images": num_images, "labels": str(c.labels), "num_classes": num_classes,
-        "label_seed": int(c.label_seed), "texture_vae": os.path.abspath(str(c.texture_vae)),
-        "vae_dtype": str(c.vae_dtype), "latent_stats": os.path.abspath(stats_path),
+        "label_seed": int(c.label_seed), "texture_vae": paths.absolute(str(c.texture_vae)),
+        "vae_dtype": str(c.vae_dtype), "latent_stats": paths.absolute(stats_path),
         "texture_mean": decoder.mean.tolist(), "texture_std": decoder.std.tolist(),
         "latent_multiplier": float(c.latent_multiplier), "image_shape": list(image_shape)},
         "execution": {"per_device_batch": gen.per_device_batch, "decode_batch": decoder.decode_batch}}
@@ -254,10 +254,9 @@ def run(config, workdir: str) -> dict:
         try:
             if bool(c.overwrite):
                 for _, _, path in scan_chunks(chunk_dir, num_images):
-                    os.remove(path)
-            _check_manifest(os.path.join(workdir, MANIFEST), manifest, bool(c.overwrite))
-            with open(os.path.join(workdir, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=2)
+                    paths.remove(path)
+            _check_manifest(paths.join(workdir, MANIFEST), manifest, bool(c.overwrite))
+            paths.write_json_atomic(paths.join(workdir, MANIFEST), manifest, indent=2)
         except (ValueError, OSError) as e:
             error = str(e)
             if jax.process_count() == 1:
@@ -270,37 +269,59 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"config.sample.chunk_size must be positive, got {chunk_size}")
     done = _from_main(coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main()
                       else np.zeros(num_images, bool))
-    todo_chunks = [(s, min(s + chunk_size, num_images)) for s in range(0, num_images, chunk_size)
-                   if not done[s:min(s + chunk_size, num_images)].all()]
-    todo = np.concatenate([np.arange(s, e) for s, e in todo_chunks]) if todo_chunks else np.zeros(0, np.int64)
+    # Images still missing, in index order; they are written as pieces: runs of consecutive missing indices within
+    # one cell of the chunk grid (a whole chunk, unless an interrupted run left its first part).
+    todo = np.flatnonzero(~done).astype(np.int64)
     already = num_images - todo.size
+    new_piece = np.ones(todo.size, bool)
+    new_piece[1:] = (np.diff(todo) != 1) | (todo[1:] // chunk_size != todo[:-1] // chunk_size)
+    piece_start = todo[np.maximum.accumulate(np.where(new_piece, np.arange(todo.size), 0))] if todo.size else todo
+    piece_len = dict(zip(*np.unique(piece_start, return_counts=True))) if todo.size else {}
     logging.info("sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d "
                  "on %d devices", num_images, image_shape, already, chunk_dir, todo.size, settings.to_dict(),
                  guidance_desc["kind"], gen.global_batch, mesh.devices.size)
 
     on_batch, progress = _progress_logger(todo.size, num_images, already, float(c.log_every_s))
-    t0 = time.perf_counter()
+    profile = Profiler(config.get("profile"), workdir)
+    t0, preempted = time.perf_counter(), False
     if todo.size:
-        pending: dict[int, list] = {}  # chunk start -> [images filled so far, images]; chunks are grid-aligned
-        for offset, images, stats in gen.batches(model, todo, labels[todo], guidance=guidance,
-                                                 latent_shape=latent_shape, null_label=cfg.num_classes):
-            for k, g in enumerate(todo[offset:offset + len(images)].tolist()):
-                s = g - g % chunk_size
-                entry = pending.setdefault(s, [0, np.empty((min(s + chunk_size, num_images) - s,) + image_shape,
-                                                           np.uint8)])
-                entry[1][g - s] = images[k]
-                entry[0] += 1
-            for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
-                _, chunk_images = pending.pop(s)
-                if _is_main():
-                    write_chunk(chunk_dir, s, chunk_images)
-            on_batch(len(images), stats)
+        pending: dict[int, list] = {}  # piece start -> [images filled so far, images]
+        with Preemption(sync=True) as preemption:
+            for b, (offset, images, stats) in enumerate(gen.batches(model, todo, labels[todo], guidance=guidance,
+                                                                    latent_shape=latent_shape,
+                                                                    null_label=cfg.num_classes)):
+                profile(b)
+                for k in range(len(images)):
+                    j = offset + k
+                    s = int(piece_start[j])
+                    entry = pending.setdefault(s, [0, np.empty((int(piece_len[s]),) + image_shape, np.uint8)])
+                    entry[1][int(todo[j]) - s] = images[k]
+                    entry[0] += 1
+                for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
+                    _, chunk_images = pending.pop(s)
+                    if _is_main():
+                        write_chunk(chunk_dir, s, chunk_images)
+                on_batch(len(images), stats)
+                if preemption.reached(b) and offset + len(images) < todo.size:
+                    # Pieces fill in index order, so what a piece holds so far is its first `filled` images.
+                    for s, (filled, buf) in pending.items():
+                        if filled and _is_main():
+                            write_chunk(chunk_dir, s, buf[:filled])
+                    preempted = True
+                    logging.warning("sample: preempted after %d of %d images; rerun the command to finish",
+                                    already + offset + len(images), num_images)
+                    break
+        profile.close()
     sample_seconds = time.perf_counter() - t0
     _sync("sfd_sample_chunks")
+    if preempted:
+        return {"num_images": num_images, "preempted": True, "resumed_images": int(already),
+                "sampled_this_run": int(progress["done"])}
 
     summary = {
         "num_images": num_images, "image_shape": list(image_shape), "labels": str(c.labels),
         "num_classes": num_classes, "sampled_this_run": int(todo.size), "resumed_images": int(already),
+        "preempted": False,
         "seconds": round(sample_seconds, 2),
         "images_per_s": round(todo.size / sample_seconds, 3) if todo.size and sample_seconds > 0 else None,
         "nfe_per_batch_mean": float(np.mean(progress["nfe"])) if progress["nfe"] else None,
@@ -310,8 +331,7 @@ def run(config, workdir: str) -> dict:
     }
     if _is_main():
         summary.update(_write_outputs(c, workdir, chunk_dir, num_images, image_shape, labels))
-        with open(os.path.join(workdir, "sample.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        paths.write_json_atomic(paths.join(workdir, "sample.json"), summary, indent=2)
         logging.info("sample: done, %s", {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s",
                                                                    "nfe_per_image_mean") if k in summary})
     _sync("sfd_sample_outputs")
@@ -324,14 +344,15 @@ def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape
     out = {}
     if int(c.grid_size) > 0:
         grid = make_grid(reader.read(grid_indices(num_images, int(c.grid_size))), int(c.grid_cols))
-        out["grid"] = os.path.join(workdir, "grid.png")
+        out["grid"] = paths.join(workdir, "grid.png")
         save_png(out["grid"], grid)
     if bool(c.save_png):
-        png_dir = os.path.join(workdir, "images")
-        os.makedirs(png_dir, exist_ok=True)
+        png_dir = paths.join(workdir, "images")
+        paths.makedirs(png_dir)
+        have = set(paths.listdir(png_dir))
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(save_png, os.path.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
-                       for g in range(num_images) if not os.path.exists(os.path.join(png_dir, f"{g:06d}.png"))]
+            futures = [pool.submit(save_png, paths.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
+                       for g in range(num_images) if f"{g:06d}.png" not in have]
             for fut in futures:
                 fut.result()
         out["png_dir"] = png_dir
@@ -339,7 +360,7 @@ def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape
         perm = shuffle_order(num_images, int(c.shuffle_seed))
         h, w, ch = image_shape
         name = str(c.npz_name) or f"samples_{num_images}x{h}x{w}x{ch}.npz"
-        path = os.path.join(workdir, name)
+        path = paths.join(workdir, name)
         block = 1024
 
         def image_blocks() -> Iterator[np.ndarray]:

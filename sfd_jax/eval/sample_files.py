@@ -8,13 +8,15 @@ so the same images always give the same bytes.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import random
 import re
 import zipfile
 from typing import Iterable
 
 import numpy as np
+
+from sfd_jax import paths
 
 _CHUNK_RE = re.compile(r"^(\d{7})-(\d{7})\.npy$")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -26,15 +28,15 @@ def chunk_name(start: int, stop: int) -> str:
 
 def scan_chunks(directory: str, num_images: int) -> list[tuple[int, int, str]]:
     """Complete chunk files under `directory` as (start, stop, path), sorted; temporary files are ignored."""
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return []
     found = []
-    for name in sorted(os.listdir(directory)):
+    for name in paths.listdir(directory):
         m = _CHUNK_RE.match(name)
         if m:
             start, stop = int(m.group(1)), int(m.group(2))
             if 0 <= start < stop <= num_images:
-                found.append((start, stop, os.path.join(directory, name)))
+                found.append((start, stop, paths.join(directory, name)))
     return found
 
 
@@ -46,11 +48,10 @@ def coverage(chunks: Iterable[tuple[int, int, str]], num_images: int) -> np.ndar
 
 
 def write_chunk(directory: str, start: int, images: np.ndarray) -> str:
-    path = os.path.join(directory, chunk_name(start, start + len(images)))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(images))
-    os.replace(tmp, path)
+    path = paths.join(directory, chunk_name(start, start + len(images)))
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(images))
+    paths.write_atomic(path, buf.getvalue())
     return path
 
 
@@ -65,7 +66,7 @@ class ChunkReader:
             self.owner[start:stop] = k
         for start, stop, path in chunks:
             try:
-                arr = np.load(path, mmap_mode="r")
+                arr = np.load(paths.local_copy(path), mmap_mode="r")  # a gs:// chunk is staged first
             except (ValueError, OSError, EOFError) as e:  # a chunk cut short by a full disk or a copy
                 from sfd_jax.errors import DataError
                 raise DataError(f"sample chunk {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
@@ -99,8 +100,7 @@ def write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.nd
     """Streams arrays into an uncompressed npz with fixed zip timestamps (same data → same bytes).
 
     arrays: {name: (shape, dtype, blocks)} with blocks yielding consecutive C-order row blocks."""
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with paths.local_target(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, (shape, dtype, blocks) in arrays.items():
             dtype = np.dtype(dtype)
             info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_TIME)
@@ -116,7 +116,6 @@ def write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.nd
                     written += len(data)
             if written != expected:
                 raise RuntimeError(f"{path}:{name}: wrote {written} bytes, expected {expected} for {shape} {dtype}")
-    os.replace(tmp, path)
     return path
 
 
@@ -139,14 +138,13 @@ def make_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    with paths.local_target(path, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp)
 
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()

@@ -2,8 +2,9 @@
 
 Only process 0 writes. One JSON object per line: {"step": s, "loss": ..., "grad_norm": ..., "lr": ...,
 "img_per_s": ..., "img_per_s_per_device": ..., "mfu": ..., "eta_s": ...}; evaluation results are their own lines
-{"step": s, "eval/<name>": value}. On resume, lines with a step beyond the restored checkpoint (written by the
-interrupted run after its last save) are dropped so that the file reads like one uninterrupted run.
+{"step": s, "eval/<name>": value}. Lines are appended (a gs:// workdir: bounded segments, see `MetricsWriter`). On
+resume, lines with a step beyond the restored checkpoint (written by the interrupted run after its last save) are
+dropped so that the record reads like one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from typing import Mapping
 
 import jax
 from etils import epath
+
+from sfd_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +63,70 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def is_remote(path: str) -> bool:
-    """gs://, s3://, ... paths: no appends, written through etils.epath."""
-    return "://" in os.fspath(path)
+is_remote = paths.is_remote
+SEGMENT_DIR = "metrics"
+SEGMENT_LINES = 1000  # lines per metrics segment of a gs:// workdir: bounds what one log step rewrites
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard events under `workdir` (local or gs://), written by process 0 only."""
+    """metrics.jsonl + TensorBoard events under `workdir` (local or gs://), written by process 0 only.
+
+    A local workdir gets one `metrics.jsonl`, appended to. Cloud Storage objects cannot be appended to, so a gs://
+    workdir gets `metrics/000000.jsonl`, `metrics/000001.jsonl`, ... of at most SEGMENT_LINES lines each: a log step
+    rewrites only the last segment (one atomic upload), never the whole history. `read_metrics` reads either form.
+    On resume, lines with a step beyond the restored checkpoint are dropped once, here, so the record reads like one
+    uninterrupted run: nothing lost, nothing logged twice.
+    """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._remote = paths.is_remote(workdir)
         self.path = epath.Path(workdir) / "metrics.jsonl"
-        self._remote = is_remote(workdir)
-        self._lines: list[str] = []  # remote files cannot be appended to: the whole file is rewritten
+        self.segments = epath.Path(workdir) / SEGMENT_DIR
+        self._lines: list[str] = []  # the open segment (gs:// only)
+        self._tb_local = None
+        self._segment = 0
         self._tb = None
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        if self._remote:
+            self._resume_segments(resume_step)
+        else:
+            self._truncate_file(resume_step)
+        self._tb_dir = os.fspath(epath.Path(workdir) / "tb")
+        # tensorboardX's own gs:// writer re-uploads the whole event file at every flush: events of a gs:// workdir
+        # go to a local file instead, uploaded (a new object per run segment) when the writer closes.
+        self._tb_local = tempfile.mkdtemp(prefix="sfd_jax_tb_") if self._remote else None
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tb"))
+            self._tb = SummaryWriter(self._tb_local or self._tb_dir)
         except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage installed
             log.warning("TensorBoard events disabled (%s: %s); metrics.jsonl is still written", type(e).__name__, e)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_file(self, step: int) -> None:
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except json.JSONDecodeError:  # a line cut short by the interruption
-                continue
+        keep = _lines_up_to(lines, step)
         if keep != lines:
-            self.path.write_text("".join(keep))
-        self._lines = keep
+            paths.write_atomic(self.path, "".join(keep))
+
+    def _resume_segments(self, step: int) -> None:
+        # Steps only grow along the segments, so the segments left after dropping are a prefix of the old ones.
+        for name in _segment_names(self.segments):
+            lines = (self.segments / name).read_text().splitlines(keepends=True)
+            keep = _lines_up_to(lines, step)
+            if not keep:
+                (self.segments / name).unlink()
+            elif keep != lines:
+                paths.write_atomic(self.segments / name, "".join(keep))
+        left = _segment_names(self.segments)
+        if left:
+            self._segment = int(left[-1][:-len(".jsonl")])
+            self._lines = (self.segments / left[-1]).read_text().splitlines(keepends=True)
+            if len(self._lines) >= SEGMENT_LINES:
+                self._segment, self._lines = self._segment + 1, []
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -105,7 +136,10 @@ class MetricsWriter:
         line = json.dumps(record) + "\n"
         if self._remote:
             self._lines.append(line)
-            self.path.write_text("".join(self._lines))
+            self.segments.mkdir(parents=True, exist_ok=True)
+            paths.write_atomic(self.segments / f"{self._segment:06d}.jsonl", "".join(self._lines))
+            if len(self._lines) >= SEGMENT_LINES:
+                self._segment, self._lines = self._segment + 1, []
         else:
             with self.path.open("a") as f:
                 f.write(line)
@@ -119,6 +153,10 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            if self._tb_local:
+                for name in os.listdir(self._tb_local):
+                    paths.upload(os.path.join(self._tb_local, name), paths.join(self._tb_dir, name))
+                shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _jsonable(v):
@@ -127,6 +165,27 @@ def _jsonable(v):
     return v
 
 
+def _lines_up_to(lines: list[str], step: int) -> list[str]:
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+    return keep
+
+
+def _segment_names(directory: epath.Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".jsonl") and p.name[:-6].isdigit())
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    text = (epath.Path(workdir) / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """Every logged line of a run, in order: metrics.jsonl (local workdir) or its segments (gs:// workdir)."""
+    root = epath.Path(workdir)
+    texts = [(root / SEGMENT_DIR / n).read_text() for n in _segment_names(root / SEGMENT_DIR)]
+    if (root / "metrics.jsonl").exists():
+        texts.insert(0, (root / "metrics.jsonl").read_text())
+    return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]

@@ -30,6 +30,8 @@ import numpy as np
 
 from sfd_jax.checkpoint import Checkpoints
 from sfd_jax.train import lock as lock_lib
+from sfd_jax.preemption import Preemption
+from sfd_jax.profiling import Profiler
 from sfd_jax.train.metrics import MetricsWriter, format_duration, is_remote
 
 log = logging.getLogger(__name__)
@@ -94,47 +96,6 @@ class Result:
     first_eval: dict
     preempted: bool
     skipped_steps: list
-
-
-# ================================================================================================================
-# Preemption
-# ================================================================================================================
-class Preemption:
-    """SIGTERM (TPU preemption, `scancel`, `kill`) or SIGINT (Ctrl-C) -> save at the next step boundary and stop.
-
-    Single process: a signal handler sets a flag. Several processes: jax's preemption service (started by
-    jax.distributed.initialize) agrees on one step for all of them via `reached_preemption_sync_point`.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict = {}
-        self._multi = jax.process_count() > 1 and jax.distributed.is_initialized()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            # With several processes jax's preemption service owns SIGTERM; Ctrl-C reaches only one process, so it
-            # is left to its default there.
-            for sig in () if self._multi else self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        log.warning("received %s: saving a checkpoint at the next step, then exiting", signal.Signals(signum).name)
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        if self._multi:
-            from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
 
 
 # ================================================================================================================
@@ -225,14 +186,15 @@ def run(task: Task, config, workdir: str) -> Result:
     absl_logger.setLevel(max(absl_level, logging.WARNING))
     try:
         with lock_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), Preemption() as preemption:
-            return _Loop(task, loop_settings(config), workdir, preemption).run()
+            return _Loop(task, loop_settings(config), workdir, preemption, config.get("profile")).run()
     finally:
         absl_logger.setLevel(absl_level)
 
 
 class _Loop:
-    def __init__(self, task: Task, settings: dict, workdir: str, preemption: Preemption):
+    def __init__(self, task: Task, settings: dict, workdir: str, preemption: Preemption, profile_config=None):
         self.task, self.s, self.workdir, self.preemption = task, settings, workdir, preemption
+        self.config_profile = profile_config  # config.profile: jax.profiler traces of chosen steps
         self.window = Window(settings["nonfinite"], task.name)
         self.last_values: dict = {}
         self.last_eval: dict = {}
@@ -242,6 +204,7 @@ class _Loop:
         self.ckpt = Checkpoints(self.workdir, keep_last=s["keep_last"], keep_every=s["keep_every"],
                                 keep_steps=s["keep_steps"], async_save=s["async_checkpoint"])
         self.writer = None
+        self.profile = Profiler(self.config_profile, self.workdir)
         try:
             step, state, data_state = self._restore()
             self.start_step = self.last_saved = step
@@ -254,6 +217,7 @@ class _Loop:
             step, state, preempted = self._steps(step, state)
         finally:
             self.ckpt.close()  # waits for the async save in flight
+            self.profile.close()
             if self.writer is not None:
                 self.writer.close()
         return Result(step=step, start_step=self.start_step, state=state, last_metrics=self.last_values,
@@ -278,6 +242,7 @@ class _Loop:
         self.t_window = None
         while step < num_steps:
             self.ckpt.check()  # a failed asynchronous save stops the run here, not one interval later
+            self.profile(step)
             state, metrics = task.step(state, next(self.data))  # asynchronous
             if self.t_window is None:  # the first call compiled; time the window from here
                 self.t_window = time.perf_counter()
