@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_workdir
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
+ABLATION_WORKDIR ?= ablation_workdir
+ABLATION_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo fashion-mnist install install-torch clean-venv
+.PHONY: test demo ablation fashion-mnist install install-torch clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +26,11 @@ test: install fashion-mnist
 demo: install fashion-mnist
 	$(PY) -m sfd_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=demo \
 		--config.demo.data_dir=$(FASHION_MNIST) $(DEMO_ARGS)
+
+# The paper's ablations at CPU scale on the demo's data (docs/ablation.md): every setting × 3 seeds, resumable.
+ablation: install fashion-mnist
+	$(PY) -m sfd_jax.main --config=configs/ablation.py --workdir=$(ABLATION_WORKDIR) --mode=ablation \
+		--config.demo.data_dir=$(FASHION_MNIST) $(ABLATION_ARGS)
 
 # The Debian package dataset-fashion-mnist holds the four IDX files; elsewhere put them in FASHION_MNIST yourself.
 fashion-mnist:
