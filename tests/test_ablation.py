@@ -52,7 +52,7 @@ def test_a_stopped_ablation_finishes_only_the_missing_runs(stopped_then_resumed)
 
 def test_every_run_is_scored_at_each_fraction_of_the_budget(stopped_then_resumed):
     s, workdir = stopped_then_resumed["second"], stopped_then_resumed["workdir"]
-    for name, entry in s["settings"].items():
+    for entry in s["settings"].values():
         assert entry["finished_seeds"] == [0, 1]
         assert sorted(int(k) for k in entry["by_step"]) == [2, 4]
         for row in entry["by_step"].values():

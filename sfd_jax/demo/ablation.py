@@ -152,15 +152,21 @@ def _train_and_score(config, p: dict, judge_dir: str, setting: dict, seed: int, 
         "final_train_metrics": {k: float(v) for k, v in last.items() if isinstance(v, (int, float))}})
 
 
+_REFERENCE_STATS: dict = {}  # judge-feature statistics of the test split, computed once per process
+
+
 class Scorer:
     """EMA DiT → unguided class-balanced samples → (FID in judge features vs the test split, class consistency)."""
-
-    _ref: dict = {}
 
     def __init__(self, config, judge_dir: str, tv_dir: str, latents: str, delta_t: float):
         from sfd_jax.convert.texture_vae import load_texture_vae
         from sfd_jax.eval.classifier import load_classifier
-        from sfd_jax.eval.generator import ImageGenerator, SamplerSettings, TextureDecoder, read_latent_stats
+        from sfd_jax.eval.generator import (
+            ImageGenerator,
+            SamplerSettings,
+            TextureDecoder,
+            read_latent_stats,
+        )
         s = config.sample
         _, vae = load_texture_vae(tv_dir)
         mean, std = read_latent_stats(os.path.join(latents, "stats.json"), vae.cfg.embed_dim)
@@ -172,9 +178,9 @@ class Scorer:
         self.num_classes = int(config.dit.data.num_classes)
         self.n = self.num_classes * int(config.ablation.samples_per_class)
         key = (judge_dir, config.demo.data_dir, int(config.demo.fid_test_images))
-        if key not in Scorer._ref:
-            Scorer._ref[key] = self._reference(config)
-        self.ref = Scorer._ref[key]
+        if key not in _REFERENCE_STATS:
+            _REFERENCE_STATS[key] = self._reference(config)
+        self.ref = _REFERENCE_STATS[key]
 
     def _reference(self, config):
         from sfd_jax.demo.data import UnitRangeImages, padded_split

@@ -29,7 +29,7 @@ def collect(workdir: str, settings: list[dict], seeds: list[int]) -> dict:
             for metric in ("fid", "class_consistency"):
                 v = np.array([r["scores"][str(step)][metric] for r in runs.values() if str(step) in r["scores"]])
                 row[metric] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                               "n": int(len(v)), "values": v.tolist()}
+                               "n": len(v), "values": v.tolist()}
             curve[str(step)] = row
         out[s["name"]] = {"setting": s, "finished_seeds": sorted(int(k) for k in runs), "by_step": curve,
                           "final": curve[str(steps[-1])] if steps else None,

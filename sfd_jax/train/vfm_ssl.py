@@ -275,6 +275,6 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         return p, values[-1]
 
     params, final_loss = fit(params)
-    acc = lambda x, y: float(np.mean(np.asarray((x @ params["w"] + params["b"]).argmax(-1)) == y))  # noqa: E731
+    acc = lambda x, y: float(np.mean(np.asarray((x @ params["w"] + params["b"]).argmax(-1)) == y))
     return {"train_accuracy": acc(xtr, np.asarray(train_y)), "test_accuracy": acc(xte, np.asarray(test_y)),
             "train_loss": float(final_loss), "features": int(train_x.shape[1]), "steps": steps, "l2": l2}
