@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_workdir
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
+ABLATION_WORKDIR ?= ablation_workdir
+ABLATION_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test lint format demo fashion-mnist install install-torch clean-venv check-python
+.PHONY: test lint format demo ablation fashion-mnist install install-torch clean-venv check-python
 
 # The interpreter that will run everything: the venv's once it exists, else the one that creates it.
 PYTHON_CHECK := import sys; v = sys.version.split()[0]; sys.exit(0 if sys.version_info >= (3, 11) else \
@@ -42,6 +44,11 @@ format: install
 demo: install fashion-mnist
 	$(PY) -m sfd_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=demo \
 		--config.demo.data_dir=$(FASHION_MNIST) $(DEMO_ARGS)
+
+# The paper's ablations at CPU scale on the demo's data (docs/ablation.md): every setting × 3 seeds, resumable.
+ablation: install fashion-mnist
+	$(PY) -m sfd_jax.main --config=configs/ablation.py --workdir=$(ABLATION_WORKDIR) --mode=ablation \
+		--config.demo.data_dir=$(FASHION_MNIST) $(ABLATION_ARGS)
 
 # The Debian package dataset-fashion-mnist holds the four IDX files; elsewhere put them in FASHION_MNIST yourself.
 fashion-mnist:

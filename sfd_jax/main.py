@@ -20,6 +20,7 @@ MODES = {
     "sample": "sfd_jax.eval.sample:run",
     "evaluate": "sfd_jax.eval.evaluate:run",
     "demo": "sfd_jax.demo:run",
+    "ablation": "sfd_jax.demo.ablation:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file, `path.py:variant`.",

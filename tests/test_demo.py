@@ -53,8 +53,8 @@ def finished(tmp_path_factory):
 
 def test_every_stage_runs_and_reports(finished):
     report, workdir = finished["report"], finished["workdir"]
-    stages = ("texture_vae", "semvae", "extract", "dit", "classifier", "sample_unguided", "sample_autoguidance",
-              "evaluate")
+    stages = ("dinov2_pretrain", "texture_vae", "semvae", "semvae_random", "extract", "dit", "classifier",
+              "sample_unguided", "sample_autoguidance", "evaluate")
     assert set(report["wall_time_s"]["stages"]) == set(stages)
     assert all(report["wall_time_s"]["stages"][s] > 0 for s in stages)
     assert report["wall_time_s"]["cached_in_this_run"] == []
@@ -105,7 +105,17 @@ def test_every_stage_runs_and_reports(finished):
     with open(os.path.join(workdir, "dit", "ema", "config.json")) as f:
         dit_cfg = json.load(f)
     assert dit_cfg["input_size"] ** 2 == g["tokens"] and dit_cfg["repa_dim"] == g["dino_width"]
-    assert report["dinov2"]["random"] is True
+    # The DINOv2 is pretrained (self-supervised) from the random one, which stays beside it for the comparison.
+    d = report["dinov2"]
+    assert d["random"] is False and d["ssl_steps"] == 4
+    assert set(d["linear_probe_test_accuracy"]) == {"random", "pretrained"}
+    assert all(0.0 <= v <= 1.0 for v in d["linear_probe_test_accuracy"].values())
+    assert set(d["semvae_heldout_cosine"]) == {"random", "pretrained"}
+    assert all(-1.0 <= v["posterior_mean"] <= 1.0 for v in d["semvae_heldout_cosine"].values())
+    from sfd_jax.convert.dinov2 import load_dinov2
+    pre, rnd = (load_dinov2(os.path.join(workdir, n))[1] for n in ("dinov2", "dinov2_random"))
+    assert not np.array_equal(np.asarray(pre.patch_embed.kernel[...]), np.asarray(rnd.patch_embed.kernel[...]))
+    assert report["machine"]["matmul_2048_fp32_gflops"] > 0
 
     with np.load(os.path.join(workdir, "samples", "autoguidance.npz")) as z:
         images, labels = z["images"], z["labels"]

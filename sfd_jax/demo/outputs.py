@@ -36,7 +36,7 @@ def _json_default(obj):
 
 
 def write_report(config, workdir: str, records: dict, *, random_vfm: bool, geometry: dict,
-                 run_wall_s: float) -> dict:
+                 run_wall_s: float, machine: dict | None = None) -> dict:
     """report.json: every stage's result, per-stage wall time (of the run that finished the stage), and a summary."""
     from sfd_jax.demo.train_stages import RANDOM_VFM_WARNING
     results = {name: rec["result"] for name, rec in records.items()}
@@ -59,8 +59,8 @@ def write_report(config, workdir: str, records: dict, *, random_vfm: bool, geome
                         "stages_total": round(sum(rec["wall_s"] for rec in records.values()), 2),
                         "this_run": round(run_wall_s, 2),
                         "cached_in_this_run": [name for name, rec in records.items() if rec.get("cached")]},
-        "dinov2": {"random": random_vfm, "note": RANDOM_VFM_WARNING if random_vfm else "pretrained",
-                   "directory": results["semvae"]["dinov2"]},
+        "dinov2": _dinov2_summary(results, random_vfm, RANDOM_VFM_WARNING),
+        "machine": machine,
         "geometry": geometry,
         "stages": results,
         "nfe_note": "NFE counts velocity evaluations of the batch; with AutoGuidance each is one main-model and one "
@@ -68,6 +68,29 @@ def write_report(config, workdir: str, records: dict, *, random_vfm: bool, geome
     }
     write_json(os.path.join(workdir, "report.json"), report)
     return report
+
+
+def _semvae_cos(result: dict) -> dict:
+    ev = result.get("eval") or {}
+    return {"posterior_sample": ev.get("eval/cos_sim"), "posterior_mean": ev.get("eval/cos_sim_mu")}
+
+
+def _dinov2_summary(results: dict, random_vfm: bool, warning: str) -> dict:
+    out = {"random": random_vfm, "directory": results["semvae"]["dinov2"]}
+    pre = results.get("dinov2_pretrain")
+    if random_vfm:
+        out["note"] = warning
+    elif pre is None:
+        out["note"] = "given checkpoint (demo.vfm_checkpoint)"
+    else:
+        out["note"] = "pretrained here, self-supervised (SimCLR NT-Xent) on the train split's images, no labels"
+        out["linear_probe_test_accuracy"] = {k: v["test_accuracy"] for k, v in pre["probe"].items()}
+        out["ssl_steps"] = pre["ssl"]["steps"]
+    cos = {"pretrained" if not random_vfm else "random": _semvae_cos(results["semvae"])}
+    if "semvae_random" in results:
+        cos["random"] = _semvae_cos(results["semvae_random"])
+    out["semvae_heldout_cosine"] = cos
+    return out
 
 
 def _class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, columns: int) -> np.ndarray:

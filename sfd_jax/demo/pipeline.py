@@ -70,6 +70,23 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def machine_rate(n: int = 2048, repeats: int = 5) -> dict:
+    """The plain fp32 n² matmul rate of this machine now (best of `repeats`) and its load average: printed and stored
+    beside every timing so that runs on different or busy machines can be compared."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return {"matmul_2048_fp32_gflops": round(2 * n ** 3 / best / 1e9, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
 # ================================================================================================================
 # run
 # ================================================================================================================
@@ -94,13 +111,23 @@ def _quiet_orbax():
         absl.removeFilter(keep)
 
 
-def _run(config, workdir: str, t_run: float) -> dict:
+def prepare(config, workdir: str) -> dict:
+    """The data stages (cached in `workdir`): machine rate, DINOv2 (pretrained here, given, or random), texture
+    VAE, SemVAE(s) and the latent extraction. `--mode=ablation` reuses them from the demo's workdir."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     check_data(config.demo.data_dir)
     _check_workdir_config(workdir, config)
+    machine = machine_rate()
+    log.info("[demo] this machine: 2048² fp32 matmul %.0f GFLOP/s, load average %s (stage times scale roughly "
+             "with 1 / this rate)", machine["matmul_2048_fp32_gflops"], machine["load_average"])
     stages = Stages(workdir)
-    dino_dir, random_vfm = train_stages.dinov2(config, workdir)
+    vfm = None
+    if train_stages.pretrains_dinov2(config):
+        vfm = stages.run("dinov2_pretrain", lambda: train_stages.pretrain_dinov2(config, workdir))
+        dino_dir, random_vfm = vfm["directory"], False
+    else:
+        dino_dir, random_vfm = train_stages.dinov2(config, workdir)
     if random_vfm:
         log.warning("\n%s\n[demo] %s\n%s", "!" * 100, RANDOM_VFM_WARNING, "!" * 100)
     grid = train_stages.latent_grid(config)
@@ -108,8 +135,21 @@ def _run(config, workdir: str, t_run: float) -> dict:
 
     tv = stages.run("texture_vae", lambda: train_stages.texture_vae(config, workdir))
     sv = stages.run("semvae", lambda: train_stages.semvae(config, workdir, dino_dir, dino_size, width))
+    sv_random = None
+    if vfm is not None and config.demo.semvae_random:
+        # The same SemVAE on the random encoder's tokens: how much of the reconstruction quality is the encoder's.
+        sv_random = stages.run("semvae_random", lambda: train_stages.semvae(
+            config, workdir, vfm["random_directory"], dino_size, width, name="semvae_random"))
     stages.run("extract", lambda: train_stages.extract(config, workdir, tv["weights"], dino_dir, sv["weights"],
                                                        dino_size))
+    return dict(workdir=workdir, machine=machine, stages=stages, vfm=vfm, dino_dir=dino_dir, random_vfm=random_vfm,
+                grid=grid, dino_size=dino_size, width=width, tv=tv, sv=sv, sv_random=sv_random)
+
+
+def _run(config, workdir: str, t_run: float) -> dict:
+    p = prepare(config, workdir)
+    workdir, stages, tv, grid, width = p["workdir"], p["stages"], p["tv"], p["grid"], p["width"]
+    random_vfm, dino_size, machine = p["random_vfm"], p["dino_size"], p["machine"]
     dit = stages.run("dit", lambda: train_stages.dit(config, workdir, grid, width))
     clf = stages.run("classifier", lambda: eval_stages.classifier(config, workdir))
     samples = {mode: stages.run(f"sample_{mode}", lambda m=mode: eval_stages.sample(config, workdir, m, tv["weights"],
@@ -121,7 +161,7 @@ def _run(config, workdir: str, t_run: float) -> dict:
     report = outputs.write_report(config, workdir, stages.records, random_vfm=random_vfm,
                                   geometry={"latent": [grid, grid, 48], "tokens": grid * grid,
                                             "dino_size": dino_size, "dino_width": width},
-                                  run_wall_s=time.perf_counter() - t_run)
+                                  run_wall_s=time.perf_counter() - t_run, machine=machine)
     outputs.samples_png(workdir, samples, float(config.demo.guidance_scale), int(config.demo.grid_columns), ev)
     outputs.loss_png(workdir)
     outputs.log_summary(report)

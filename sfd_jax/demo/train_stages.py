@@ -43,11 +43,19 @@ def latent_grid(config) -> int:
 
 
 def dinov2(config, workdir: str) -> tuple[str, bool]:
-    """(transformers directory of the DINOv2 used everywhere, is_random). The random one is created once and saved,
-    so the SemVAE trainer, the extraction and a re-run all read the same weights."""
+    """(transformers directory of the DINOv2 used everywhere, is_random) when no pretraining stage runs: the given
+    checkpoint, else the random one (created once and saved, so every stage and a re-run read the same weights)."""
     if config.demo.vfm_checkpoint:
         return config.demo.vfm_checkpoint, False
-    path = os.path.join(workdir, "dinov2")
+    return random_dinov2(config, os.path.join(workdir, "dinov2")), True
+
+
+def pretrains_dinov2(config) -> bool:
+    return not config.demo.vfm_checkpoint and int(config.dino.ssl.steps) > 0
+
+
+def random_dinov2(config, path: str) -> str:
+    """The randomly initialised DINOv2 of `config.dino` saved at `path` (once; later calls only return the path)."""
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         from flax import nnx
 
@@ -62,7 +70,43 @@ def dinov2(config, workdir: str) -> tuple[str, bool]:
         model = nnx.jit(lambda: Dinov2(cfg, rngs=nnx.Rngs(int(d.seed))))()
         save_pretrained(model, tmp)
         os.replace(tmp, path)
-    return path, True
+    return path
+
+
+def pretrain_dinov2(config, workdir: str) -> dict:
+    """Self-supervised pretraining (sfd_jax.train.vfm_ssl) of the random DINOv2 on the train split's images (no
+    labels), saved to `dinov2/`; then the linear probe of the random and the pretrained encoder."""
+    from sfd_jax.convert.dinov2 import load_dinov2, save_pretrained
+    from sfd_jax.train import vfm_ssl
+    random_dir = random_dinov2(config, os.path.join(workdir, "dinov2_random"))
+    train_x, train_y = gray_split(config.demo.data_dir, "train")
+    test_x, test_y = gray_split(config.demo.data_dir, "test")
+    ssl_cfg = vfm_ssl.SSLConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                   for k, v in config.dino.ssl.to_dict().items()})
+    vit, info = vfm_ssl.train(load_dinov2(random_dir)[1], train_x, ssl_cfg, os.path.join(workdir, "dinov2_ssl"))
+    path = os.path.join(workdir, "dinov2")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_pretrained(vit, tmp)
+    if os.path.exists(path):  # a run killed between this save and its stage record
+        import shutil
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    probe = {}
+    for name, model in (("random", load_dinov2(random_dir)[1]), ("pretrained", vit)):
+        probe[name] = vfm_ssl.linear_probe(vfm_ssl.features(model, train_x), train_y,
+                                           vfm_ssl.features(model, test_x), test_y)
+        log.info("[demo] linear probe, %s DINOv2: test accuracy %.1f%% (train %.1f%%)", name,
+                 100 * probe[name]["test_accuracy"], 100 * probe[name]["train_accuracy"])
+    return {"directory": path, "random_directory": random_dir, "ssl": {**info, "config": ssl_cfg.__dict__},
+            "probe": probe, "probe_note": "logistic regression on frozen mean-pooled patch tokens, fit on the "
+                                          "60,000 training images, scored on the 10,000 test images"}
+
+
+def gray_split(data_dir: str, split: str):
+    """uint8 (N, 32, 32) gray images (28 × 28 padded) and labels of a whole split."""
+    import numpy as np
+    src = fashion_mnist(data_dir, split)
+    return np.pad(src.images, ((0, 0), (2, 2), (2, 2))), np.asarray(src.labels)
 
 
 def _dino_config(dino_dir: str) -> dict:
@@ -77,7 +121,7 @@ def dino_geometry(dino_dir: str, grid: int) -> tuple[int, int]:
     return grid * int(hf["patch_size"]), int(hf["hidden_size"])
 
 
-def semvae(config, workdir: str, dino_dir: str, dino_size: int, width: int) -> dict:
+def semvae(config, workdir: str, dino_dir: str, dino_size: int, width: int, name: str = "semvae") -> dict:
     from sfd_jax.train.semvae import run as train_semvae
     sv = _copy(config.semvae)
     sv.dino.update(checkpoint=dino_dir, dtype="float32", config=_dino_config(dino_dir))
@@ -85,12 +129,13 @@ def semvae(config, workdir: str, dino_dir: str, dino_size: int, width: int) -> d
     sv.data.update(resize=dino_size, crop=dino_size)
     sv.data.source.path = config.demo.data_dir
     sv.data.eval_source.path = config.demo.data_dir
-    out = train_semvae(sv, os.path.join(workdir, "semvae"))
+    out = train_semvae(sv, os.path.join(workdir, name))
     return {"weights": out["export"], "dinov2": dino_dir, "dino_size": dino_size, "eval": out["eval"],
             "first_eval": out["first_eval"], "steps": out["step"]}
 
 
-def extract(config, workdir: str, tv_dir: str, dino_dir: str, sv_dir: str, dino_size: int) -> dict:
+def extract(config, workdir: str, tv_dir: str, dino_dir: str, sv_dir: str, dino_size: int,
+            out: str = "latents") -> dict:
     from sfd_jax.convert.dinov2 import load_dinov2
     from sfd_jax.convert.semvae import load_semvae
     from sfd_jax.convert.texture_vae import load_texture_vae
@@ -105,7 +150,7 @@ def extract(config, workdir: str, tv_dir: str, dino_dir: str, sv_dir: str, dino_
                              batch_size_per_device=per_device, shard_size=int(e.shard_size), seed=int(config.seed),
                              latent_dtype=e.latent_dtype, feature_dtype=e.feature_dtype,
                              stats_images=int(e.stats_images), num_workers=int(e.num_workers))
-    summary = extract_latents(source, os.path.join(workdir, "latents"), encoders, options, progress=False)
+    summary = extract_latents(source, os.path.join(workdir, out), encoders, options, progress=False)
     if not summary["complete"]:
         raise RuntimeError(f"latent extraction stopped before the last shard: {summary}")
     return {k: v for k, v in summary.items() if k != "stats"}

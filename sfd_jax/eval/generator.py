@@ -274,7 +274,9 @@ class ImageGenerator:
                 raise ValueError("null_label is required for a model without a DiTConfig `cfg`")
             null_label = cfg.num_classes
         null_label = int(null_label)
-        if latent_shape[-1] <= self.decoder.channels:
+        texture_only = cfg is not None and cfg.semantic_chans == 0  # the no-semantic-latent baseline
+        if latent_shape[-1] < self.decoder.channels or (latent_shape[-1] == self.decoder.channels
+                                                        and not texture_only):
             raise ValueError(f"the model's latent has {latent_shape[-1]} channels; the texture VAE takes the first "
                              f"{self.decoder.channels}, so no semantic channels would remain")
         if cfg is not None and cfg.in_channels - cfg.semantic_chans != self.decoder.channels:
