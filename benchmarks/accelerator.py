@@ -14,13 +14,12 @@ Sections of the JSON:
 - `bf16_vs_fp32`: the golden model (tests/golden/official/dit.npz) evaluated in bf16 and in fp32 on the same
   inputs: max |bf16 − fp32| / max |fp32| of the velocity.
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import json
-import pathlib
 import time
 
 from common import REPO, emit, environment, log
@@ -34,6 +33,7 @@ def attention_impl(platform: str) -> tuple[str, str | None]:
         return "xla", f"platform {platform}: cuDNN attention is GPU-only"
     import jax
     import jax.numpy as jnp
+
     try:
         q = jnp.ones((2, 256, 16, 72), jnp.bfloat16)
         jax.block_until_ready(jax.jit(lambda a: jax.nn.dot_product_attention(a, a, a, implementation="cudnn"))(q))
@@ -44,23 +44,45 @@ def attention_impl(platform: str) -> tuple[str, str | None]:
 
 def train_section(size, batches, steps, repeats, impl, dry_run) -> list[dict]:
     import train_step
+
     rows = []
     for b in batches:
-        argv = [f"--size={size}", f"--batch={b}", "--dtype=bfloat16", f"--steps={steps}", f"--repeats={repeats}",
-                "--config=configs/sfd.py:tiny" if dry_run else "--config=configs/sfd.py:xl"]
+        argv = [
+            f"--size={size}",
+            f"--batch={b}",
+            "--dtype=bfloat16",
+            f"--steps={steps}",
+            f"--repeats={repeats}",
+            "--config=configs/sfd.py:tiny" if dry_run else "--config=configs/sfd.py:xl",
+        ]
         if impl == "cudnn":
             argv += ["--set", "model.attention_impl=cudnn"]
         with contextlib.redirect_stdout(io.StringIO()):  # train_step prints its own JSON; keep ours the only one
             r = train_step.main(argv)
-        rows.append({k: r[k] for k in ("size", "global_batch", "img_per_s", "step_s", "mfu",
-                                       "peak_flops_per_s_per_device", "model_flops_per_s", "compile_s",
-                                       "memory_per_device_bytes", "mesh")})
+        rows.append(
+            {
+                k: r[k]
+                for k in (
+                    "size",
+                    "global_batch",
+                    "img_per_s",
+                    "step_s",
+                    "mfu",
+                    "peak_flops_per_s_per_device",
+                    "model_flops_per_s",
+                    "compile_s",
+                    "memory_per_device_bytes",
+                    "mesh",
+                )
+            }
+        )
         log(f"[accelerator] train batch {b}: mfu {r['mfu']:.3f}, {r['img_per_s']:.2f} img/s")
     return rows
 
 
 def memory_section() -> dict:
     import jax
+
     stats = jax.devices()[0].memory_stats()
     if not stats:
         return {"peak_bytes_in_use": None, "note": f"{jax.devices()[0].platform} keeps no memory_stats"}
@@ -75,12 +97,15 @@ def sampler_section(size, batch, euler_steps) -> list[dict]:
     from sfd_jax.diffusion.sampler import sample
 
     model, cfg = _random_model(size, "bfloat16", 0)
-    z0 = np.asarray(jax.random.normal(jax.random.key(0), (batch, cfg.input_size, cfg.input_size, cfg.in_channels)),
-                    np.float32)
+    z0 = np.asarray(
+        jax.random.normal(jax.random.key(0), (batch, cfg.input_size, cfg.input_size, cfg.in_channels)), np.float32
+    )
     y = (np.arange(batch) * 37 % cfg.num_classes).astype(np.int32)
     rows = []
-    for name, kw in (("dopri5 rtol 1e-3 atol 1e-6", dict(solver="dopri5", rtol=1e-3, atol=1e-6)),
-                     (f"euler {euler_steps} steps", dict(solver="euler", num_steps=euler_steps))):
+    for name, kw in (
+        ("dopri5 rtol 1e-3 atol 1e-6", dict(solver="dopri5", rtol=1e-3, atol=1e-6)),
+        (f"euler {euler_steps} steps", dict(solver="euler", num_steps=euler_steps)),
+    ):
         t = time.perf_counter()
         jax.block_until_ready(sample(model, z0, y, **kw)[0])  # compile + first run
         first = time.perf_counter() - t
@@ -90,8 +115,17 @@ def sampler_section(size, batch, euler_steps) -> list[dict]:
         wall = time.perf_counter() - t
         if not np.all(np.isfinite(np.asarray(x, np.float32))):
             raise FloatingPointError(f"sampler {name}: non-finite samples")
-        rows.append({"name": name, "size": size, "batch": batch, "nfe": int(stats["nfe"]), "wall_s": wall,
-                     "first_call_s": first, "img_per_s": batch / wall})
+        rows.append(
+            {
+                "name": name,
+                "size": size,
+                "batch": batch,
+                "nfe": int(stats["nfe"]),
+                "wall_s": wall,
+                "first_call_s": first,
+                "img_per_s": batch / wall,
+            }
+        )
         log(f"[accelerator] sampler {name}: {batch / wall:.2f} img/s, nfe {int(stats['nfe'])}")
     return rows
 
@@ -113,13 +147,17 @@ def bf16_section(batch: int = 4) -> dict:
         x = r.standard_normal((batch, cfg.input_size, cfg.input_size, cfg.in_channels)).astype(np.float32)
         t = r.uniform(size=batch).astype(np.float32)
         y = (np.arange(batch) * 37 % cfg.num_classes).astype(np.int32)
-        outs[dtype] = np.asarray(jax.jit(lambda a, b, c, e: model(a, b, c, e))(x, t, np.clip(t + 0.3, 0, 1), y),
-                                 np.float64)
+        outs[dtype] = np.asarray(
+            jax.jit(lambda a, b, c, e: model(a, b, c, e))(x, t, np.clip(t + 0.3, 0, 1), y), np.float64
+        )
     diff = np.abs(outs["bfloat16"] - outs["float32"])
     scale = np.abs(outs["float32"]).max()
-    return {"model": "tests/golden/official/dit.npz", "max_abs_diff": float(diff.max()),
-            "max_rel_diff": float(diff.max() / scale), "rms_rel_diff": float(np.sqrt((diff ** 2).mean()) /
-                                                                              np.sqrt((outs["float32"] ** 2).mean()))}
+    return {
+        "model": "tests/golden/official/dit.npz",
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float(diff.max() / scale),
+        "rms_rel_diff": float(np.sqrt((diff**2).mean()) / np.sqrt((outs["float32"] ** 2).mean())),
+    }
 
 
 def main(argv=None) -> dict:
@@ -137,8 +175,12 @@ def main(argv=None) -> dict:
             raise SystemExit("accelerator.sh: no accelerator found (jax sees only CPU); use --dry-run on a CPU")
         size, batches, steps, repeats, s_batch, euler = "xl", (16, 32), 5, 2, 16, 250
     impl, why = attention_impl(platform)
-    result = {"benchmark": "accelerator", "dry_run": args.dry_run, "env": environment(),
-              "attention": {"implementation": impl, "note": why}}
+    result = {
+        "benchmark": "accelerator",
+        "dry_run": args.dry_run,
+        "env": environment(),
+        "attention": {"implementation": impl, "note": why},
+    }
     result["train"] = train_section(size, batches, steps, repeats, impl, args.dry_run)
     result["memory"] = memory_section()
     result["sampler"] = sampler_section(size, s_batch, euler)

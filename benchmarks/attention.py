@@ -9,6 +9,7 @@ passed to `jax.nn.dot_product_attention` ('' = let XLA choose; 'cudnn' = flash a
 Times are medians of process CPU seconds and wall seconds over --repeats calls; the two outputs and their
 gradients are compared so that a faster path cannot be a wrong one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,17 +65,26 @@ def main(argv=None) -> dict:
             wall.append(time.perf_counter() - w)
             cpu.append(time.process_time() - c)
         mem = step.lower(q, k, v).compile().memory_analysis()
-        out[name] = {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
-                     "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None}
+        out[name] = {
+            "wall_s": statistics.median(wall),
+            "cpu_s": statistics.median(cpu),
+            "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+        }
     flat = [np.asarray(x, np.float32) for x in jax.tree.leaves(results["dot_product_attention"])]
     ref = [np.asarray(x, np.float32) for x in jax.tree.leaves(results["einsum_softmax"])]
     out["max_rel_diff"] = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30)) for a, b in zip(flat, ref))
-    flops = 3 * 4 * args.batch * args.heads * args.tokens ** 2 * args.head_dim  # fwd+bwd of q·kᵀ and p·v
+    flops = 3 * 4 * args.batch * args.heads * args.tokens**2 * args.head_dim  # fwd+bwd of q·kᵀ and p·v
     for name in ("dot_product_attention", "einsum_softmax"):
         out[name]["gflops_per_cpu_s"] = flops / out[name]["cpu_s"] / 1e9
     out["speedup_cpu_time"] = out["einsum_softmax"]["cpu_s"] / out["dot_product_attention"]["cpu_s"]
-    result = {"benchmark": "attention", "shape": shape, "dtype": args.dtype,
-              "implementation": args.implementation or "xla default", **out, "env": environment()}
+    result = {
+        "benchmark": "attention",
+        "shape": shape,
+        "dtype": args.dtype,
+        "implementation": args.implementation or "xla default",
+        **out,
+        "env": environment(),
+    }
     emit(result)
     return result
 

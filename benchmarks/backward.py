@@ -11,6 +11,7 @@ figures taken under the same load of a shared machine. Reported per round and as
   over the matmul's FLOPs per CPU-second.
 Only the loss + gradient are timed (no optimizer), which is what PyTorch's side in torch_compare.py times too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,13 @@ def build(size: str, batch: int, seed: int = 0):
     from sfd_jax.diffusion.losses import LossConfig, sfd_loss
     from sfd_jax.models.lightningdit import DiTConfig, LightningDiT, forward_flops_per_image
 
-    cfg = (DiTConfig(depth=4, hidden_size=256, num_heads=4) if size == "d4w256"
-           else DiTConfig.from_size(size))
+    cfg = DiTConfig(depth=4, hidden_size=256, num_heads=4) if size == "d4w256" else DiTConfig.from_size(size)
     model = LightningDiT(cfg, rngs=nnx.Rngs(seed))
     # adaLN / final layer start at zero; random weights make every path carry signal (and gradient).
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype)
-                                       for p, k in zip(leaves, keys)])
+    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
     k1, k2, k3 = jax.random.split(jax.random.key(seed + 2), 3)
     x1 = jax.random.normal(k1, (batch, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
     y = jax.random.randint(k2, (batch,), 0, cfg.num_classes)
@@ -59,6 +58,7 @@ def clock(fn, n):
     for _ in range(n):
         out = fn()
     import jax
+
     jax.block_until_ready(out)
     return (time.perf_counter() - w) / n, (time.process_time() - c) / n
 
@@ -103,17 +103,36 @@ def main(argv=None) -> dict:
         peak = matmul_peak("float32", repeats=3)
         tf, cf = clock(f, args.iters)
         tb, cb = clock(fb, args.iters)
-        rounds.append({"peak_flops_per_s": peak["flops_per_s_median"], "peak_flops_per_cpu_s": peak["flops_per_cpu_s"],
-                       "fwd_s": tf, "fwd_cpu_s": cf, "fwdbwd_s": tb, "fwdbwd_cpu_s": cb,
-                       "bwd_over_fwd": (cb - cf) / cf, "bwd_over_fwd_wall": (tb - tf) / tf,
-                       "fwd_frac_peak": flops_fwd / cf / peak["flops_per_cpu_s"],
-                       "fwdbwd_frac_peak": 3 * flops_fwd / cb / peak["flops_per_cpu_s"],
-                       "fwdbwd_frac_peak_wall": 3 * flops_fwd / tb / peak["flops_per_s_median"]})
-        log(f"[backward] round {r}: {json.dumps({k: round(v, 4) for k, v in rounds[-1].items() if 'peak' not in k or 'frac' in k})}")
+        rounds.append(
+            {
+                "peak_flops_per_s": peak["flops_per_s_median"],
+                "peak_flops_per_cpu_s": peak["flops_per_cpu_s"],
+                "fwd_s": tf,
+                "fwd_cpu_s": cf,
+                "fwdbwd_s": tb,
+                "fwdbwd_cpu_s": cb,
+                "bwd_over_fwd": (cb - cf) / cf,
+                "bwd_over_fwd_wall": (tb - tf) / tf,
+                "fwd_frac_peak": flops_fwd / cf / peak["flops_per_cpu_s"],
+                "fwdbwd_frac_peak": 3 * flops_fwd / cb / peak["flops_per_cpu_s"],
+                "fwdbwd_frac_peak_wall": 3 * flops_fwd / tb / peak["flops_per_s_median"],
+            }
+        )
+        shown = {k: round(v, 4) for k, v in rounds[-1].items() if "peak" not in k or "frac" in k}
+        log(f"[backward] round {r}: {json.dumps(shown)}")
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    result = {"benchmark": "backward", "size": args.size, "batch": args.batch, "depth": cfg.depth,
-              "hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "flops_fwd": flops_fwd,
-              "median": med, "rounds": rounds, "env": env}
+    result = {
+        "benchmark": "backward",
+        "size": args.size,
+        "batch": args.batch,
+        "depth": cfg.depth,
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "flops_fwd": flops_fwd,
+        "median": med,
+        "rounds": rounds,
+        "env": env,
+    }
     if args.profile:
         out = {}
         for name, fn in (("fwd", f), ("fwdbwd", fb)):

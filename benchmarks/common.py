@@ -4,6 +4,7 @@ Every benchmark prints ONE JSON object on stdout (progress goes to stderr). Timi
 machine's load average is recorded beside them because a shared machine slows both the benchmark and the peak it
 is compared with.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,6 +40,7 @@ def load_config(spec: str, overrides=()):
     """sfd_jax.config_loader.load_config, imported when called: importing sfd_jax imports jax, which must wait
     for set_host_device_count."""
     from sfd_jax.config_loader import load_config as load
+
     return load(spec, overrides)
 
 
@@ -51,13 +53,21 @@ def jit_without_donation(run):
     from sfd_jax.train.step import make_train_step
 
     config, setup = run.config, run.setup
-    step_fn = make_train_step(setup.graphdef, setup.tx, sfd_loss, run.loss_cfg,
-                              ema_decay=float(config.optim.ema_decay),
-                              label_dropout=float(config.optim.label_dropout),
-                              null_class=run.model_cfg.num_classes, model_channels=run.derived["model_channels"])
-    return jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.aux_shardings,
-                                          parallel.batch_sharding(run.mesh)),
-                   out_shardings=(setup.state_shardings, parallel.replicated(run.mesh)))
+    step_fn = make_train_step(
+        setup.graphdef,
+        setup.tx,
+        sfd_loss,
+        run.loss_cfg,
+        ema_decay=float(config.optim.ema_decay),
+        label_dropout=float(config.optim.label_dropout),
+        null_class=run.model_cfg.num_classes,
+        model_channels=run.derived["model_channels"],
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(setup.state_shardings, setup.aux_shardings, parallel.batch_sharding(run.mesh)),
+        out_shardings=(setup.state_shardings, parallel.replicated(run.mesh)),
+    )
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -92,9 +102,16 @@ def matmul_peak(dtype: str = "float32", n: int | None = None, repeats: int = 7, 
     cpu0 = time.process_time()
     times = timed(lambda: chain_fn(a, b).block_until_ready(), repeats, warmup=0)
     cpu = time.process_time() - cpu0
-    flops = 2.0 * n ** 3 * chain
-    return {"dtype": dtype, "n": n, "chain": chain, "flops_per_s_median": flops / statistics.median(times),
-            "flops_per_s_best": flops / min(times), "flops_per_cpu_s": flops * repeats / cpu, "repeats": repeats}
+    flops = 2.0 * n**3 * chain
+    return {
+        "dtype": dtype,
+        "n": n,
+        "chain": chain,
+        "flops_per_s_median": flops / statistics.median(times),
+        "flops_per_s_best": flops / min(times),
+        "flops_per_cpu_s": flops * repeats / cpu,
+        "repeats": repeats,
+    }
 
 
 @functools.cache
@@ -105,7 +122,7 @@ def _peak_kernel(dtype: str, n: int, chain: int):
     dev = jax.devices()[0]
     dt = jnp.dtype(dtype)
     a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt), dev)
-    b = jax.device_put((jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5).astype(dt), dev)
+    b = jax.device_put((jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n**0.5).astype(dt), dev)
 
     @jax.jit
     def chain_fn(a, b):
@@ -120,8 +137,14 @@ def environment() -> dict:
     import jax
 
     dev = jax.devices()[0]
-    env = {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-           "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    env = {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
     try:
         env["load_avg_1m"] = round(os.getloadavg()[0], 2)
     except OSError:
@@ -137,6 +160,7 @@ def emit(result: dict) -> None:
 def _jsonable(x):
     try:
         import numpy as np
+
         if isinstance(x, np.generic):
             return x.item()
     except ImportError:

@@ -9,6 +9,7 @@ batch. The shards were just written, so they are read from the page cache: the f
 not the disk's. `records_per_cpu_s` divides by the CPU time the process used, which stays meaningful on a machine
 shared with other work. Target: ≥ 5,000 records/s per host.
 """
+
 import argparse
 import json
 import os
@@ -35,20 +36,27 @@ def write_dataset(directory: str, num_images: int, shard_size: int = 256, seed: 
         idx = np.arange(s * shard_size, min((s + 1) * shard_size, num_images))
         writer = records.ShardWriter(os.path.join(directory, name))
         for start in range(0, len(idx), 64):
-            part = idx[start:start + 64]
+            part = idx[start : start + 64]
             arrays = {}
             for field in LAYOUT.pair_fields:
                 dtype, shape = LAYOUT.field_spec(field)
                 arrays[field] = rng.standard_normal((len(part), *shape), np.float32).astype(dtype)
             writer.write(LAYOUT.pack_pairs(index=part, label=part % 1000, **arrays))
         writer.commit()
-        records.write_json_atomic(os.path.join(directory, name + ".json"),
-                                  {"num_images": len(idx), "num_records": 2 * len(idx)})
-    records.write_json_atomic(os.path.join(directory, "dataset.json"),
-                              {"format": records.FORMAT, "layout": LAYOUT.to_json(), "shards": names})
-    records.write_json_atomic(os.path.join(directory, "stats.json"), {
-        "format": records.STATS_FORMAT, "texture": {"mean": [0.0] * 32, "std": [1.0] * 32},
-        "semantic": {"mean": [0.0] * 16, "std": [1.0] * 16}})
+        records.write_json_atomic(
+            os.path.join(directory, name + ".json"), {"num_images": len(idx), "num_records": 2 * len(idx)}
+        )
+    records.write_json_atomic(
+        os.path.join(directory, "dataset.json"), {"format": records.FORMAT, "layout": LAYOUT.to_json(), "shards": names}
+    )
+    records.write_json_atomic(
+        os.path.join(directory, "stats.json"),
+        {
+            "format": records.STATS_FORMAT,
+            "texture": {"mean": [0.0] * 32, "std": [1.0] * 32},
+            "semantic": {"mean": [0.0] * 16, "std": [1.0] * 16},
+        },
+    )
 
 
 def _cpu_seconds() -> float:
@@ -70,8 +78,12 @@ def main() -> None:
         if not os.path.exists(os.path.join(directory, "dataset.json")):
             os.makedirs(directory, exist_ok=True)
             write_dataset(directory, a.num_images)
-        data_cfg = {"source": "arrayrecord", "path": directory, "read_threads": a.read_threads,
-                    "prefetch_batches": a.prefetch_batches}
+        data_cfg = {
+            "source": "arrayrecord",
+            "path": directory,
+            "read_threads": a.read_threads,
+            "prefetch_batches": a.prefetch_batches,
+        }
         it = pipeline.make_iterator(data_cfg, batch_size=a.batch_size, process_index=0, process_count=1, seed=0)
         next(it)  # threads started, first batches in flight
         n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
@@ -79,15 +91,28 @@ def main() -> None:
             batch = next(it)
             n += len(batch["y"])
         dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        print(json.dumps({
-            "benchmark": "data_reader", "records_per_s": round(n / dt, 1),
-            # CPU seconds of all reader threads: the cost per record, independent of other load on the machine.
-            "records_per_cpu_s": round(n / max(cpu, 1e-9), 1), "cpu_s": round(cpu, 2),
-            "load_avg_1min": round(os.getloadavg()[0], 2),
-            "MB_per_s_read": round(n * LAYOUT.size / dt / 1e6, 1),  # one view record per sample
-            "record_bytes": LAYOUT.size, "batch_size": a.batch_size, "read_threads": a.read_threads,
-            "num_images": a.num_images, "records_read": n, "seconds": round(dt, 2), "cpu_count": os.cpu_count(),
-            "page_cache": "warm", "target_records_per_s": 5000}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "data_reader",
+                    "records_per_s": round(n / dt, 1),
+                    # CPU seconds of all reader threads: the cost per record, independent of other load on the machine.
+                    "records_per_cpu_s": round(n / max(cpu, 1e-9), 1),
+                    "cpu_s": round(cpu, 2),
+                    "load_avg_1min": round(os.getloadavg()[0], 2),
+                    "MB_per_s_read": round(n * LAYOUT.size / dt / 1e6, 1),  # one view record per sample
+                    "record_bytes": LAYOUT.size,
+                    "batch_size": a.batch_size,
+                    "read_threads": a.read_threads,
+                    "num_images": a.num_images,
+                    "records_read": n,
+                    "seconds": round(dt, 2),
+                    "cpu_count": os.cpu_count(),
+                    "page_cache": "warm",
+                    "target_records_per_s": 5000,
+                }
+            )
+        )
     finally:
         if not a.dir:
             shutil.rmtree(directory, ignore_errors=True)

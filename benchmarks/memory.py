@@ -31,6 +31,7 @@ faster. docs/performance.md lists the comparison.
 `fits` keeps --headroom (default 10%) of each chip's memory free for the runtime, fragmentation and the
 difference between this compile and the one on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,15 @@ import time
 
 from common import emit, jit_without_donation, load_config, log, set_host_device_count
 
-GiB = 2 ** 30
+GiB = 2**30
 # Memory per chip (GiB): TPU v4 32, v5e 16, v5p 95, v6e 32; NVIDIA H100 SXM 80, H200 141.
 CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "H100": 80, "H200": 141}
 TPUS = {  # topology prefix, dimensions, chip config (megacore chips are one device)
-    "v4": ("v4", 3, "megacore"), "v5p": ("v5p", 3, "megacore"), "v5e": ("v5e", 2, "default"),
-    "v6e": ("v6e", 2, "default")}
+    "v4": ("v4", 3, "megacore"),
+    "v5p": ("v5p", 3, "megacore"),
+    "v5e": ("v5e", 2, "default"),
+    "v6e": ("v6e", 2, "default"),
+}
 CPU_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
@@ -56,18 +60,27 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/sfd.py:xl", help="config file:variant (default %(default)s)")
     p.add_argument("--devices", type=int, default=16, help="mesh size: fake CPU devices or TPU chips")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="config override, e.g. model.remat=True, mesh.ici='(2,-1,1)' (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, e.g. model.remat=True, mesh.ici='(2,-1,1)' (repeatable)",
+    )
     p.add_argument("--tpu", choices=sorted(TPUS), default=None, help="compile for this TPU (needs libtpu)")
-    p.add_argument("--libtpu", default=None, help="path of libtpu.so (default: $TPU_LIBRARY_PATH or the libtpu "
-                                                  "package)")
+    p.add_argument(
+        "--libtpu", default=None, help="path of libtpu.so (default: $TPU_LIBRARY_PATH or the libtpu package)"
+    )
     p.add_argument("--depth-mode", choices=("full", "extrapolate"), default="full")
     p.add_argument("--depths", default="4,6", help="the two reduced depths for --depth-mode=extrapolate")
     p.add_argument("--no-donate", action="store_true", help="jit the step without donating the state")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of chip memory kept free in `fits`")
-    p.add_argument("--table", action="store_true",
-                   help="XL and XXL at global batch 256 on 8/16/32 devices, without remat and with the "
-                        "'dots_no_batch' and 'full' remat policies; one JSON object")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="XL and XXL at global batch 256 on 8/16/32 devices, without remat and with the "
+        "'dots_no_batch' and 'full' remat policies; one JSON object",
+    )
     p.add_argument("--table-devices", default="8,16,32")
     return p.parse_args(argv)
 
@@ -95,10 +108,13 @@ def prepare_tpu(libtpu: str | None) -> None:
     if path is None:
         try:
             import libtpu as _libtpu  # noqa: F401
+
             path = os.path.join(os.path.dirname(_libtpu.__file__), "libtpu.so")
         except ImportError:
-            sys.exit("--tpu needs libtpu: pip install libtpu==0.0.42.* (the version jax[tpu] pins), or "
-                     "pip install --no-deps --target DIR libtpu==0.0.42.* and pass --libtpu=DIR/libtpu/libtpu.so")
+            sys.exit(
+                "--tpu needs libtpu: pip install libtpu==0.0.42.* (the version jax[tpu] pins), or "
+                "pip install --no-deps --target DIR libtpu==0.0.42.* and pass --libtpu=DIR/libtpu/libtpu.so"
+            )
     if not os.path.exists(path):
         sys.exit(f"--libtpu={path}: no such file")
     os.environ["TPU_LIBRARY_PATH"] = path
@@ -112,8 +128,14 @@ def tpu_devices(kind: str, n: int):
     from jax.experimental import topologies
 
     _, dims, chip_config = TPUS[kind]
-    topo = topologies.get_topology_desc(tpu_topology_name(kind, n), "tpu", chip_config_name=chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
+    topo = topologies.get_topology_desc(
+        tpu_topology_name(kind, n),
+        "tpu",
+        chip_config_name=chip_config,
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+        wrap=(False,) * 3,
+    )
     return list(topo.devices)
 
 
@@ -141,10 +163,13 @@ def compile_step(config, devices, depth: int | None = None, donate: bool = True)
     b = int(config.train.batch_size)
     sharding = parallel.batch_sharding(run.mesh)
     dino_dtype = "bfloat16" if str(config.data.get("dino_dtype", "float32")) == "bfloat16" else "float32"
-    batch = {"x1": jax.ShapeDtypeStruct((b, 16, 16, 48), "float32", sharding=sharding),
-             "y": jax.ShapeDtypeStruct((b,), "int32", sharding=sharding),
-             "dino": jax.ShapeDtypeStruct((b, run.model_cfg.num_tokens, run.model_cfg.repa_dim), dino_dtype,
-                                          sharding=sharding)}
+    batch = {
+        "x1": jax.ShapeDtypeStruct((b, 16, 16, 48), "float32", sharding=sharding),
+        "y": jax.ShapeDtypeStruct((b,), "int32", sharding=sharding),
+        "dino": jax.ShapeDtypeStruct(
+            (b, run.model_cfg.num_tokens, run.model_cfg.repa_dim), dino_dtype, sharding=sharding
+        ),
+    }
     t0 = time.perf_counter()
     step = run.train_step if donate else jit_without_donation(run)
     lowered = step.lower(setup.abstract_state, setup.abstract_aux, batch)
@@ -157,10 +182,14 @@ def compile_step(config, devices, depth: int | None = None, donate: bool = True)
         if not found:
             raise
         state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
-        return {"depth": run.model_cfg.depth, "oom": {"temp_required_gib": float(found.group(1)),
-                                                     "hbm_gib": float(found.group(2))},
-                "state_bytes_global": int(state_bytes), "params": run.derived["num_params"],
-                "mesh": dict(run.mesh.shape), "compile_s": round(time.perf_counter() - t1, 2)}
+        return {
+            "depth": run.model_cfg.depth,
+            "oom": {"temp_required_gib": float(found.group(1)), "hbm_gib": float(found.group(2))},
+            "state_bytes_global": int(state_bytes),
+            "params": run.derived["num_params"],
+            "mesh": dict(run.mesh.shape),
+            "compile_s": round(time.perf_counter() - t1, 2),
+        }
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -169,26 +198,37 @@ def compile_step(config, devices, depth: int | None = None, donate: bool = True)
     fig = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     fig["total"] = fig["argument"] + fig["output"] + fig["temp"] - fig["alias"]
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
-    return {"depth": run.model_cfg.depth, "bytes": fig, "flops_per_device": float(cost.get("flops", 0.0)),
-            "state_bytes_global": int(state_bytes), "params": run.derived["num_params"],
-            "mesh": dict(run.mesh.shape), "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
-            "flops_per_image": run.flops_per_image}
+    return {
+        "depth": run.model_cfg.depth,
+        "bytes": fig,
+        "flops_per_device": float(cost.get("flops", 0.0)),
+        "state_bytes_global": int(state_bytes),
+        "params": run.derived["num_params"],
+        "mesh": dict(run.mesh.shape),
+        "lower_s": round(t1 - t0, 2),
+        "compile_s": round(t2 - t1, 2),
+        "flops_per_image": run.flops_per_image,
+    }
 
 
 def _extrapolate(lo: dict, hi: dict, depth: int) -> dict:
     """Linear in depth through the two compiled points."""
     d0, d1 = lo["depth"], hi["depth"]
     lin = lambda a, b: a + (b - a) * (depth - d0) / (d1 - d0)  # noqa: E731
-    return {"depth": depth, "bytes": {k: int(round(lin(lo["bytes"][k], hi["bytes"][k]))) for k in lo["bytes"]},
-            "flops_per_device": lin(lo["flops_per_device"], hi["flops_per_device"]),
-            "state_bytes_global": int(round(lin(lo["state_bytes_global"], hi["state_bytes_global"]))),
-            "params": int(round(lin(lo["params"], hi["params"]))), "mesh": hi["mesh"],
-            "compile_s": round(lo["compile_s"] + hi["compile_s"], 2), "lower_s": lo["lower_s"] + hi["lower_s"],
-            "extrapolated_from_depths": [d0, d1]}
+    return {
+        "depth": depth,
+        "bytes": {k: int(round(lin(lo["bytes"][k], hi["bytes"][k]))) for k in lo["bytes"]},
+        "flops_per_device": lin(lo["flops_per_device"], hi["flops_per_device"]),
+        "state_bytes_global": int(round(lin(lo["state_bytes_global"], hi["state_bytes_global"]))),
+        "params": int(round(lin(lo["params"], hi["params"]))),
+        "mesh": hi["mesh"],
+        "compile_s": round(lo["compile_s"] + hi["compile_s"], 2),
+        "lower_s": lo["lower_s"] + hi["lower_s"],
+        "extrapolated_from_depths": [d0, d1],
+    }
 
 
-def measure(config, devices, depth_mode: str, depths=(4, 6), headroom: float = 0.10,
-            donate: bool = True) -> dict:
+def measure(config, devices, depth_mode: str, depths=(4, 6), headroom: float = 0.10, donate: bool = True) -> dict:
     from sfd_jax.models.lightningdit import train_flops_per_image
     from sfd_jax.train.build import model_config
 
@@ -205,22 +245,42 @@ def measure(config, devices, depth_mode: str, depths=(4, 6), headroom: float = 0
     analytic = train_flops_per_image(full_cfg) * b
     kind = devices[0].device_kind
     if "oom" in fig:
-        return {"size": str(config.model.size), "dtype": str(config.model.dtype), "remat": bool(config.model.remat),
-                "remat_policy": str(config.model.get("remat_policy", "full")) if config.model.remat else None,
-                "compiler": "tpu", "device_kind": kind, "global_batch": b, "devices": n, "mesh": fig["mesh"],
-                "depth": fig["depth"], "params": fig["params"], "per_device_gib": None,
-                "does_not_fit": (f"the TPU compiler needs {fig['oom']['temp_required_gib']} GiB of temporaries "
-                                 f"(> {fig['oom']['hbm_gib']} GiB HBM of {kind})"),
-                "temp_required_gib": fig["oom"]["temp_required_gib"],
-                "state_gib_per_device_if_fully_sharded": round(fig["state_bytes_global"] / n / GiB, 3),
-                "compile_s": fig["compile_s"], "fits": {}}
+        return {
+            "size": str(config.model.size),
+            "dtype": str(config.model.dtype),
+            "remat": bool(config.model.remat),
+            "remat_policy": str(config.model.get("remat_policy", "full")) if config.model.remat else None,
+            "compiler": "tpu",
+            "device_kind": kind,
+            "global_batch": b,
+            "devices": n,
+            "mesh": fig["mesh"],
+            "depth": fig["depth"],
+            "params": fig["params"],
+            "per_device_gib": None,
+            "does_not_fit": (
+                f"the TPU compiler needs {fig['oom']['temp_required_gib']} GiB of temporaries "
+                f"(> {fig['oom']['hbm_gib']} GiB HBM of {kind})"
+            ),
+            "temp_required_gib": fig["oom"]["temp_required_gib"],
+            "state_gib_per_device_if_fully_sharded": round(fig["state_bytes_global"] / n / GiB, 3),
+            "compile_s": fig["compile_s"],
+            "fits": {},
+        }
     total = fig["bytes"]["total"]
     return {
-        "size": str(config.model.size), "dtype": str(config.model.dtype), "remat": bool(config.model.remat),
+        "size": str(config.model.size),
+        "dtype": str(config.model.dtype),
+        "remat": bool(config.model.remat),
         "remat_policy": str(config.model.get("remat_policy", "full")) if config.model.remat else None,
-        "compiler": "tpu" if devices[0].platform == "tpu" else "cpu", "device_kind": kind,
-        "global_batch": b, "devices": n, "per_device_batch": b / (fig["mesh"]["data"] * fig["mesh"]["fsdp"]),
-        "mesh": fig["mesh"], "depth": fig["depth"], "params": fig["params"],
+        "compiler": "tpu" if devices[0].platform == "tpu" else "cpu",
+        "device_kind": kind,
+        "global_batch": b,
+        "devices": n,
+        "per_device_batch": b / (fig["mesh"]["data"] * fig["mesh"]["fsdp"]),
+        "mesh": fig["mesh"],
+        "depth": fig["depth"],
+        "params": fig["params"],
         "per_device_gib": round(total / GiB, 3),
         "per_device_bytes": fig["bytes"],
         "state_gib_per_device_if_fully_sharded": round(fig["state_bytes_global"] / n / GiB, 3),
@@ -265,27 +325,47 @@ def main(argv=None) -> dict:
     if not args.table:
         config = load_config(args.config, overrides)
         result = measure(config, devices_for(args.devices), depth_mode, depths, args.headroom, not args.no_donate)
-        result.update(donate=not args.no_donate, benchmark="memory", config=args.config, command=command,
-                      depth_mode=depth_mode,
-                      chips_gib=CHIPS, headroom=args.headroom, env=env)
+        result.update(
+            donate=not args.no_donate,
+            benchmark="memory",
+            config=args.config,
+            command=command,
+            depth_mode=depth_mode,
+            chips_gib=CHIPS,
+            headroom=args.headroom,
+            env=env,
+        )
         emit(result)
         return result
 
     rows = []
-    variants = (["model.remat=False"], ["model.remat=True", "model.remat_policy=dots_no_batch"],
-                ["model.remat=True", "model.remat_policy=full"])
+    variants = (
+        ["model.remat=False"],
+        ["model.remat=True", "model.remat_policy=dots_no_batch"],
+        ["model.remat=True", "model.remat_policy=full"],
+    )
     for spec in ("configs/sfd.py:xl", "configs/sfd.py:xxl"):
         for variant in variants:
             for n in table_devices:
                 config = load_config(spec, ["train.batch_size=256"] + variant + overrides)
                 t = time.perf_counter()
                 row = measure(config, devices_for(n), depth_mode, depths, args.headroom)
-                log(f"[memory] {spec} {' '.join(variant)} devices={n}: {row['per_device_gib']} GiB/device "
-                    f"({time.perf_counter() - t:.0f}s)")
+                log(
+                    f"[memory] {spec} {' '.join(variant)} devices={n}: {row['per_device_gib']} GiB/device "
+                    f"({time.perf_counter() - t:.0f}s)"
+                )
                 rows.append(row)
-    result = {"benchmark": "memory_table", "command": command, "compiler": "tpu" if args.tpu else "cpu",
-              "tpu": args.tpu, "chips_gib": CHIPS, "headroom": args.headroom, "depth_mode": depth_mode,
-              "rows": rows, "env": env}
+    result = {
+        "benchmark": "memory_table",
+        "command": command,
+        "compiler": "tpu" if args.tpu else "cpu",
+        "tpu": args.tpu,
+        "chips_gib": CHIPS,
+        "headroom": args.headroom,
+        "depth_mode": depth_mode,
+        "rows": rows,
+        "env": env,
+    }
     emit(result)
     return result
 

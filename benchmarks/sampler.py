@@ -11,6 +11,7 @@ AutoGuidance, and fixed-grid Euler / Heun. `err_max` / `err_rel_rms` compare wit
 for the golden model, otherwise with a tight (rtol 1e-7, atol 1e-9) per-sample split solve computed here.
 Wall times exclude compilation (reported separately as `compile_s`); they are medians over --repeats calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,16 @@ def _random_model(size: str, dtype: str, seed: int):
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-              for x, k in zip(leaves, keys)]
+    leaves = [
+        x + 0.02 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        for x, k in zip(leaves, keys)
+    ]
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), cfg
 
 
 def _errors(x, exact):
     d = np.asarray(x, np.float64) - exact
-    return float(np.abs(d).max()), float(np.sqrt(np.mean(d ** 2)) / np.sqrt(np.mean(exact ** 2)))
+    return float(np.abs(d).max()), float(np.sqrt(np.mean(d**2)) / np.sqrt(np.mean(exact**2)))
 
 
 def _run(name, model, z0, y, exact, repeats, **kw):
@@ -76,13 +79,21 @@ def _run(name, model, z0, y, exact, repeats, **kw):
     err_max, err_rel = _errors(x, exact)
     g = kw.get("guidance")
     row = {
-        "name": name, "solver": kw.get("solver", "dopri5"), "step_control": kw.get("step_control", "per_sample"),
-        "phase_mode": kw.get("phase_mode", "jump"), "rtol": kw.get("rtol", 1e-3), "atol": kw.get("atol", 1e-6),
-        "num_steps": kw.get("num_steps"), "guidance": None if g is None else type(g).__name__,
-        "nfe": stats["nfe"], "nfe_per_sample_max": int(stats["nfe_per_sample"].max()),
+        "name": name,
+        "solver": kw.get("solver", "dopri5"),
+        "step_control": kw.get("step_control", "per_sample"),
+        "phase_mode": kw.get("phase_mode", "jump"),
+        "rtol": kw.get("rtol", 1e-3),
+        "atol": kw.get("atol", 1e-6),
+        "num_steps": kw.get("num_steps"),
+        "guidance": None if g is None else type(g).__name__,
+        "nfe": stats["nfe"],
+        "nfe_per_sample_max": int(stats["nfe_per_sample"].max()),
         "rejected_steps_max": int(stats["num_rejected_steps"].max()),
-        "err_max": err_max, "err_rel_rms": err_rel,
-        "compile_s": round(max(first - wall, 0.0), 3), "wall_s": round(wall, 4),
+        "err_max": err_max,
+        "err_rel_rms": err_rel,
+        "compile_s": round(max(first - wall, 0.0), 3),
+        "wall_s": round(wall, 4),
         "img_per_s": round(z0.shape[0] / wall, 2),
     }
     print(f"{name:<40s} nfe {row['nfe']:4d}  err {err_max:.2e}  {row['wall_s']:.3f}s", file=sys.stderr)
@@ -106,59 +117,97 @@ def main(argv=None):
             cfg = model.cfg
         else:
             model, cfg = _random_model(args.size, args.dtype, 0)
-        guide = load_dit(args.guide)[1] if args.guide else _random_model("tiny" if args.size == "tiny" else "b",
-                                                                           args.dtype, 1)[0]
+        guide = (
+            load_dit(args.guide)[1]
+            if args.guide
+            else _random_model("tiny" if args.size == "tiny" else "b", args.dtype, 1)[0]
+        )
         batch = args.batch or 8
-        z0 = np.asarray(jax.random.normal(jax.random.key(0), (batch, cfg.input_size, cfg.input_size,
-                                                               cfg.in_channels)), np.float32)
+        z0 = np.asarray(
+            jax.random.normal(jax.random.key(0), (batch, cfg.input_size, cfg.input_size, cfg.in_channels)), np.float32
+        )
         y = (np.arange(batch) * 37 % cfg.num_classes).astype(np.int32)
-        exact = np.asarray(sample(model, z0, y, rtol=1e-7, atol=1e-9, phase_mode="split", max_steps=100_000)[0],
-                           np.float64)
+        exact = np.asarray(
+            sample(model, z0, y, rtol=1e-7, atol=1e-9, phase_mode="split", max_steps=100_000)[0], np.float64
+        )
         reference = {"exact": "per-sample split solve, rtol 1e-7 / atol 1e-9", "nfe_reference_dopri5": None}
         model_name = args.checkpoint or f"random {args.size}"
     else:
         model, guide, z0, y, exact, ref_nfe = _golden()
         if args.batch:
             reps = -(-args.batch // z0.shape[0])
-            z0, y, exact = (np.concatenate([a] * reps)[:args.batch] for a in (z0, y, exact))
-        reference = {"exact": "dopri5.npz final_exact (rtol 1e-7)", "nfe_reference_dopri5": ref_nfe,
-                     "err_max_reference_dopri5": 0.1598}
+            z0, y, exact = (np.concatenate([a] * reps)[: args.batch] for a in (z0, y, exact))
+        reference = {
+            "exact": "dopri5.npz final_exact (rtol 1e-7)",
+            "nfe_reference_dopri5": ref_nfe,
+            "err_max_reference_dopri5": 0.1598,
+        }
         model_name = "golden tiny DiT (dit.npz)"
 
     r = args.repeats
     rows = []
     for step_control in ("batch", "per_sample"):
         for phase_mode in ("jump", "split", "none"):
-            rows.append(_run(f"dopri5 {step_control} {phase_mode}", model, z0, y, exact, r,
-                             step_control=step_control, phase_mode=phase_mode))
+            rows.append(
+                _run(
+                    f"dopri5 {step_control} {phase_mode}",
+                    model,
+                    z0,
+                    y,
+                    exact,
+                    r,
+                    step_control=step_control,
+                    phase_mode=phase_mode,
+                )
+            )
     if not args.quick:
         for phase_mode in ("jump", "split"):
             for rtol, atol in ((1e-4, 1e-7), (1e-5, 1e-8)):
-                rows.append(_run(f"dopri5 per_sample {phase_mode} rtol {rtol:g}", model, z0, y, exact, r,
-                                 phase_mode=phase_mode, rtol=rtol, atol=atol))
+                rows.append(
+                    _run(
+                        f"dopri5 per_sample {phase_mode} rtol {rtol:g}",
+                        model,
+                        z0,
+                        y,
+                        exact,
+                        r,
+                        phase_mode=phase_mode,
+                        rtol=rtol,
+                        atol=atol,
+                    )
+                )
         for dt0 in (0.002, 0.05):
             rows.append(_run(f"dopri5 per_sample jump dt0 {dt0:g}", model, z0, y, exact, r, dt0=dt0))
         rows.append(_run("dopri5 per_sample jump PID(0.4,0.3,0)", model, z0, y, exact, r, pid=(0.4, 0.3, 0.0)))
     # Guided rows: the error column compares with the unguided exact solution, so it is not an accuracy figure.
     rows.append(_run("dopri5 per_sample jump CFG 1.5", model, z0, y, exact, r, guidance=CFG(1.5)))
-    rows.append(_run("dopri5 per_sample jump AutoGuidance 1.5", model, z0, y, exact, r,
-                     guidance=AutoGuidance(guide, 1.5)))
-    for n in ((99,) if args.quick else (11, 49, 99)):
+    rows.append(
+        _run("dopri5 per_sample jump AutoGuidance 1.5", model, z0, y, exact, r, guidance=AutoGuidance(guide, 1.5))
+    )
+    for n in (99,) if args.quick else (11, 49, 99):
         rows.append(_run(f"euler {n + 1} grid points", model, z0, y, exact, r, solver="euler", num_steps=n))
     if not args.quick:
         # With Δt = 0.3, num_steps a multiple of 13 puts both switches on the grid (no step straddles a kink).
-        rows.append(_run("euler 53 grid points (switch-aligned)", model, z0, y, exact, r, solver="euler",
-                         num_steps=52))
+        rows.append(_run("euler 53 grid points (switch-aligned)", model, z0, y, exact, r, solver="euler", num_steps=52))
         rows.append(_run("heun 50 grid points", model, z0, y, exact, r, solver="heun", num_steps=49))
-        rows.append(_run("heun 27 grid points (switch-aligned)", model, z0, y, exact, r, solver="heun",
-                         num_steps=26))
-        rows.append(_run("euler 100 grid points CFG 1.5", model, z0, y, exact, r, solver="euler", num_steps=99,
-                         guidance=CFG(1.5)))
+        rows.append(_run("heun 27 grid points (switch-aligned)", model, z0, y, exact, r, solver="heun", num_steps=26))
+        rows.append(
+            _run(
+                "euler 100 grid points CFG 1.5", model, z0, y, exact, r, solver="euler", num_steps=99, guidance=CFG(1.5)
+            )
+        )
 
-    out = {"benchmark": "sampler", "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-           "model": model_name, "batch": int(z0.shape[0]), "repeats": r, "reference": reference,
-           "note": "guided rows: err_* is the distance to the UNGUIDED exact solution (cost figures only)",
-           "runs": rows}
+    out = {
+        "benchmark": "sampler",
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "model": model_name,
+        "batch": int(z0.shape[0]),
+        "repeats": r,
+        "reference": reference,
+        "note": "guided rows: err_* is the distance to the UNGUIDED exact solution (cost figures only)",
+        "runs": rows,
+    }
     print(json.dumps(out, indent=1))
 
 

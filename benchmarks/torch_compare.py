@@ -12,6 +12,7 @@ peak of each framework in the same run), `jax_speedup_fwdbwd` = torch time ÷ ja
 difference of the outputs and of the parameter gradients (max |a − b| / max |a| per tensor), which shows that both
 sides compute the same thing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,6 +88,7 @@ def objective(v, u, proj, dino, xp):
     """mean((v − u)²) + mean(1 − cos(proj, dino)); xp is jax.numpy or torch (same arithmetic)."""
     if xp.__name__ == "torch":
         import torch.nn.functional as F
+
         cos = F.cosine_similarity(proj, dino, dim=-1, eps=1e-8)
     else:
         num = (proj * dino).sum(-1)
@@ -115,7 +117,7 @@ def main(argv=None) -> dict:
     # Zero-initialised adaLN/final layers would hide most of the network: perturb every weight.
     leaves, tree = jax.tree.flatten(params)
     ks = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [l + 0.02 * jax.random.normal(k, l.shape) for l, k in zip(leaves, ks)])
+    params = jax.tree.unflatten(tree, [leaf + 0.02 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, ks)])
 
     b, s = args.batch, cfg.input_size
     r = np.random.default_rng(0)
@@ -139,8 +141,9 @@ def main(argv=None) -> dict:
         a = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value)
         if name.endswith(".kernel"):
             a = a.T  # torch layout (out, in)
-        tw[name] = torch.tensor(np.ascontiguousarray(a), requires_grad=name not in ("pos_embed", "rope_cos",
-                                                                                     "rope_sin"))
+        tw[name] = torch.tensor(
+            np.ascontiguousarray(a), requires_grad=name not in ("pos_embed", "rope_cos", "rope_sin")
+        )
     tfwd_fn = torch_model(tw, cfg)
     tin = [torch.from_numpy(a) for a in (x, u, dino, t_tex, t_sem)] + [torch.from_numpy(y.astype(np.int64))]
 
@@ -172,9 +175,14 @@ def main(argv=None) -> dict:
         ga = np.asarray(g.get_value() if hasattr(g, "get_value") else g.value)
         tg = tw[name].grad.numpy()
         grad_rel[name] = rel(ga, tg.T if name.endswith(".kernel") else tg)
-    agree = {"velocity_max_rel": rel(jv, tv.numpy()), "repa_max_rel": rel(jp, tp.numpy()),
-             "loss_jax": float(jfwd(params, *jin)), "loss_torch": float(t_fwd()),
-             "grad_max_rel": max(grad_rel.values()), "grad_max_rel_param": max(grad_rel, key=grad_rel.get)}
+    agree = {
+        "velocity_max_rel": rel(jv, tv.numpy()),
+        "repa_max_rel": rel(jp, tp.numpy()),
+        "loss_jax": float(jfwd(params, *jin)),
+        "loss_torch": float(t_fwd()),
+        "grad_max_rel": max(grad_rel.values()),
+        "grad_max_rel_param": max(grad_rel, key=grad_rel.get),
+    }
     log(f"[torch_compare] agreement {agree}")
 
     def clock(fn, n):
@@ -186,7 +194,7 @@ def main(argv=None) -> dict:
         return (time.perf_counter() - w) / n, (time.process_time() - c) / n
 
     def torch_peak(n=2048, chain=4, repeats=3):
-        a, m = torch.randn(n, n), torch.randn(n, n) / n ** 0.5
+        a, m = torch.randn(n, n), torch.randn(n, n) / n**0.5
         ts = []
         for _ in range(repeats + 1):
             t = time.perf_counter()
@@ -194,17 +202,23 @@ def main(argv=None) -> dict:
             for _ in range(chain):
                 h = h @ m
             ts.append(time.perf_counter() - t)
-        return 2.0 * n ** 3 * chain / statistics.median(ts[1:])
+        return 2.0 * n**3 * chain / statistics.median(ts[1:])
 
-    fns = {"jax_fwd": lambda: jfwd(params, *jin), "jax_fwdbwd": lambda: jfb(params, *jin),
-           "torch_fwd": t_fwd, "torch_fwdbwd": t_fb}
+    fns = {
+        "jax_fwd": lambda: jfwd(params, *jin),
+        "jax_fwdbwd": lambda: jfb(params, *jin),
+        "torch_fwd": t_fwd,
+        "torch_fwdbwd": t_fb,
+    }
     for f in fns.values():
         clock(f, 1)
     matmul_peak("float32", repeats=1)
     rounds = []
     for i in range(args.rounds):
-        row = {"jax_peak_flops_per_s": matmul_peak("float32", repeats=3)["flops_per_s_median"],
-               "torch_peak_flops_per_s": torch_peak()}
+        row = {
+            "jax_peak_flops_per_s": matmul_peak("float32", repeats=3)["flops_per_s_median"],
+            "torch_peak_flops_per_s": torch_peak(),
+        }
         order = list(fns) if i % 2 == 0 else list(fns)[2:] + list(fns)[:2]  # A B / B A
         for k in order:
             row[k + "_s"], row[k + "_cpu_s"] = clock(fns[k], args.iters)
@@ -212,15 +226,24 @@ def main(argv=None) -> dict:
         log(f"[torch_compare] round {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     flops_fwd = forward_flops_per_image(cfg, include_repa=True) * b
-    result = {"benchmark": "torch_compare", "size": args.size, "batch": b, "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "median": med, "rounds": rounds,
-              "jax_speedup_fwd": med["torch_fwd_s"] / med["jax_fwd_s"],
-              "jax_speedup_fwdbwd": med["torch_fwdbwd_s"] / med["jax_fwdbwd_s"],
-              "jax_speedup_fwdbwd_cpu": med["torch_fwdbwd_cpu_s"] / med["jax_fwdbwd_cpu_s"],
-              "jax_speedup_fwdbwd_per_round": [r["torch_fwdbwd_s"] / r["jax_fwdbwd_s"] for r in rounds],
-              "bwd_over_fwd_jax": (med["jax_fwdbwd_s"] - med["jax_fwd_s"]) / med["jax_fwd_s"],
-              "bwd_over_fwd_torch": (med["torch_fwdbwd_s"] - med["torch_fwd_s"]) / med["torch_fwd_s"],
-              "flops_fwd": flops_fwd, "agreement": agree, "env": environment()}
+    result = {
+        "benchmark": "torch_compare",
+        "size": args.size,
+        "batch": b,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "median": med,
+        "rounds": rounds,
+        "jax_speedup_fwd": med["torch_fwd_s"] / med["jax_fwd_s"],
+        "jax_speedup_fwdbwd": med["torch_fwdbwd_s"] / med["jax_fwdbwd_s"],
+        "jax_speedup_fwdbwd_cpu": med["torch_fwdbwd_cpu_s"] / med["jax_fwdbwd_cpu_s"],
+        "jax_speedup_fwdbwd_per_round": [r["torch_fwdbwd_s"] / r["jax_fwdbwd_s"] for r in rounds],
+        "bwd_over_fwd_jax": (med["jax_fwdbwd_s"] - med["jax_fwd_s"]) / med["jax_fwd_s"],
+        "bwd_over_fwd_torch": (med["torch_fwdbwd_s"] - med["torch_fwd_s"]) / med["torch_fwd_s"],
+        "flops_fwd": flops_fwd,
+        "agreement": agree,
+        "env": environment(),
+    }
     emit(result)
     return result
 

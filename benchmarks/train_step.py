@@ -22,6 +22,7 @@ Figures:
   synchronous as in `sfd_jax.train.loop` and with a background thread prefetching the next batch to the devices.
 - `--no-donate`: the same step jitted without donating the state (for the before/after of donation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,16 @@ import statistics
 import threading
 import time
 
-from common import (emit, environment, jit_without_donation, load_config, log, matmul_peak, set_host_device_count,
-                    summary)
+from common import (
+    emit,
+    environment,
+    jit_without_donation,
+    load_config,
+    log,
+    matmul_peak,
+    set_host_device_count,
+    summary,
+)
 
 
 def parse_args(argv=None):
@@ -43,11 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     p.add_argument("--devices", type=int, default=0, help="fake this many CPU devices (0: the real devices)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="config override, e.g. model.remat=True or mesh.ici='(1,-1,1)' (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, e.g. model.remat=True or mesh.ici='(1,-1,1)' (repeatable)",
+    )
     p.add_argument("--no-donate", action="store_true", help="jit the step without donating the state")
-    p.add_argument("--loop", action="store_true", help="also time host batch -> device transfer, with/without "
-                                                       "prefetch")
+    p.add_argument("--loop", action="store_true", help="also time host batch -> device transfer, with/without prefetch")
     return p.parse_args(argv)
 
 
@@ -62,8 +75,10 @@ def main(argv=None) -> dict:
 
     platform = jax.devices()[0].platform
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
-    config = load_config(args.config, [f"model.size={args.size}", f"model.dtype={dtype}",
-                                       f"train.batch_size={args.batch}"] + list(args.set))
+    config = load_config(
+        args.config,
+        [f"model.size={args.size}", f"model.dtype={dtype}", f"train.batch_size={args.batch}"] + list(args.set),
+    )
     env = environment()
     log(f"[train_step] {env}")
 
@@ -110,10 +125,18 @@ def main(argv=None) -> dict:
     for r in range(args.repeats):
         peak = matmul_peak(dtype, repeats=3)
         wall, cpu = _clock(pipelined)
-        rounds.append({"peak_flops_per_s": peak["flops_per_s_median"], "peak_flops_per_cpu_s": peak["flops_per_cpu_s"],
-                       "step_s": wall / args.steps, "step_cpu_s": cpu / args.steps})
-        log(f"[train_step] round {r}: peak {peak['flops_per_s_median'] / 1e9:.1f} GFLOP/s, "
-            f"step {wall / args.steps:.3f}s")
+        rounds.append(
+            {
+                "peak_flops_per_s": peak["flops_per_s_median"],
+                "peak_flops_per_cpu_s": peak["flops_per_cpu_s"],
+                "step_s": wall / args.steps,
+                "step_cpu_s": cpu / args.steps,
+            }
+        )
+        log(
+            f"[train_step] round {r}: peak {peak['flops_per_s_median'] / 1e9:.1f} GFLOP/s, "
+            f"step {wall / args.steps:.3f}s"
+        )
     synced_t = [t / args.steps for t in _repeat(synced, 1)]
 
     n_dev = jax.device_count()
@@ -130,15 +153,24 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "train_step",
         "command": "python benchmarks/train_step.py " + " ".join(_argv(argv)),
-        "size": run.model_cfg.size_name() or args.size, "dtype": dtype, "global_batch": args.batch,
-        "remat": run.model_cfg.remat, "donate": not args.no_donate, "mesh": dict(run.mesh.shape),
+        "size": run.model_cfg.size_name() or args.size,
+        "dtype": dtype,
+        "global_batch": args.batch,
+        "remat": run.model_cfg.remat,
+        "donate": not args.no_donate,
+        "mesh": dict(run.mesh.shape),
         "params": run.derived["num_params"],
-        "compile_s": round(t2 - t1, 2), "lower_s": round(t1 - t0, 2),
-        "step_s": step_s, "step_s_all": summary([r["step_s"] for r in rounds]),
+        "compile_s": round(t2 - t1, 2),
+        "lower_s": round(t1 - t0, 2),
+        "step_s": step_s,
+        "step_s_all": summary([r["step_s"] for r in rounds]),
         "step_s_synced": statistics.median(synced_t),
-        "img_per_s": args.batch / step_s, "img_per_s_per_device": args.batch / step_s / n_dev,
-        "flops_per_image": run.flops_per_image, "flops_per_step": flops_step,
-        "xla_flops_per_step": xla_flops_total, "xla_over_analytic": xla_flops_total / flops_step,
+        "img_per_s": args.batch / step_s,
+        "img_per_s_per_device": args.batch / step_s / n_dev,
+        "flops_per_image": run.flops_per_image,
+        "flops_per_step": flops_step,
+        "xla_flops_per_step": xla_flops_total,
+        "xla_over_analytic": xla_flops_total / flops_step,
         "model_flops_per_s": flops_step / step_s,
         "peak_flops_per_s_per_device": peak,
         "mfu": statistics.median(r["mfu"] for r in rounds),
@@ -173,8 +205,9 @@ def _repeat(fn, repeats):
 def _memory(mem) -> dict | None:
     if mem is None:
         return None
-    out = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
-                                                                  "generated_code")}
+    out = {
+        k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out
 
@@ -214,12 +247,17 @@ def _loop_figures(compiled, state, aux, data, mesh, args, parallel) -> dict:
     t_put = _repeat(lambda: jax.block_until_ready(parallel.host_to_global(batch, mesh)), 3)
     sync = [sync_loop(args.steps) for _ in range(args.repeats)]
     pre = [prefetch_loop(args.steps) for _ in range(args.repeats)]
-    return {"host_batch_s": statistics.median(t_host), "host_to_global_s": statistics.median(t_put),
-            "step_s_sync_transfer": statistics.median(sync), "step_s_prefetch": statistics.median(pre)}
+    return {
+        "host_batch_s": statistics.median(t_host),
+        "host_to_global_s": statistics.median(t_put),
+        "step_s_sync_transfer": statistics.median(sync),
+        "step_s_prefetch": statistics.median(pre),
+    }
 
 
 def _argv(argv):
     import sys
+
     return list(sys.argv[1:] if argv is None else argv)
 
 

@@ -10,6 +10,7 @@ setting trains the demo's DiT for `num_steps` steps from scratch, once per seed,
 
 Variants: `default` (the real ablation, ≤ 2 h on the idle 2-core machine) and `tiny` (tests/test_ablation.py).
 """
+
 import importlib.util
 import os
 
@@ -50,16 +51,23 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.classifier.steps = 250
     else:
         c.demo.semvae_random = True
-    c.ablation = ml_collections.ConfigDict(dict(
-        demo_workdir="",                      # '' = <workdir>/demo
-        settings=list(SETTINGS),
-        seeds=(0, 1, 2),
-        num_steps=int(c.dit.train.num_steps),  # the demo's DiT budget, for every setting
-        eval_fractions=(0.25, 0.5, 1.0),
-        samples_per_class=100,                # unguided samples per class at each scored checkpoint
-        max_runs=0,                           # stop after this many runs in one invocation (0 = all)
-    ))
+    c.ablation = ml_collections.ConfigDict(
+        dict(
+            demo_workdir="",  # '' = <workdir>/demo
+            settings=list(SETTINGS),
+            seeds=(0, 1, 2),
+            num_steps=int(c.dit.train.num_steps),  # the demo's DiT budget, for every setting
+            eval_fractions=(0.25, 0.5, 1.0),
+            samples_per_class=100,  # unguided samples per class at each scored checkpoint
+            max_runs=0,  # stop after this many runs in one invocation (0 = all)
+        )
+    )
     if variant == "tiny":
-        c.ablation.update(settings=[SETTINGS[2], SETTINGS[5], SETTINGS[6]], seeds=(0, 1), eval_fractions=(0.5, 1.0),
-                          samples_per_class=2, num_steps=4)
+        c.ablation.update(
+            settings=[SETTINGS[2], SETTINGS[5], SETTINGS[6]],
+            seeds=(0, 1),
+            eval_fractions=(0.5, 1.0),
+            samples_per_class=2,
+            num_steps=4,
+        )
     return c

@@ -16,6 +16,7 @@ Variants:
 Useful overrides: `--config.demo.data_dir=DIR` (IDX files), `--config.demo.vfm_checkpoint=DIR` (a transformers
 Dinov2WithRegisters save_pretrained directory instead of the random one), `--config.dit.train.num_steps=N`.
 """
+
 import os
 
 import ml_collections
@@ -42,16 +43,18 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.variant = variant
 
     # ---- data and what is shown ----------------------------------------------------------------------------------
-    c.demo = ml_collections.ConfigDict(dict(
-        data_dir=FASHION_MNIST_DIR,
-        num_train_images=24000,   # images of the train split used for the latents and the DiT (first N)
-        vfm_checkpoint="",        # transformers Dinov2WithRegisters directory; '' = a random small DINOv2
-        samples_per_class=100,    # per guidance mode; rows of samples.png show the first `grid_columns` of each
-        grid_columns=8,
-        guidance_scale=5.0,       # AutoGuidance w (docs/demo.md has a sweep)
-        fid_test_images=10000,    # real reference set for the classifier-feature FID
-        semvae_random=False,      # also train the SemVAE on the random DINOv2 (report.json compares the two)
-    ))
+    c.demo = ml_collections.ConfigDict(
+        dict(
+            data_dir=FASHION_MNIST_DIR,
+            num_train_images=24000,  # images of the train split used for the latents and the DiT (first N)
+            vfm_checkpoint="",  # transformers Dinov2WithRegisters directory; '' = a random small DINOv2
+            samples_per_class=100,  # per guidance mode; rows of samples.png show the first `grid_columns` of each
+            grid_columns=8,
+            guidance_scale=5.0,  # AutoGuidance w (docs/demo.md has a sweep)
+            fid_test_images=10000,  # real reference set for the classifier-feature FID
+            semvae_random=False,  # also train the SemVAE on the random DINOv2 (report.json compares the two)
+        )
+    )
 
     # ---- 1. texture VAE: 32×32×3 → 4×4×32 (f8) -------------------------------------------------------------------
     # f8 rather than f4: 16 DiT tokens instead of 64 make a DiT step ~4.5× cheaper on the CPU, which buys the DiT the
@@ -65,16 +68,39 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     # ---- 2. DINOv2-with-registers (random unless demo.vfm_checkpoint) + SemVAE -------------------------------------
     # Patch 8 on the 32×32 image gives the 4×4 grid of the texture latent; the DiT's REPA targets are these tokens.
-    c.dino = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
-                                            image_size=32, num_register_tokens=4, mlp_ratio=4, seed=1))
+    c.dino = ml_collections.ConfigDict(
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            patch_size=8,
+            image_size=32,
+            num_register_tokens=4,
+            mlp_ratio=4,
+            seed=1,
+        )
+    )
     # Self-supervised pretraining of that DINOv2 on the train split's images (sfd_jax.train.vfm_ssl; steps = 0 keeps
     # it random). Starts from the random weights above, which the report's linear probe compares it with. Off by
     # default: with it, and the shorter budgets configs/ablation.py uses to fit 10 minutes, class consistency with
     # AutoGuidance fell from 80.7% to 65.3% (probe 77.2% vs 62.0% random; docs/ablation.md).
-    c.dino.ssl = ml_collections.ConfigDict(dict(steps=0, batch_size=256, lr=2e-3, weight_decay=0.05,
-                                                warmup_steps=50, temperature=0.2, proj_hidden=256, proj_dim=64,
-                                                crop_min_area=0.3, erase_prob=0.5, ckpt_every=100, log_every=50,
-                                                seed=0))
+    c.dino.ssl = ml_collections.ConfigDict(
+        dict(
+            steps=0,
+            batch_size=256,
+            lr=2e-3,
+            weight_decay=0.05,
+            warmup_steps=50,
+            temperature=0.2,
+            proj_hidden=256,
+            proj_dim=64,
+            crop_min_area=0.3,
+            erase_prob=0.5,
+            ckpt_every=100,
+            log_every=50,
+            seed=0,
+        )
+    )
     sv = _sibling("semvae", "demo")
     sv.model.update(input_dim=64, hidden_dim=64, bottleneck_dim=16, num_heads=4, num_blocks=1)
     sv.optim.update(lr=2e-3, warmup_steps=20, decay_start=100, decay_end=200)
@@ -84,21 +110,38 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.semvae = sv
 
     # ---- 3. latent extraction -------------------------------------------------------------------------------------
-    c.extract = ml_collections.ConfigDict(dict(batch_size_per_device=250, shard_size=5000, stats_images=10000,
-                                               latent_dtype="float32", feature_dtype="float16", num_workers=2))
+    c.extract = ml_collections.ConfigDict(
+        dict(
+            batch_size_per_device=250,
+            shard_size=5000,
+            stats_images=10000,
+            latent_dtype="float32",
+            feature_dtype="float16",
+            num_workers=2,
+        )
+    )
 
     # ---- 4. SFD DiT (Δt = 0.3) and the early-EMA AutoGuidance guide -----------------------------------------------
     dit = _sibling("sfd", "tiny")
     # A DiT between the table's sizes (sfd_jax.train.build.ARCHITECTURE_FIELDS); the demo sets input_size, repa_dim and
     # num_classes from the stages above (the latent grid, the DINOv2 width, Fashion-MNIST's 10 classes).
-    dit.model.update(size="tiny", dtype="float32", depth=4, hidden_size=128, num_heads=4, repa_projector_dim=256,
-                     repa_depth=2)
+    dit.model.update(
+        size="tiny", dtype="float32", depth=4, hidden_size=128, num_heads=4, repa_projector_dim=256, repa_depth=2
+    )
     dit.diffusion.delta_t = 0.3
     # grad_clip: the zero-initialised output layer makes the velocity-cosine loss's first gradients ~1e6; unclipped
     # they would inflate Adam's second moment for thousands of steps.
     dit.optim.update(lr=2e-3, ema_decay=0.995, warmup_steps=100, grad_clip=1.0)
-    dit.train.update(batch_size=128, num_steps=2000, log_every=50, ckpt_every=200, keep_last=2, keep_every=0,
-                     async_checkpoint=False, export_ema=True)
+    dit.train.update(
+        batch_size=128,
+        num_steps=2000,
+        log_every=50,
+        ckpt_every=200,
+        keep_last=2,
+        keep_every=0,
+        async_checkpoint=False,
+        export_ema=True,
+    )
     dit.data.update(source="arrayrecord", num_classes=10, read_threads=2, prefetch_batches=4)
     dit.mesh.ici = (-1, 1, 1)
     dit.eval.every = 0
@@ -106,8 +149,18 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.guide = ml_collections.ConfigDict(dict(step=1000))  # the EMA weights of this step guide the final model
 
     # ---- 5. sampling ----------------------------------------------------------------------------------------------
-    c.sample = ml_collections.ConfigDict(dict(solver="dopri5", rtol=1e-2, atol=1e-3, step_control="per_sample",
-                                              phase_mode="jump", max_steps=1024, per_device_batch=250, seed=0))
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            solver="dopri5",
+            rtol=1e-2,
+            atol=1e-3,
+            step_control="per_sample",
+            phase_mode="jump",
+            max_steps=1024,
+            per_device_batch=250,
+            seed=0,
+        )
+    )
 
     # ---- 6. evaluation: the SmallCNN judge ------------------------------------------------------------------------
     c.classifier = ml_collections.ConfigDict(dict(steps=400, batch_size=128, lr=2e-3, width=16, feature_dim=128))
@@ -120,8 +173,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         tv.eval.update(every=20, num_images=8)
         c.dino.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2)
         c.demo.semvae_random = True  # the CI guard runs the optional stages too (pretraining, random-encoder SemVAE)
-        c.dino.ssl.update(steps=4, batch_size=16, warmup_steps=1, proj_hidden=16, proj_dim=8, ckpt_every=2,
-                          log_every=2)
+        c.dino.ssl.update(steps=4, batch_size=16, warmup_steps=1, proj_hidden=16, proj_dim=8, ckpt_every=2, log_every=2)
         sv.model.update(input_dim=32, hidden_dim=32, num_heads=2)
         sv.train.update(batch_size=16, num_steps=10, log_every=5, ckpt_every=10)
         sv.eval.update(every=10, num_images=32, batch_size=16)

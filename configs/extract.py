@@ -14,6 +14,7 @@ is `extract.out_dir`, or the workdir when empty; rerunning the same command resu
 `latents-SSSSS-of-NNNNN.array_record` (+ `.json`) per 1,000 images, `dataset.json`, `stats.json`; train with
 `--config.data.path=<that directory>`.
 """
+
 import ml_collections
 from ml_collections import config_dict
 

@@ -32,11 +32,22 @@ step `guide_step` names; a guide weights directory recording another step is ref
 Resume: rerun the same command; finished chunks are kept. Override anything, e.g. `--config.sample.num_images=10000
 --config.sample.save_png=True --config.sample.solver=euler --config.sample.num_steps=99`.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ("xl_autoguidance", "xl_400k_autoguidance", "xl_80ep_autoguidance", "xxl_autoguidance",
-            "xxl_400k_autoguidance", "unguided", "unguided_sync", "cfg", "euler", "tiny")
+VARIANTS = (
+    "xl_autoguidance",
+    "xl_400k_autoguidance",
+    "xl_80ep_autoguidance",
+    "xxl_autoguidance",
+    "xxl_400k_autoguidance",
+    "unguided",
+    "unguided_sync",
+    "cfg",
+    "euler",
+    "tiny",
+)
 
 
 def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
@@ -45,59 +56,65 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/sample.py:{arg} is not a variant; choose one of {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.mode = "sample"
-    c.seed = 0                    # noise of image g = N(0, I) from fold_in(PRNGKey(seed), g)
-    c.distributed = "auto"        # jax.distributed.initialize() when the environment shows several processes
-    c.sample = ml_collections.ConfigDict(dict(
-        model="",                 # DiT weights directory or reference .pt checkpoint
-        use_ema=True,             # reference .pt: its 'ema' weights (False: 'model')
-        dtype="float32",          # DiT compute dtype ('bfloat16' is faster; params stay float32)
-        texture_vae="",           # texture VAE weights directory or reference .ckpt
-        vae_dtype="float32",
-        latent_stats="",          # stats.json from --mode=extract (or the dataset directory holding it)
-        latent_multiplier=1.0,    # the training data's latent_multiplier (denormalise: x·std/multiplier + mean)
-        num_images=50_000,
-        labels="balanced",        # balanced: image g gets (g·num_classes)//num_images | random | unconditional
-        num_classes=0,            # 0: the model's label count (1000)
-        label_seed=0,             # labels='random' only
-        # solver (docs/diffusion.md#adaptive-solver)
-        solver="dopri5",          # dopri5 | euler | heun
-        num_steps=0,              # euler/heun steps (the reference's N grid points = N − 1 steps); 0 for dopri5
-        rtol=1e-3, atol=1e-6,
-        delta_t=0.3,              # the Δt the model was trained with
-        step_control="per_sample",  # per_sample: each image its own adaptive steps (device-count independent)
-        phase_mode="split",       # split | jump | none (see sfd_jax.diffusion.sampler)
-        max_steps=4096,
-        # guidance
-        guidance="autoguidance",  # none | cfg | autoguidance
-        scale=1.5,
-        scale_sem=config_dict.placeholder(float),  # AutoGuidance: separate semantic / texture weights
-        scale_tex=config_dict.placeholder(float),
-        interval_start=config_dict.placeholder(float),  # a part stays unguided while its own time is below this
-        guide="",                 # AutoGuidance: the weaker model (B/1), weights directory or .pt
-        guide_step=70_000,        # the guide training step the recipe uses (0 = unchecked)
-        guide_use_ema=True,
-        # execution (does not change the images for a fixed per_device_batch / decode_batch)
-        per_device_batch=32,      # global batch = per_device_batch × ('data' × 'fsdp') devices
-        decode_batch=8,           # images per device decoded at once (0 = the whole per-device batch)
-        chunk_size=1000,          # images per resumable chunk file
-        # outputs
-        save_npz=True,
-        npz_name="",              # default samples_{N}x{H}x{W}x3.npz
-        shuffle_seed=42,          # npz row order: random.Random(42).shuffle(list(range(N))), as the reference
-        npz_sha256=False,         # record the npz's SHA-256 in sample.json
-        save_png=False,           # images/{index:06d}.png, unshuffled
-        grid_size=64, grid_cols=8,
-        overwrite=False,          # True: delete chunks made with other settings instead of refusing
-        log_every_s=30.0,
-    ))
+    c.seed = 0  # noise of image g = N(0, I) from fold_in(PRNGKey(seed), g)
+    c.distributed = "auto"  # jax.distributed.initialize() when the environment shows several processes
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            model="",  # DiT weights directory or reference .pt checkpoint
+            use_ema=True,  # reference .pt: its 'ema' weights (False: 'model')
+            dtype="float32",  # DiT compute dtype ('bfloat16' is faster; params stay float32)
+            texture_vae="",  # texture VAE weights directory or reference .ckpt
+            vae_dtype="float32",
+            latent_stats="",  # stats.json from --mode=extract (or the dataset directory holding it)
+            latent_multiplier=1.0,  # the training data's latent_multiplier (denormalise: x·std/multiplier + mean)
+            num_images=50_000,
+            labels="balanced",  # balanced: image g gets (g·num_classes)//num_images | random | unconditional
+            num_classes=0,  # 0: the model's label count (1000)
+            label_seed=0,  # labels='random' only
+            # solver (docs/diffusion.md#adaptive-solver)
+            solver="dopri5",  # dopri5 | euler | heun
+            num_steps=0,  # euler/heun steps (the reference's N grid points = N − 1 steps); 0 for dopri5
+            rtol=1e-3,
+            atol=1e-6,
+            delta_t=0.3,  # the Δt the model was trained with
+            step_control="per_sample",  # per_sample: each image its own adaptive steps (device-count independent)
+            phase_mode="split",  # split | jump | none (see sfd_jax.diffusion.sampler)
+            max_steps=4096,
+            # guidance
+            guidance="autoguidance",  # none | cfg | autoguidance
+            scale=1.5,
+            scale_sem=config_dict.placeholder(float),  # AutoGuidance: separate semantic / texture weights
+            scale_tex=config_dict.placeholder(float),
+            interval_start=config_dict.placeholder(float),  # a part stays unguided while its own time is below this
+            guide="",  # AutoGuidance: the weaker model (B/1), weights directory or .pt
+            guide_step=70_000,  # the guide training step the recipe uses (0 = unchecked)
+            guide_use_ema=True,
+            # execution (does not change the images for a fixed per_device_batch / decode_batch)
+            per_device_batch=32,  # global batch = per_device_batch × ('data' × 'fsdp') devices
+            decode_batch=8,  # images per device decoded at once (0 = the whole per-device batch)
+            chunk_size=1000,  # images per resumable chunk file
+            # outputs
+            save_npz=True,
+            npz_name="",  # default samples_{N}x{H}x{W}x3.npz
+            shuffle_seed=42,  # npz row order: random.Random(42).shuffle(list(range(N))), as the reference
+            npz_sha256=False,  # record the npz's SHA-256 in sample.json
+            save_png=False,  # images/{index:06d}.png, unshuffled
+            grid_size=64,
+            grid_cols=8,
+            overwrite=False,  # True: delete chunks made with other settings instead of refusing
+            log_every_s=30.0,
+        )
+    )
     # jax.profiler trace of loop steps [start_step, start_step + num_steps) into dir (default <workdir>/profile);
     # start_step < 0: off. See docs/training.md ("Profiling").
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3, dir=""))
-    c.mesh = ml_collections.ConfigDict(dict(
-        ici=(-1, 1, 1),           # (data, fsdp, tensor): pure data parallelism, weights replicated
-        dcn=(1, 1, 1),
-        rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
-    ))
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            ici=(-1, 1, 1),  # (data, fsdp, tensor): pure data parallelism, weights replicated
+            dcn=(1, 1, 1),
+            rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
+        )
+    )
     s = c.sample
     if arg == "xl_400k_autoguidance":
         s.scale = 1.6
@@ -114,6 +131,16 @@ def get_config(arg: str = "xl_autoguidance") -> ml_collections.ConfigDict:
     elif arg == "euler":
         s.update(guidance="none", solver="euler", num_steps=99)
     elif arg == "tiny":
-        s.update(guidance="none", solver="euler", num_steps=8, num_images=64, per_device_batch=4, decode_batch=0,
-                 chunk_size=16, grid_size=16, grid_cols=4, log_every_s=0.0)
+        s.update(
+            guidance="none",
+            solver="euler",
+            num_steps=8,
+            num_images=64,
+            per_device_batch=4,
+            decode_batch=0,
+            chunk_size=16,
+            grid_size=16,
+            grid_cols=4,
+            log_every_s=0.0,
+        )
     return c

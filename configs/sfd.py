@@ -27,11 +27,22 @@ Override any field: `--config.optim.lr=2e-4 --config.mesh.ici="(1,-1,1)" --confi
 --config.data.path=/data/imagenet_latents`. Real training needs `data.source=arrayrecord` (latents extracted
 with `--mode=extract`); 'synthetic' is for smoke tests and throughput measurements.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ("xl", "xl_80ep", "xxl", "guide_b", "ablate_baseline", "ablate_no_semantic", "ablate_sync", "ablate_pca",
-            "ablate_no_repa", "tiny")
+VARIANTS = (
+    "xl",
+    "xl_80ep",
+    "xxl",
+    "guide_b",
+    "ablate_baseline",
+    "ablate_no_semantic",
+    "ablate_sync",
+    "ablate_pca",
+    "ablate_no_repa",
+    "tiny",
+)
 # The B/1 guide steps the sampling rows use (configs/sample.py); a guide run must keep each of them.
 GUIDE_STEPS = (60_000, 70_000, 120_000)
 
@@ -42,56 +53,76 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.distributed = "auto"  # 'auto': jax.distributed.initialize() when the environment shows several processes
 
-    c.model = ml_collections.ConfigDict(dict(
-        size="xl",            # tiny | b | l | xl | xxl
-        dtype="bfloat16",     # compute dtype; params, norms, softmax and losses stay float32
-        remat=False,          # rematerialise blocks in the backward pass (memory for compute)
-        remat_policy="full",  # with remat: 'full' (keep block inputs, ~1/3 more compute) | 'dots_no_batch' (keep
-                              # the linear layers' outputs, recompute norms/RoPE/attention core) | 'dots'
-        attention_impl="",    # '' lets XLA pick; 'cudnn' for flash attention on GPUs
-        repa_depth=2,         # REPA projector after this block
-    ))
-    c.diffusion = ml_collections.ConfigDict(dict(
-        delta_t=0.3,          # Δt: semantic channels lead the texture by this much time
-        semantic_weight=2.0,  # β on the semantic channels of the MSE
-        semantic_chans=16,    # 16 = SemVAE latent; 1..16 = PCA-k of the DINOv2 tokens; 0 = texture-only ablation
-        use_cosine_loss=True,
-        time_dist="lognorm",  # lognorm | uniform
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            size="xl",  # tiny | b | l | xl | xxl
+            dtype="bfloat16",  # compute dtype; params, norms, softmax and losses stay float32
+            remat=False,  # rematerialise blocks in the backward pass (memory for compute)
+            remat_policy="full",  # with remat: 'full' (keep block inputs, ~1/3 more compute) | 'dots_no_batch' (keep
+            # the linear layers' outputs, recompute norms/RoPE/attention core) | 'dots'
+            attention_impl="",  # '' lets XLA pick; 'cudnn' for flash attention on GPUs
+            repa_depth=2,  # REPA projector after this block
+        )
+    )
+    c.diffusion = ml_collections.ConfigDict(
+        dict(
+            delta_t=0.3,  # Δt: semantic channels lead the texture by this much time
+            semantic_weight=2.0,  # β on the semantic channels of the MSE
+            semantic_chans=16,  # 16 = SemVAE latent; 1..16 = PCA-k of the DINOv2 tokens; 0 = texture-only ablation
+            use_cosine_loss=True,
+            time_dist="lognorm",  # lognorm | uniform
+        )
+    )
     c.repa = ml_collections.ConfigDict(dict(weight=1.0, mode="cos"))  # mode: cos | mse | cos_mse
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-        warmup_steps=0,       # linear warm-up from 0 (off in the reference)
-        grad_clip=0.0,        # global-norm clipping (0 = off, as the reference)
-        ema_decay=0.9999,
-        label_dropout=0.1,    # y -> null class (1000) with this probability, for classifier-free guidance
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        batch_size=256,       # global batch
-        num_steps=4_000_000,
-        log_every=100,
-        ckpt_every=10_000,
-        keep_last=3,          # newest checkpoints kept ...
-        keep_every=100_000,   # ... plus every step divisible by this (FID curves); 0 = off
-        keep_steps=(),        # ... plus these steps (saved even off the ckpt_every grid)
-        async_checkpoint=True,
-        nonfinite="stop",     # NaN/Inf loss or gradient: 'stop' (raise with the step) | 'skip' (drop the update)
-        peak_flops_per_device=config_dict.placeholder(float),  # for MFU; None = look up the device kind
-        export_ema=True,      # at the end, write <workdir>/ema (sfd_jax.convert.dit weights directory)
-    ))
-    c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",   # synthetic | arrayrecord
-        path="",              # arrayrecord: directory written by --mode=extract
-        num_classes=1000,
-        latent_multiplier=1.0, random_flip=True, read_threads=8, prefetch_batches=8,  # arrayrecord
-        noise_scale=0.5, dino_dtype="float32",                                         # synthetic
-    ))
-    c.mesh = ml_collections.ConfigDict(dict(
-        ici=(1, -1, 1),       # (data, fsdp, tensor) inside a slice/node; one entry may be -1 ("the rest")
-        dcn=(1, 1, 1),        # across slices/nodes
-        # logical weight axis -> mesh axes ('' = replicated, 'data+fsdp' = both)
-        rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
-    ))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            warmup_steps=0,  # linear warm-up from 0 (off in the reference)
+            grad_clip=0.0,  # global-norm clipping (0 = off, as the reference)
+            ema_decay=0.9999,
+            label_dropout=0.1,  # y -> null class (1000) with this probability, for classifier-free guidance
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=256,  # global batch
+            num_steps=4_000_000,
+            log_every=100,
+            ckpt_every=10_000,
+            keep_last=3,  # newest checkpoints kept ...
+            keep_every=100_000,  # ... plus every step divisible by this (FID curves); 0 = off
+            keep_steps=(),  # ... plus these steps (saved even off the ckpt_every grid)
+            async_checkpoint=True,
+            nonfinite="stop",  # NaN/Inf loss or gradient: 'stop' (raise with the step) | 'skip' (drop the update)
+            peak_flops_per_device=config_dict.placeholder(float),  # for MFU; None = look up the device kind
+            export_ema=True,  # at the end, write <workdir>/ema (sfd_jax.convert.dit weights directory)
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic",  # synthetic | arrayrecord
+            path="",  # arrayrecord: directory written by --mode=extract
+            num_classes=1000,
+            latent_multiplier=1.0,
+            random_flip=True,
+            read_threads=8,
+            prefetch_batches=8,  # arrayrecord
+            noise_scale=0.5,
+            dino_dtype="float32",  # synthetic
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            ici=(1, -1, 1),  # (data, fsdp, tensor) inside a slice/node; one entry may be -1 ("the rest")
+            dcn=(1, 1, 1),  # across slices/nodes
+            # logical weight axis -> mesh axes ('' = replicated, 'data+fsdp' = both)
+            rules=dict(embed="fsdp", mlp="tensor", heads="tensor", vocab="", conv_in="", conv_out="fsdp"),
+        )
+    )
     # jax.profiler trace of loop steps [start_step, start_step + num_steps) into dir (default <workdir>/profile);
     # start_step < 0: off. See docs/training.md ("Profiling").
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3, dir=""))
@@ -103,8 +134,8 @@ def eval_block() -> ml_collections.ConfigDict:
     """`every` and `fn` drive the loop's eval hook; the other fields are the settings of the default hook, the
     in-training FID of sfd_jax.eval.in_training (listed here so that they can be overridden from the command line)."""
     block = dict(
-        every=0,                                # run the hook every this many steps and after the last (0 = off)
-        fn="sfd_jax.eval.in_training:fid",      # 'module:function', fn(EvalContext) -> {name: float}
+        every=0,  # run the hook every this many steps and after the last (0 = off)
+        fn="sfd_jax.eval.in_training:fid",  # 'module:function', fn(EvalContext) -> {name: float}
     )
     try:
         from sfd_jax.eval.in_training import DEFAULTS

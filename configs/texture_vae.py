@@ -13,6 +13,7 @@ Variants:
 Any field can be overridden, e.g. `--config.model.ch_mult="(1,2,2)"` for 8×8 latents,
 `--config.data.source.kind=folder --config.data.source.path=/data/my_images`.
 """
+
 import ml_collections
 
 from sfd_jax.models.texture_vae import TextureVAEConfig
@@ -29,30 +30,64 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.distributed = "auto"
 
     # Batch over 'data' (plain data parallelism); conv output channels may additionally be split over 'fsdp'.
-    c.mesh = ml_collections.ConfigDict(dict(ici=(-1, 1, 1), dcn=(1, 1, 1),
-                                            rules={"conv_in": "", "conv_out": "fsdp"}))
+    c.mesh = ml_collections.ConfigDict(dict(ici=(-1, 1, 1), dcn=(1, 1, 1), rules={"conv_in": "", "conv_out": "fsdp"}))
     c.loss = ml_collections.ConfigDict(dict(recon="l1", kl_weight=1e-6))
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
-                                             warmup_steps=50, grad_clip=1.0, ema_decay=0.0))
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-3, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0, warmup_steps=50, grad_clip=1.0, ema_decay=0.0)
+    )
     # The loop's settings carry the same names in every trainer's config (sfd_jax.train.skeleton).
-    c.train = ml_collections.ConfigDict(dict(batch_size=16, num_steps=400, log_every=50, ckpt_every=200,
-                                             keep_last=2, keep_every=0, async_checkpoint=True, nonfinite="stop"))
-    fashion_mnist = dict(kind="fashion_mnist", path="/usr/share/datasets/fashion-mnist", split="train", pad_to=32,
-                         name="", num_images=0, size=0, seed=0)
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=16,
+            num_steps=400,
+            log_every=50,
+            ckpt_every=200,
+            keep_last=2,
+            keep_every=0,
+            async_checkpoint=True,
+            nonfinite="stop",
+        )
+    )
+    fashion_mnist = dict(
+        kind="fashion_mnist",
+        path="/usr/share/datasets/fashion-mnist",
+        split="train",
+        pad_to=32,
+        name="",
+        num_images=0,
+        size=0,
+        seed=0,
+    )
     # eval.source.kind '' = evaluate on the first images of the training source.
-    c.eval = ml_collections.ConfigDict(dict(every=200, num_images=16, grid_columns=8,
-                                            source={**fashion_mnist, "split": "test"}))
+    c.eval = ml_collections.ConfigDict(
+        dict(every=200, num_images=16, grid_columns=8, source={**fashion_mnist, "split": "test"})
+    )
     c.data = ml_collections.ConfigDict(dict(image_size=32, source=fashion_mnist))
 
     if arg == "demo":
-        model = TextureVAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
-                                 z_channels=32, embed_dim=32, num_groups=8)
+        model = TextureVAEConfig(
+            ch=16,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            resolution=32,
+            z_channels=32,
+            embed_dim=32,
+            num_groups=8,
+        )
     elif arg == "tiny":
-        model = TextureVAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
-                                 z_channels=4, embed_dim=4, num_groups=8)
+        model = TextureVAEConfig(
+            ch=16,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            resolution=16,
+            z_channels=4,
+            embed_dim=4,
+            num_groups=8,
+        )
         c.data.image_size = 16
-        c.data.source = dict(kind="synthetic", num_images=64, size=16, seed=0, path="", split="", pad_to=0,
-                             name="")
+        c.data.source = dict(kind="synthetic", num_images=64, size=16, seed=0, path="", split="", pad_to=0, name="")
         c.eval.source.kind = ""
         c.optim.update(lr=2e-3, warmup_steps=0)
         c.train.update(batch_size=16, num_steps=30, log_every=10, ckpt_every=30)
@@ -60,8 +95,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     else:  # f16d32: the reference architecture; Adam betas (0.5, 0.9) as in the LDM autoencoder recipe
         model = TextureVAEConfig()
         c.data.image_size = 256
-        c.data.source = dict(kind="folder", path="", split="train", pad_to=0, name="", num_images=0, size=0,
-                             seed=0)
+        c.data.source = dict(kind="folder", path="", split="train", pad_to=0, name="", num_images=0, size=0, seed=0)
         c.eval.source = dict(c.data.source, kind="")
         c.optim.update(lr=1e-4, warmup_steps=1000, grad_clip=1.0)
         c.train.update(batch_size=64, num_steps=200_000, log_every=100, ckpt_every=5000, keep_last=3)

@@ -5,6 +5,7 @@
 Prints one summary line and exits 0, or prints each problem (what was found, what was expected, what to do) and
 exits 1. EXPECT_LOCAL_DEVICES=N also checks the number of accelerators this host sees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def check_versions(accel: str, want_jax: str, want_python: str) -> list[str]:
     problems = []
     major, minor = (int(x) for x in want_python.split("."))
     if sys.version_info[:2] < (major, minor):
-        problems.append(f"python {sys.version.split()[0]} at {sys.executable}: jax {want_jax} needs >= {want_python}; "
-                        "delete the venv and re-run launch/install.sh")
+        problems.append(
+            f"python {sys.version.split()[0]} at {sys.executable}: jax {want_jax} needs >= {want_python}; "
+            "delete the venv and re-run launch/install.sh"
+        )
     for dist in ("jax", "jaxlib"):
         got = installed(dist)
         if got != want_jax:
@@ -73,13 +76,13 @@ def check_devices(accel: str) -> tuple[list[str], str]:
     platform = devices[0].platform
     problems = []
     if platform != PLATFORM[accel]:
-        problems.append(f"jax runs on {platform} ({len(devices)} devices), expected {PLATFORM[accel]} for "
-                        f"--accel={accel}")
+        problems.append(
+            f"jax runs on {platform} ({len(devices)} devices), expected {PLATFORM[accel]} for --accel={accel}"
+        )
     expected = os.environ.get("EXPECT_LOCAL_DEVICES")
     if expected and int(expected) != len(devices):
         problems.append(f"{len(devices)} local {platform} devices, EXPECT_LOCAL_DEVICES={expected}")
-    summary = (f"{len(devices)} local / {jax.device_count()} global {platform} devices "
-               f"({devices[0].device_kind})")
+    summary = f"{len(devices)} local / {jax.device_count()} global {platform} devices ({devices[0].device_kind})"
     return problems, summary
 
 
@@ -97,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"check_install: {p}", file=sys.stderr)
         return 1
-    extra = {"tpu": f" | libtpu {installed('libtpu')}",
-             "cuda12": f" | jax-cuda12-plugin {installed('jax-cuda12-plugin')}"}.get(args.accel, "")
-    print(f"check_install: ok | python {sys.version.split()[0]} | jax {installed('jax')} | jaxlib "
-          f"{installed('jaxlib')}{extra} | {summary}")
+    extra = {
+        "tpu": f" | libtpu {installed('libtpu')}",
+        "cuda12": f" | jax-cuda12-plugin {installed('jax-cuda12-plugin')}",
+    }.get(args.accel, "")
+    print(
+        f"check_install: ok | python {sys.version.split()[0]} | jax {installed('jax')} | jaxlib "
+        f"{installed('jaxlib')}{extra} | {summary}"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ Importing the package switches off flax's eager variable sharding: parameters ca
 state is created under `jax.jit(..., out_shardings=...)`. Without this, creating an annotated module outside a mesh
 context raises.
 """
+
 from flax import nnx as _nnx
 
 _nnx.use_eager_sharding(False)
@@ -16,5 +17,6 @@ def __getattr__(name):
     # Lazy: `import sfd_jax` stays cheap; `sfd_jax.SFDPipeline` loads the inference module on first use.
     if name == "SFDPipeline":
         from sfd_jax.inference import SFDPipeline
+
         return SFDPipeline
     raise AttributeError(f"module 'sfd_jax' has no attribute {name!r}")

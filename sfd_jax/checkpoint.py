@@ -7,14 +7,16 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, config}`:
 
 Saves are asynchronous (the device->host copy happens before `save` returns, so the next step may donate the
 buffers). Retention keeps the newest `keep_last` checkpoints plus every step divisible by `keep_every` (for FID
-curves) plus the steps listed in `keep_steps` (e.g. the AutoGuidance guide steps a sampling recipe names). `restore_latest` restores onto the shardings of the abstract state it is given -- so a run saved on one
-mesh resumes on another mesh shape or device count -- and falls back to the previous checkpoint, with a warning
-naming the unreadable one, when the newest cannot be read; the unreadable ones are moved to
-`<workdir>/checkpoints_corrupt/` so that training can write those step numbers again.
+curves) plus the steps listed in `keep_steps` (e.g. the AutoGuidance guide steps a sampling recipe names).
+`restore_latest` restores onto the shardings of the abstract state it is given -- so a run saved on one mesh resumes on
+another mesh shape or device count -- and falls back to the previous checkpoint, with a warning naming the unreadable
+one, when the newest cannot be read; the unreadable ones are moved to `<workdir>/checkpoints_corrupt/` so that training
+can write those step numbers again.
 
 `python -m sfd_jax.checkpoint export --workdir=DIR --out=DIR [--step=N] [--overwrite]` writes the EMA weights alone
 (the weights directory format of `sfd_jax.convert.dit.save_dit`) for sampling; a non-empty --out needs --overwrite.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,12 +43,13 @@ def _allgather_json(obj: Any) -> list:
     if jax.process_count() == 1:
         return [obj]
     from jax.experimental import multihost_utils
+
     raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:raw.size] = raw
+    padded[: raw.size] = raw
     gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+    return [json.loads(gathered[i, : sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
 class NoReadableCheckpoint(RuntimeError):
@@ -56,8 +59,9 @@ class NoReadableCheckpoint(RuntimeError):
 class Checkpoints:
     """A thin policy layer over `ocp.CheckpointManager` for train runs."""
 
-    def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0, keep_steps=(),
-                 async_save: bool = True):
+    def __init__(
+        self, workdir: str, *, keep_last: int = 3, keep_every: int = 0, keep_steps=(), async_save: bool = True
+    ):
         self.workdir = os.fspath(workdir)
         self.directory = os.fspath(epath.Path(self.workdir) / CHECKPOINT_DIR)
         policies = [ocp.checkpoint_managers.LatestN(n=max(1, int(keep_last)))]
@@ -71,8 +75,7 @@ class Checkpoints:
             create=True,
             cleanup_tmp_directories=True,  # an interrupted save leaves a tmp dir; it is never a valid checkpoint
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
         self._pending: int | None = None  # the step of the save in flight, until its outcome is known
         self.last_good: int | None = self.manager.latest_step()
 
@@ -131,11 +134,14 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """(state, data JSON, config JSON) of `step`, the state placed on `abstract_state`'s shardings."""
-        out = self.manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-        ))
+        out = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
         return out.state, out.data, out.config
 
     def restore_latest(self, abstract_state: Any):
@@ -153,8 +159,9 @@ class Checkpoints:
                     state, data, config = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
                 path = os.path.join(self.directory, str(step))
-                log.warning("checkpoint %s is unreadable (%s); falling back to the previous checkpoint", path,
-                            _root_cause(e))
+                log.warning(
+                    "checkpoint %s is unreadable (%s); falling back to the previous checkpoint", path, _root_cause(e)
+                )
                 errors.append((step, e))
                 continue
             if errors:
@@ -163,9 +170,11 @@ class Checkpoints:
         if errors:
             step, err = errors[0]
             # Raised without chaining: the cause's own traceback is library noise; its first line is kept here.
-            raise NoReadableCheckpoint(f"no readable checkpoint in {self.directory} (tried steps "
-                                       f"{[s for s, _ in errors]}); the newest ({step}) failed with "
-                                       f"{_root_cause(err)}") from None
+            raise NoReadableCheckpoint(
+                f"no readable checkpoint in {self.directory} (tried steps "
+                f"{[s for s, _ in errors]}); the newest ({step}) failed with "
+                f"{_root_cause(err)}"
+            ) from None
         return None
 
     def _quarantine(self, steps: list[int]) -> None:
@@ -187,6 +196,7 @@ class Checkpoints:
                     src.rmtree()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("sfd_checkpoint_quarantine")
         self.manager.reload()
 
@@ -198,8 +208,12 @@ class Checkpoints:
         if not processes:
             return None
         if len(processes) != jax.process_count():
-            log.warning("checkpoint was written by %d processes, resuming with %d: every process resumes the "
-                            "data iterator from process 0's state", len(processes), jax.process_count())
+            log.warning(
+                "checkpoint was written by %d processes, resuming with %d: every process resumes the "
+                "data iterator from process 0's state",
+                len(processes),
+                jax.process_count(),
+            )
             return processes[0]
         return processes[jax.process_index()]
 
@@ -218,10 +232,14 @@ def _surface_save_errors(ckpt: Checkpoints, step: int | None):
         ckpt._pending = None
         cause = _root_cause(e)
         path = os.path.join(ckpt.directory, str(step)) if step is not None else ckpt.directory
-        last = (os.path.join(ckpt.directory, str(ckpt.last_good)) if ckpt.last_good is not None
-                else "none (nothing was saved yet)")
-        raise CheckpointSaveError(f"saving checkpoint {path} failed: {cause}; the last good checkpoint is {last}") \
-            from e
+        last = (
+            os.path.join(ckpt.directory, str(ckpt.last_good))
+            if ckpt.last_good is not None
+            else "none (nothing was saved yet)"
+        )
+        raise CheckpointSaveError(
+            f"saving checkpoint {path} failed: {cause}; the last good checkpoint is {last}"
+        ) from e
 
 
 def _root_cause(e: BaseException) -> str:
@@ -255,8 +273,9 @@ def read_config_json(workdir: str, step: int | None = None) -> dict:
     directory = os.fspath(epath.Path(workdir) / CHECKPOINT_DIR)
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoints under {directory}")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "data", "config"))
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data", "config")
+    )
     try:
         steps = sorted(manager.all_steps())
         if not steps:
@@ -272,6 +291,7 @@ def read_config_json(workdir: str, step: int | None = None) -> dict:
 def export_ema(directory: str, model_cfg: Any, model: Any, meta: dict | None = None) -> None:
     """Writes one model (built from the EMA weights) in the weights-directory format used for sampling."""
     from sfd_jax.convert.dit import save_dit
+
     save_dit(directory, model_cfg, model, meta=meta)
 
 
@@ -281,11 +301,13 @@ def export_ema_from_workdir(workdir: str, out: str, step: int | None = None, *, 
     from ml_collections import ConfigDict
 
     from sfd_jax.errors import InputError
+
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise InputError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"{out} exists and is not a directory")
     from sfd_jax.train.build import build
+
     saved = read_config_json(workdir, step)
     config = ConfigDict(saved["config"])
     config.mesh.ici = (1, -1, 1)
@@ -303,22 +325,28 @@ def export_ema_from_workdir(workdir: str, out: str, step: int | None = None, *, 
     finally:
         ckpt.close()
     aux = run.setup.init_aux()
-    export_ema(out, run.model_cfg, run.setup.merge(state.ema_params, aux),
-               meta={"source": workdir if "://" in workdir else os.path.abspath(workdir), "step": int(step),
-                     "weights": "ema"})
+    export_ema(
+        out,
+        run.model_cfg,
+        run.setup.merge(state.ema_params, aux),
+        meta={"source": workdir if "://" in workdir else os.path.abspath(workdir), "step": int(step), "weights": "ema"},
+    )
     log.info("exported EMA weights of step %d to %s", step, out)
     return out
 
 
 def _main(argv):
     from absl import app, flags
+
     if argv[1:] not in ([], ["export"]):
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; usage: python -m sfd_jax.checkpoint export "
-                             "--workdir=DIR --out=DIR [--step=N]")
+        raise app.UsageError(
+            f"unexpected arguments {argv[1:]}; usage: python -m sfd_jax.checkpoint export "
+            "--workdir=DIR --out=DIR [--step=N]"
+        )
     from sfd_jax.errors import InputError
+
     try:
-        export_ema_from_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step,
-                                overwrite=flags.FLAGS.overwrite)
+        export_ema_from_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step, overwrite=flags.FLAGS.overwrite)
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -4,6 +4,7 @@ The one loader for everything that reads a config file outside the command line 
 config's siblings); the command line uses ml_collections' `--config=path.py:variant` flag, which does the same.
 A relative path is looked up from the working directory, then from the repository root.
 """
+
 from __future__ import annotations
 
 import ast

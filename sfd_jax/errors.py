@@ -4,6 +4,7 @@
 names the field or file, what was expected and what to do. `sfd_jax.main`, `sfd_jax.convert` and
 `sfd_jax.checkpoint` print `error: <message>` as the last line and exit 1; every other exception keeps its traceback.
 """
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 Every job is a mode; each mode is `run(config, workdir)` in its own module, imported only when chosen, so a
 sampling job never imports the trainer (and nothing imports torch).
 """
+
 import difflib
 import importlib
 import importlib.util
@@ -23,11 +24,13 @@ MODES = {
     "ablation": "sfd_jax.demo.ablation:run",
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file, `path.py:variant`.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file, `path.py:variant`.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
-_MODE = flags.DEFINE_string("mode", None, f"One of: {', '.join(MODES)}. Defaults to the config's `mode` field, "
-                                          "else 'train'.")
+_MODE = flags.DEFINE_string(
+    "mode", None, f"One of: {', '.join(MODES)}. Defaults to the config's `mode` field, else 'train'."
+)
 
 
 def resolve_mode(name: str):
@@ -49,7 +52,7 @@ def _fail(message: str):
 def _config_spec(argv) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg[len("--config="):]
+            return arg[len("--config=") :]
         if arg == "--config" and i + 1 < len(argv):
             return argv[i + 1]
     return None
@@ -69,7 +72,7 @@ def _unknown_field(config, field_path: str) -> str | None:
     for part in field_path.split("."):
         keys = list(node.keys()) if hasattr(node, "keys") else None
         if keys is None:
-            return (f"config.{'.'.join(walked)} is a value ({type(node).__name__}), it has no field {part!r}")
+            return f"config.{'.'.join(walked)} is a value ({type(node).__name__}), it has no field {part!r}"
         if part not in keys:
             where = f"config.{'.'.join(walked)}" if walked else "the config"
             close = difflib.get_close_matches(part, keys, n=1)
@@ -90,7 +93,7 @@ def _explain_flag_error(argv, error: Exception) -> str:
             config = None
         if config is not None:
             for name in overrides:
-                problem = _unknown_field(config, name[len("config."):])
+                problem = _unknown_field(config, name[len("config.") :])
                 if problem:
                     return f"--{name}: {spec}: {problem}"
     text = str(error).strip().splitlines()
@@ -120,10 +123,13 @@ def main(argv):
         _fail(f"--mode={mode!r} is not a mode; valid modes: {', '.join(MODES)}")
     if _MODE.value and config_mode and _MODE.value != config_mode:
         # Each config file is written for one mode; another mode would read fields the file does not have.
-        _fail(f"--mode={_MODE.value} does not fit --config={_config_spec(sys.argv) or '?'}, which is a "
-              f"{config_mode!r} config (config.mode={config_mode!r}); drop --mode, or pass a config for "
-              f"{_MODE.value!r} (valid modes: {', '.join(MODES)})")
+        _fail(
+            f"--mode={_MODE.value} does not fit --config={_config_spec(sys.argv) or '?'}, which is a "
+            f"{config_mode!r} config (config.mode={config_mode!r}); drop --mode, or pass a config for "
+            f"{_MODE.value!r} (valid modes: {', '.join(MODES)})"
+        )
     from sfd_jax.errors import InputError
+
     try:
         resolve_mode(mode)(config, os.fspath(_WORKDIR.value))
     except InputError as e:

@@ -12,6 +12,7 @@ still work on any mesh.
 
 The batch axis of every activation is sharded over ('data', 'fsdp') -- the data-parallel size is their product.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,13 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     if jax.distributed.is_initialized():
         return True
     jax.distributed.initialize()
-    log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
-             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed initialised: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -81,8 +87,7 @@ def fill_shape(shape: Sequence[int], total: int, field: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"{field}={shape!r}: expected {len(AXES)} integers for axes {AXES}, e.g. (1, -1, 1)") \
-            from None
+        raise ValueError(f"{field}={shape!r}: expected {len(AXES)} integers for axes {AXES}, e.g. (1, -1, 1)") from None
     if len(shape) != len(AXES):
         raise ValueError(f"{field}={shape}: expected {len(AXES)} entries for axes {AXES}")
     if shape.count(-1) > 1:
@@ -95,8 +100,9 @@ def fill_shape(shape: Sequence[int], total: int, field: str) -> tuple[int, ...]:
             raise ValueError(f"{field}={shape}: the other entries (product {known}) do not divide {total}")
         shape = tuple(total // known if s == -1 else s for s in shape)
     if math.prod(shape) != total:
-        raise ValueError(f"{field}={shape}: mesh size {math.prod(shape)} != {total} available "
-                         f"(set one entry to -1 to take the rest)")
+        raise ValueError(
+            f"{field}={shape}: mesh size {math.prod(shape)} != {total} available (set one entry to -1 to take the rest)"
+        )
     return shape
 
 
@@ -114,15 +120,20 @@ def resolve_mesh_shape(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1), devic
     n_granules, _ = _granules(devices)
     dcn_shape = fill_shape(dcn, n_granules if -1 in tuple(dcn) else math.prod(dcn), "mesh.dcn")
     if math.prod(dcn_shape) not in (1, n_granules):
-        raise ValueError(f"mesh.dcn={tuple(dcn)}: {math.prod(dcn_shape)} DCN units requested, but the devices form "
-                         f"{n_granules} (TPU slices, else processes)")
+        raise ValueError(
+            f"mesh.dcn={tuple(dcn)}: {math.prod(dcn_shape)} DCN units requested, but the devices form "
+            f"{n_granules} (TPU slices, else processes)"
+        )
     if len(devices) % math.prod(dcn_shape):
-        raise ValueError(f"mesh.dcn={tuple(dcn)}: {len(devices)} devices cannot be split into "
-                         f"{math.prod(dcn_shape)} equal parts")
+        raise ValueError(
+            f"mesh.dcn={tuple(dcn)}: {len(devices)} devices cannot be split into {math.prod(dcn_shape)} equal parts"
+        )
     ici_shape = fill_shape(ici, len(devices) // math.prod(dcn_shape), "mesh.ici")
     if math.prod(ici_shape) * math.prod(dcn_shape) != len(devices):
-        raise ValueError(f"mesh.ici={tuple(ici)} x mesh.dcn={tuple(dcn)} = "
-                         f"{math.prod(ici_shape) * math.prod(dcn_shape)} devices, but {len(devices)} are present")
+        raise ValueError(
+            f"mesh.ici={tuple(ici)} x mesh.dcn={tuple(dcn)} = "
+            f"{math.prod(ici_shape) * math.prod(dcn_shape)} devices, but {len(devices)} are present"
+        )
     return ici_shape, dcn_shape
 
 
@@ -134,6 +145,7 @@ def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1), d
     if math.prod(dcn_shape) == 1:
         return jax.make_mesh(ici_shape, AXES, axis_types=axis_types, devices=devices)
     from jax.experimental import mesh_utils
+
     _, by_process = _granules(devices)
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=by_process)
     return jax.sharding.Mesh(grid, AXES, axis_types=axis_types)
@@ -153,8 +165,10 @@ def parse_rules(table: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
         if value is None:
             value = ""
         if not isinstance(value, str):
-            raise ValueError(f"mesh.rules.{name}={value!r}: expected a string of mesh axes joined by '+', "
-                             f"e.g. 'fsdp' or 'data+fsdp' ('' = replicated)")
+            raise ValueError(
+                f"mesh.rules.{name}={value!r}: expected a string of mesh axes joined by '+', "
+                f"e.g. 'fsdp' or 'data+fsdp' ('' = replicated)"
+            )
         axes = tuple(a for a in value.replace(" ", "").split("+") if a)
         bad = [a for a in axes if a not in AXES]
         if bad:
@@ -163,8 +177,14 @@ def parse_rules(table: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
     return rules
 
 
-def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], rules: Mapping[str, tuple[str, ...]],
-                    mesh: jax.sharding.Mesh, *, what: str = "array") -> P:
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int],
+    rules: Mapping[str, tuple[str, ...]],
+    mesh: jax.sharding.Mesh,
+    *,
+    what: str = "array",
+) -> P:
     """PartitionSpec for an array of `shape` whose dims carry logical `names`.
 
     A mesh axis is used at most once per array (first dim wins), axes of size 1 are left out, and an axis
@@ -181,8 +201,10 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], ru
             spec.append(None)
             continue
         if name not in rules:
-            raise KeyError(f"{what}: logical axis {name!r} has no entry in mesh.rules "
-                           f"(rules cover {sorted(rules)}); add mesh.rules.{name}")
+            raise KeyError(
+                f"{what}: logical axis {name!r} has no entry in mesh.rules "
+                f"(rules cover {sorted(rules)}); add mesh.rules.{name}"
+            )
         axes = [a for a in rules[name] if a not in used and mesh.shape[a] > 1]
         while axes and dim % math.prod(mesh.shape[a] for a in axes):
             axes.pop()
@@ -248,6 +270,7 @@ def put_global(tree: Any, shardings: Any) -> Any:
     """Host values that every process holds identically (weights, statistics, a PRNG key) → global arrays laid out by
     `shardings` (one sharding, or a matching tree). `jax.device_put` when the target devices are all this process's;
     with several processes each process fills only its own shards (device_put refuses other processes' devices)."""
+
     def one(x, sharding):
         if sharding.is_fully_addressable:
             return jax.device_put(x, sharding)

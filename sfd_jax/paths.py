@@ -15,6 +15,7 @@ Cloud Storage has no rename and no append, but creating an object is atomic: it 
 Libraries that can only write local files (ArrayRecord, np.savez into a zip, PIL) write through `local_target`;
 libraries that can only read local files read through `local_copy`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,6 +46,7 @@ def _no_listing_cache() -> None:
     # processes and hosts keep writing the same objects (metrics segments, checkpoints, shards), and a read sized
     # from a stale listing returns a truncated object, so every listing and size is asked for afresh.
     import fsspec.config
+
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
@@ -179,6 +181,7 @@ def _remote_md5(p: str) -> str | None:
         import base64
 
         import fsspec
+
         info = fsspec.filesystem(p.split("://", 1)[0]).info(p)
     except Exception:  # noqa: BLE001 - no fsspec backend for this scheme: size is checked alone
         return None
@@ -195,9 +198,10 @@ def _md5(local: str) -> str:
 
 
 def local_copy(p: Any, cache: str | None = None) -> str:
-    """A local path holding `p`'s bytes (a file, or a directory recursively): `p` itself when local, else a verified copy under `cache` (default
-    `staging_dir()`, keyed by the URL). A copy already there with the object's size (and MD5 where the store reports
-    one) is reused, so a restarted job downloads only what it lacks; a download goes to a temporary name first."""
+    """A local path holding `p`'s bytes (a file, or a directory recursively): `p` itself when local, else a verified
+    copy under `cache` (default `staging_dir()`, keyed by the URL). A copy already there with the object's size (and
+    MD5 where the store reports one) is reused, so a restarted job downloads only what it lacks; a download goes to a
+    temporary name first."""
     p = os.fspath(p)
     if not is_remote(p):
         return p

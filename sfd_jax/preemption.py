@@ -1,10 +1,11 @@
 """SIGTERM (TPU preemption, `scancel`, `kill`) or SIGINT (Ctrl-C) -> finish the current unit of work, save, exit 0.
 
 For every loop: the trainers (unit: a step, `sfd_jax.train.skeleton`), extraction (a shard), sampling (a batch) and
-evaluation (a batch of Inception features). Single process: a signal handler sets a flag. Several processes that step in lockstep
-(`sync=True`: sampling and evaluation run global batches) agree on one step through jax's preemption service,
-`reached_preemption_sync_point`; processes that work independently (extraction) each stop by themselves.
+evaluation (a batch of Inception features). Single process: a signal handler sets a flag. Several processes that step
+in lockstep (`sync=True`: sampling and evaluation run global batches) agree on one step through jax's preemption
+service, `reached_preemption_sync_point`; processes that work independently (extraction) each stop by themselves.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,6 +45,7 @@ class Preemption:
     def reached(self, step: int) -> bool:
         if self._multi:
             from jax.experimental import multihost_utils
+
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 

@@ -9,6 +9,7 @@ profile plugin and Perfetto read it (docs/training.md). start_step < 0 (the defa
 The profiler writes local files only; for a gs:// workdir the trace goes to a local temporary directory and is
 uploaded when it stops.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, fp32 everywhere, golden data from tests/golden (see tests/golden/README.md)."""
+
 import os
 import pathlib
 import tempfile
@@ -44,8 +45,7 @@ def assert_close(got, ref, rel: float, *, scale: float | None = None, err_msg: s
     if scale is None:
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
-    assert err <= rel * scale, (f"{err_msg}: max abs error {err:.3g} > {rel:g} × scale {scale:.4g} "
-                                f"(= {rel * scale:.3g})")
+    assert err <= rel * scale, f"{err_msg}: max abs error {err:.3g} > {rel:g} × scale {scale:.4g} (= {rel * scale:.3g})"
     return err
 
 
@@ -74,8 +74,11 @@ def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # xdist would re-sort files by test count, undoing FILE_SECONDS
         config.option.loadscopereorder = False
     cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
-    _CHILD_JAX_CACHE = (cache.mkdir("jax_compilation_cache") if cache is not None
-                        else pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache")
+    _CHILD_JAX_CACHE = (
+        cache.mkdir("jax_compilation_cache")
+        if cache is not None
+        else pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache"
+    )
 
 
 def child_env(**overrides: str) -> dict:
@@ -89,8 +92,7 @@ def child_env(**overrides: str) -> dict:
     did so without the cache too, so whether it is safe for gloo children is still unverified.
     """
     cache = _CHILD_JAX_CACHE or pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(overrides)
     return env
 
@@ -103,18 +105,36 @@ def inception_net_weights():
     itself, with its checksums, is tested in test_inception.
     """
     from test_inception import regenerate_weights
+
     return regenerate_weights(load_golden("inception_fid.npz", EVAL), "net/")
 
 
 # Heaviest test files first (seconds, summed `--durations=0` on 2 cores): under `-n 2 --dist loadfile` xdist hands
 # out files in collection order, so the long ones start at once and the short ones fill in behind them.
 FILE_SECONDS = {  # measured on 2 busy cores (load 8-16), before this ordering and the child compilation cache
-    "test_multiprocess.py": 602, "test_demo.py": 425, "test_texture_vae_train.py": 214, "test_train.py": 183,
-    "test_dit.py": 155, "test_semvae_train.py": 118, "test_metrics.py": 116, "test_parallel.py": 97,
-    "test_sampler.py": 80, "test_sample.py": 74, "test_inception.py": 62, "test_pipeline.py": 53,
-    "test_extract.py": 47, "test_texture_vae.py": 35, "test_classifier.py": 31, "test_dinov2.py": 25,
-    "test_convert_dit.py": 23, "test_semvae.py": 18, "test_losses.py": 13, "test_schedule.py": 7,
-    "test_checkpoint.py": 6, "test_preprocess.py": 5, "test_sources.py": 1,
+    "test_multiprocess.py": 602,
+    "test_demo.py": 425,
+    "test_texture_vae_train.py": 214,
+    "test_train.py": 183,
+    "test_dit.py": 155,
+    "test_semvae_train.py": 118,
+    "test_metrics.py": 116,
+    "test_parallel.py": 97,
+    "test_sampler.py": 80,
+    "test_sample.py": 74,
+    "test_inception.py": 62,
+    "test_pipeline.py": 53,
+    "test_extract.py": 47,
+    "test_texture_vae.py": 35,
+    "test_classifier.py": 31,
+    "test_dinov2.py": 25,
+    "test_convert_dit.py": 23,
+    "test_semvae.py": 18,
+    "test_losses.py": 13,
+    "test_schedule.py": 7,
+    "test_checkpoint.py": 6,
+    "test_preprocess.py": 5,
+    "test_sources.py": 1,
 }
 
 

@@ -5,6 +5,7 @@ tool does (messages and exit codes modelled on gcloud's, uv's and SLURM's). $FAK
 fake cloud knows (queued resources and the states each will report next) and what the fake machine has.
     python launch_fakes.py NAME ARGS...   (tests/test_launch.py writes one small wrapper per NAME on PATH)
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,11 @@ def gcloud(args: list[str]) -> int:
                 print(state["describe_error"], file=sys.stderr)
                 return 1
             if name not in qrs:
-                print(f"ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource '{resource}' was "
-                      "not found", file=sys.stderr)
+                print(
+                    f"ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource '{resource}' was "
+                    "not found",
+                    file=sys.stderr,
+                )
                 return 1
             qr = qrs[name]
             current = qr["states"].pop(0) if len(qr["states"]) > 1 else qr["states"][0]
@@ -72,36 +76,54 @@ def gcloud(args: list[str]) -> int:
             return 0
         if verb == "create":
             if name in qrs:
-                print(f"ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: Resource '{resource}' "
-                      "already exists", file=sys.stderr)
+                print(
+                    f"ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: Resource '{resource}' "
+                    "already exists",
+                    file=sys.stderr,
+                )
                 return 1
-            qrs[name] = {"states": list(state.get("states_after_create", ["ACTIVE"])),
-                         "accelerator_type": flag(args, "accelerator-type")}
+            qrs[name] = {
+                "states": list(state.get("states_after_create", ["ACTIVE"])),
+                "accelerator_type": flag(args, "accelerator-type"),
+            }
             save_state(state)
-            print(f"Create request issued for: [{name}]\nWaiting for operation [{operation}] to complete...done.\n"
-                  f"Created queued resource [{name}].", file=sys.stderr)
+            print(
+                f"Create request issued for: [{name}]\nWaiting for operation [{operation}] to complete...done.\n"
+                f"Created queued resource [{name}].",
+                file=sys.stderr,
+            )
             return 0
         if verb == "delete":
             if name not in qrs:
-                print(f"ERROR: (gcloud.compute.tpus.queued-resources.delete) NOT_FOUND: Resource '{resource}' was "
-                      "not found", file=sys.stderr)
+                print(
+                    f"ERROR: (gcloud.compute.tpus.queued-resources.delete) NOT_FOUND: Resource '{resource}' was "
+                    "not found",
+                    file=sys.stderr,
+                )
                 return 1
             del qrs[name]
             save_state(state)
-            print(f"Delete request issued for: [{name}]\nWaiting for operation [{operation}] to complete...done.\n"
-                  f"Deleted queued resource [{name}].", file=sys.stderr)
+            print(
+                f"Delete request issued for: [{name}]\nWaiting for operation [{operation}] to complete...done.\n"
+                f"Deleted queued resource [{name}].",
+                file=sys.stderr,
+            )
             return 0
     if group == "tpu-vm":
         if verb == "create":
-            print(f"Create request issued for: [{name}]\nWaiting for operation [{operation}] to complete...done.\n"
-                  f"Created tpu [{name}].", file=sys.stderr)
+            print(
+                f"Create request issued for: [{name}]\nWaiting for operation [{operation}] to complete...done.\n"
+                f"Created tpu [{name}].",
+                file=sys.stderr,
+            )
             return 0
         if verb == "scp":  # keep what was sent, for the test to look into
             (fake_dir() / "scp_payload.tar.gz").write_bytes(pathlib.Path(name).read_bytes())
             return 0
         if verb == "ssh":
-            print("Using ssh batch size of 1. Attempting to SSH into 1 nodes with a total of 4 workers.",
-                  file=sys.stderr)
+            print(
+                "Using ssh batch size of 1. Attempting to SSH into 1 nodes with a total of 4 workers.", file=sys.stderr
+            )
             return 0
     print(f"ERROR: (gcloud) the fake does not know `gcloud {' '.join(args)}`", file=sys.stderr)
     return 2
@@ -109,6 +131,7 @@ def gcloud(args: list[str]) -> int:
 
 def srun(args: list[str]) -> int:
     """The job step: a trainer that checkpoints and exits on SIGTERM, or ends by itself after FAKE_SRUN_SECONDS."""
+
     def on_term(signum, frame):
         record(argv=["srun"], signal="TERM")
         sys.exit(int(os.environ.get("FAKE_SRUN_TERM_RC", "0")))
@@ -126,8 +149,10 @@ def uv(args: list[str]) -> int:
         return 0
     if args[:2] == ["python", "find"]:
         if not state.get("python_installed"):
-            print(f"error: No interpreter found for Python {args[2]} in managed installations or search path",
-                  file=sys.stderr)
+            print(
+                f"error: No interpreter found for Python {args[2]} in managed installations or search path",
+                file=sys.stderr,
+            )
             return 2
         print(f"{os.environ['HOME']}/.local/share/uv/python/cpython-3.11.14-linux-x86_64-gnu/bin/python3.11")
         return 0
@@ -143,8 +168,11 @@ def uv(args: list[str]) -> int:
         py = venv / "bin" / "python"
         py.write_text(f'#!/bin/sh\nexec "{os.environ["FAKE_PYTHON"]}" "$@"\n')
         py.chmod(0o755)
-        print(f"Using CPython 3.11.14\nCreating virtual environment with seed packages at: {venv}\n + pip==25.3\n"
-              f"Activate with: source {venv}/bin/activate", file=sys.stderr)
+        print(
+            f"Using CPython 3.11.14\nCreating virtual environment with seed packages at: {venv}\n + pip==25.3\n"
+            f"Activate with: source {venv}/bin/activate",
+            file=sys.stderr,
+        )
         return 0
     if args[:2] == ["pip", "install"]:
         print("Resolved 97 packages in 1.52s\nInstalled 97 packages in 310ms", file=sys.stderr)
@@ -180,8 +208,7 @@ def main() -> int:
         entry["PIP_BREAK_SYSTEM_PACKAGES"] = os.environ.get("PIP_BREAK_SYSTEM_PACKAGES")
     if name != "srun":
         record(**entry)
-    return {"gcloud": gcloud, "srun": srun, "uv": uv, "python3": python3,
-            "scontrol": lambda a: 0}[name](args)
+    return {"gcloud": gcloud, "srun": srun, "uv": uv, "python3": python3, "scontrol": lambda a: 0}[name](args)
 
 
 if __name__ == "__main__":

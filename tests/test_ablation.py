@@ -1,5 +1,6 @@
 """`--mode=ablation` in miniature (configs/ablation.py:tiny on synthetic IDX data): every run is trained and scored,
 a stopped ablation finishes only the missing runs, and a run killed mid-training resumes from its checkpoint."""
+
 import importlib.util
 import json
 import os
@@ -28,12 +29,13 @@ def _config(data_dir, **ablation):
 @pytest.fixture(scope="module")
 def stopped_then_resumed(tmp_path_factory):
     from sfd_jax.demo import ablation
+
     root = tmp_path_factory.mktemp("ablation")
     os.makedirs(root / "idx")
     data = _load("_test_demo", os.path.join(HERE, "test_demo.py"))._fake_fashion_mnist(str(root / "idx"))
     workdir = str(root / "run")
-    first = ablation.run(_config(data, max_runs=2), workdir)   # "stopped" after two runs
-    second = ablation.run(_config(data), workdir)              # the same command again
+    first = ablation.run(_config(data, max_runs=2), workdir)  # "stopped" after two runs
+    second = ablation.run(_config(data), workdir)  # the same command again
     return {"data": data, "workdir": workdir, "first": first, "second": second}
 
 
@@ -74,6 +76,7 @@ def test_every_run_is_scored_at_each_fraction_of_the_budget(stopped_then_resumed
 
 def test_a_killed_run_resumes_from_its_checkpoint(stopped_then_resumed):
     from sfd_jax.demo import ablation
+
     workdir, data = stopped_then_resumed["workdir"], stopped_then_resumed["data"]
     run = os.path.join(workdir, "runs", "sfd_dt0.3", "seed1")
     with open(os.path.join(run, "result.json")) as f:

@@ -5,6 +5,7 @@ the cause, and that no input file changed (hashes before and after). The fixture
 4×4 latent, a 16-image latent dataset) and built once for the module; every refusal happens before anything is
 compiled, so a case costs about one interpreter start.
 """
+
 import hashlib
 import json
 import os
@@ -20,13 +21,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 LAYOUT_ARGS = dict(texture=(4, 4, 32), semantic=(4, 4, 16), dino=(16, 8))
 # The records' 4×4 grid does not fit the tiny DiT's 16×16: every refusal below comes before a batch reaches it.
-TRAIN_OVERRIDES = ["--config.data.source=arrayrecord", "--config.train.batch_size=8", "--config.data.read_threads=1", "--config.data.prefetch_batches=1",
-                   "--config.train.num_steps=2"]
+TRAIN_OVERRIDES = [
+    "--config.data.source=arrayrecord",
+    "--config.train.batch_size=8",
+    "--config.data.read_threads=1",
+    "--config.data.prefetch_batches=1",
+    "--config.train.num_steps=2",
+]
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 def write_dataset(directory, *, labels=None, texture_channels=32, label_range=False, shards=2, per_shard=8):
     from sfd_jax.data import records
+
     layout = records.RecordLayout((4, 4, texture_channels), LAYOUT_ARGS["semantic"], LAYOUT_ARGS["dino"])
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -47,11 +54,14 @@ def write_dataset(directory, *, labels=None, texture_channels=32, label_range=Fa
         if label_range:
             meta["label_range"] = [int(labels[idx].min()), int(labels[idx].max())]
         records.write_json_atomic(os.path.join(directory, name + ".json"), meta)
-    records.write_json_atomic(os.path.join(directory, "dataset.json"),
-                              {"format": records.FORMAT, "layout": layout.to_json(), "shards": names})
-    stats = {"format": records.STATS_FORMAT,
-             "texture": {"mean": [0.0] * texture_channels, "std": [1.0] * texture_channels},
-             "semantic": {"mean": [0.0] * 16, "std": [1.0] * 16}}
+    records.write_json_atomic(
+        os.path.join(directory, "dataset.json"), {"format": records.FORMAT, "layout": layout.to_json(), "shards": names}
+    )
+    stats = {
+        "format": records.STATS_FORMAT,
+        "texture": {"mean": [0.0] * texture_channels, "std": [1.0] * texture_channels},
+        "semantic": {"mean": [0.0] * 16, "std": [1.0] * 16},
+    }
     records.write_json_atomic(os.path.join(directory, "stats.json"), stats)
     return directory
 
@@ -59,6 +69,7 @@ def write_dataset(directory, *, labels=None, texture_channels=32, label_range=Fa
 def dit_state_dict(input_size=4, num_classes=NUM_CLASSES, seed=0):
     from sfd_jax.convert.dit import expected_shapes
     from sfd_jax.models.lightningdit import DiTConfig, fixed_tables
+
     cfg = DiTConfig.from_size("tiny", input_size=input_size, num_classes=num_classes, repa_dim=8)
     rng = np.random.default_rng(seed)
     sd = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in expected_shapes(cfg).items()}
@@ -76,12 +87,21 @@ def assets(tmp_path_factory):
     from sfd_jax.convert.dit import load_dit, save_dit
     from sfd_jax.convert.texture_vae import save_texture_vae
     from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
+
     root = tmp_path_factory.mktemp("bad_inputs")
     for name, kw in (("dit", {}), ("guide_small", {"input_size": 2}), ("guide_1000", {"num_classes": 1000})):
         cfg, sd = dit_state_dict(**kw)
         save_dit(root / name, *load_dit(sd, config=cfg))
-    vae_cfg = TextureVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8,
-                               z_channels=32, embed_dim=32, num_groups=4)
+    vae_cfg = TextureVAEConfig(
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        resolution=8,
+        z_channels=32,
+        embed_dim=32,
+        num_groups=4,
+    )
     vae = nnx.eval_shape(lambda: TextureVAE(vae_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(vae)
     flat = [(p, v.replace(np.full(v.shape, 0.01, np.float32))) for p, v in nnx.to_flat_state(state)]
@@ -117,8 +137,14 @@ def run_cli(args, cwd=REPO):
 
 
 def main_args(config, workdir, mode, *extra):
-    return ["-m", "sfd_jax.main", f"--config={REPO / 'configs' / config}", f"--workdir={workdir}", f"--mode={mode}",
-            *extra]
+    return [
+        "-m",
+        "sfd_jax.main",
+        f"--config={REPO / 'configs' / config}",
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        *extra,
+    ]
 
 
 def train_args(data, workdir, *extra):
@@ -126,11 +152,20 @@ def train_args(data, workdir, *extra):
 
 
 def sample_args(assets, workdir, *extra, stats=None):
-    return main_args("sample.py:tiny", workdir, "sample", f"--config.sample.model={assets / 'dit'}",
-                     f"--config.sample.texture_vae={assets / 'vae'}",
-                     f"--config.sample.latent_stats={stats or assets / 'data' / 'stats.json'}",
-                     "--config.sample.num_images=4", "--config.sample.chunk_size=4", "--config.sample.num_steps=2",
-                     "--config.sample.per_device_batch=4", "--config.sample.grid_size=0", *extra)
+    return main_args(
+        "sample.py:tiny",
+        workdir,
+        "sample",
+        f"--config.sample.model={assets / 'dit'}",
+        f"--config.sample.texture_vae={assets / 'vae'}",
+        f"--config.sample.latent_stats={stats or assets / 'data' / 'stats.json'}",
+        "--config.sample.num_images=4",
+        "--config.sample.chunk_size=4",
+        "--config.sample.num_steps=2",
+        "--config.sample.per_device_batch=4",
+        "--config.sample.grid_size=0",
+        *extra,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ the cases
@@ -180,38 +215,61 @@ def case_stats_nan_mean_sample(assets, tmp):  # item 2, on the sampling side; no
 
 
 def case_sample_50_classes(assets, tmp):  # item 3
-    return sample_args(assets, tmp / "w", "--config.sample.num_classes=50"), [assets / "dit"], \
-        ["num_classes=50", "has 10 classes"]
+    return (
+        sample_args(assets, tmp / "w", "--config.sample.num_classes=50"),
+        [assets / "dit"],
+        ["num_classes=50", "has 10 classes"],
+    )
 
 
 def case_sample_null_class(assets, tmp):  # item 3: 11 would sample "class 10", the null label
-    return sample_args(assets, tmp / "w", "--config.sample.num_classes=11"), [assets / "dit"], \
-        ["num_classes=11", "10 is its null label"]
+    return (
+        sample_args(assets, tmp / "w", "--config.sample.num_classes=11"),
+        [assets / "dit"],
+        ["num_classes=11", "10 is its null label"],
+    )
 
 
 def case_guide_classes(assets, tmp):  # items 3 and 12
-    return sample_args(assets, tmp / "w", "--config.sample.guidance=autoguidance",
-                       f"--config.sample.guide={assets / 'guide_1000'}"), [assets / "guide_1000"], \
-        ["guide and model differ", "num_classes 1000 vs 10"]
+    return (
+        sample_args(
+            assets, tmp / "w", "--config.sample.guidance=autoguidance", f"--config.sample.guide={assets / 'guide_1000'}"
+        ),
+        [assets / "guide_1000"],
+        ["guide and model differ", "num_classes 1000 vs 10"],
+    )
 
 
 def case_guide_input_size(assets, tmp):  # item 12
-    return sample_args(assets, tmp / "w", "--config.sample.guidance=autoguidance",
-                       f"--config.sample.guide={assets / 'guide_small'}"), [assets / "guide_small"], \
-        ["guide and model differ", "input_size 2 vs 4"]
+    return (
+        sample_args(
+            assets,
+            tmp / "w",
+            "--config.sample.guidance=autoguidance",
+            f"--config.sample.guide={assets / 'guide_small'}",
+        ),
+        [assets / "guide_small"],
+        ["guide and model differ", "input_size 2 vs 4"],
+    )
 
 
 def case_export_nonempty(assets, tmp):  # item 6: another run's ema/ is not overwritten
     out = tmp / "ema"
     out.mkdir()
     (out / "config.json").write_text("another run")
-    return ["-m", "sfd_jax.checkpoint", "export", f"--workdir={tmp / 'run'}", f"--out={out}"], [out], \
-        ["not empty", "--overwrite"]
+    return (
+        ["-m", "sfd_jax.checkpoint", "export", f"--workdir={tmp / 'run'}", f"--out={out}"],
+        [out],
+        ["not empty", "--overwrite"],
+    )
 
 
 def case_convert_nonfinite(assets, tmp):  # item 7
-    return ["-m", "sfd_jax.convert", "dit", str(assets / "nonfinite.pt"), str(tmp / "out")], \
-        [assets / "nonfinite.pt"], ["NaN/Inf", "blocks.1.attn.qkv.weight", "--allow-nonfinite"]
+    return (
+        ["-m", "sfd_jax.convert", "dit", str(assets / "nonfinite.pt"), str(tmp / "out")],
+        [assets / "nonfinite.pt"],
+        ["NaN/Inf", "blocks.1.attn.qkv.weight", "--allow-nonfinite"],
+    )
 
 
 def case_shard_truncated(assets, tmp):  # item 10
@@ -243,18 +301,23 @@ def case_chunk_truncated(assets, tmp):  # item 10
 
 
 def case_config_unknown_field(assets, tmp):  # item 11
-    return main_args("sfd.py:tiny", tmp / "w", "train", "--config.train.nonexistent=3"), [], \
-        ["--config.train.nonexistent", "no field 'nonexistent'", "num_steps"]
+    return (
+        main_args("sfd.py:tiny", tmp / "w", "train", "--config.train.nonexistent=3"),
+        [],
+        ["--config.train.nonexistent", "no field 'nonexistent'", "num_steps"],
+    )
 
 
 def case_config_mesh_not_int(assets, tmp):  # item 11
-    return main_args("sfd.py:tiny", tmp / "w", "train", "--config.mesh.ici=abc"), [], \
-        ["config.mesh.ici", "integers"]
+    return main_args("sfd.py:tiny", tmp / "w", "train", "--config.mesh.ici=abc"), [], ["config.mesh.ici", "integers"]
 
 
 def case_config_wrong_mode(assets, tmp):  # item 11
-    return main_args("sample.py:tiny", tmp / "w", "train"), [], \
-        ["--mode=train does not fit", "'sample' config", "valid modes"]
+    return (
+        main_args("sample.py:tiny", tmp / "w", "train"),
+        [],
+        ["--mode=train does not fit", "'sample' config", "valid modes"],
+    )
 
 
 def case_unicode_workdir(assets, tmp):  # already passing: unicode paths (here on a refusal path)
@@ -263,7 +326,7 @@ def case_unicode_workdir(assets, tmp):  # already passing: unicode paths (here o
     return train_args(d, tmp / "wörk ☃"), [d], ["semantic.std must be finite and > 0"]
 
 
-CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
+CASES = {name[len("case_") :]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -283,11 +346,13 @@ def test_bf16_state_dict_converts_with_note(assets, tmp_path):
     """Item 12: a bf16 state dict is converted (widened to float32), not refused as another architecture; the
     converted weights equal the bf16 values exactly."""
     from sfd_jax.convert.dit import export_dit, restore_dit
+
     out = tmp_path / "out"
     rc, lines = run_cli(["-m", "sfd_jax.convert", "dit", str(assets / "bf16.pt"), str(out)])
     assert rc == 0, "\n".join(lines[-15:])
     assert any("note:" in ln and "bfloat16" in ln and "float32" in ln for ln in lines), lines
     import ml_dtypes
+
     _, sd = dit_state_dict()
     got = export_dit(restore_dit(out)[1])
     key = "blocks.0.attn.qkv.weight"

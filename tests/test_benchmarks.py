@@ -1,5 +1,6 @@
 """benchmarks/accelerator.sh --dry-run: the one-shot accelerator benchmark runs end to end on CPU with the tiny
 model, so the script cannot rot between the rare runs on a lent accelerator."""
+
 import json
 import math
 import os
@@ -14,8 +15,14 @@ def test_accelerator_dry_run():
     # The 8-minute cap is for an accelerator; a shared CI CPU may compile slower.
     env = dict(os.environ, PYTHON=sys.executable, ACCELERATOR_TIMEOUT_S="880")
     env.pop("XLA_FLAGS", None)  # one real CPU device, as on a single accelerator
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "accelerator.sh"), "--dry-run"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "accelerator.sh"), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected one JSON line on stdout, got {len(lines)}: {proc.stdout[:500]}"

@@ -1,4 +1,5 @@
 """Checkpoints: restore onto other meshes and device counts, corrupt-latest fallback, retention, EMA export."""
+
 import logging
 import os
 
@@ -20,21 +21,30 @@ def toy_state(mesh, seed=0):
     rng = np.random.default_rng(seed)
     w = NamedSharding(mesh, P("fsdp", "tensor"))
     rep = NamedSharding(mesh, P())
-    params = {"blocks": {0: {"kernel": rng.standard_normal((8, 16), np.float32)},
-                         1: {"kernel": rng.standard_normal((8, 16), np.float32)}},
-              "bias": rng.standard_normal((5,), np.float32)}
+    params = {
+        "blocks": {
+            0: {"kernel": rng.standard_normal((8, 16), np.float32)},
+            1: {"kernel": rng.standard_normal((8, 16), np.float32)},
+        },
+        "bias": rng.standard_normal((5,), np.float32),
+    }
     shard = {"blocks": {0: {"kernel": w}, 1: {"kernel": w}}, "bias": rep}
     put = lambda t: jax.tree.map(lambda x, s: jax.device_put(x, s), t, shard)  # noqa: E731
-    state = TrainState(params=put(params), ema_params=put(jax.tree.map(lambda x: 0.5 * x, params)),
-                       opt_state=(jax.device_put(jnp.int32(3), rep), put(jax.tree.map(np.square, params))),
-                       step=jax.device_put(jnp.int32(7), rep), rng=jax.device_put(jax.random.PRNGKey(seed), rep))
+    state = TrainState(
+        params=put(params),
+        ema_params=put(jax.tree.map(lambda x: 0.5 * x, params)),
+        opt_state=(jax.device_put(jnp.int32(3), rep), put(jax.tree.map(np.square, params))),
+        step=jax.device_put(jnp.int32(7), rep),
+        rng=jax.device_put(jax.random.PRNGKey(seed), rep),
+    )
     return state
 
 
 def abstract_like(state, mesh):
     """The same tree with every sharding re-made on `mesh` (same specs)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, x.sharding.spec)),
-                        state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, x.sharding.spec)), state
+    )
 
 
 def test_restore_onto_other_mesh_shapes_and_device_counts(tmp_path):
@@ -120,10 +130,12 @@ def test_empty_workdir_restores_nothing(tmp_path):
 def test_ema_export_round_trips_through_restore_dit(tmp_path):
     from sfd_jax.convert.dit import restore_dit
     from sfd_jax.models.lightningdit import DiTConfig, LightningDiT
+
     cfg = DiTConfig.from_size("tiny")
     model = LightningDiT(cfg, rngs=nnx.Rngs(3))
     export_ema(tmp_path / "ema", cfg, model, meta={"step": 5})
     cfg2, restored = restore_dit(tmp_path / "ema")
     assert cfg2 == cfg
-    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                                nnx.to_pure_dict(nnx.state(restored, nnx.Param)))
+    chex.assert_trees_all_equal(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(restored, nnx.Param))
+    )

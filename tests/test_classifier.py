@@ -1,4 +1,5 @@
 """The demo's judge network: it must learn a separable problem and survive a save/load round trip."""
+
 import numpy as np
 
 from sfd_jax.eval import classifier as clf
@@ -10,7 +11,7 @@ def _toy_data(n, rng):
     x = rng.normal(0.0, 0.3, (n, 16, 16, 3)).astype(np.float32) - 0.5
     for i, k in enumerate(labels):
         r, c = divmod(int(k), 2)
-        x[i, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 1.5
+        x[i, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.5
     return x, labels
 
 

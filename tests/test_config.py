@@ -1,4 +1,5 @@
 """configs/sfd.py variants and the one-time validation (errors name the field)."""
+
 import importlib.util
 import pathlib
 
@@ -44,12 +45,27 @@ def test_every_variant_validates_and_builds_its_model_config(variant):
 
 def test_paper_recipes():
     xl, x80, guide = get("xl"), get("xl_80ep"), get("guide_b")
-    assert (xl.model.size, xl.optim.lr, xl.optim.b2, xl.repa.mode, xl.repa.weight, xl.train.num_steps) == \
-        ("xl", 1e-4, 0.999, "cos", 1.0, 4_000_000)
-    assert (x80.optim.lr, x80.optim.b2, x80.repa.mode, x80.repa.weight, x80.train.num_steps) == \
-        (2e-4, 0.95, "cos_mse", 0.5, 400_000)
-    assert (xl.diffusion.delta_t, xl.diffusion.semantic_weight, xl.train.batch_size, xl.optim.ema_decay) == \
-        (0.3, 2.0, 256, 0.9999)
+    assert (xl.model.size, xl.optim.lr, xl.optim.b2, xl.repa.mode, xl.repa.weight, xl.train.num_steps) == (
+        "xl",
+        1e-4,
+        0.999,
+        "cos",
+        1.0,
+        4_000_000,
+    )
+    assert (x80.optim.lr, x80.optim.b2, x80.repa.mode, x80.repa.weight, x80.train.num_steps) == (
+        2e-4,
+        0.95,
+        "cos_mse",
+        0.5,
+        400_000,
+    )
+    assert (xl.diffusion.delta_t, xl.diffusion.semantic_weight, xl.train.batch_size, xl.optim.ema_decay) == (
+        0.3,
+        2.0,
+        256,
+        0.9999,
+    )
     assert (xl.optim.weight_decay, xl.optim.eps, xl.optim.warmup_steps, xl.optim.grad_clip) == (0.0, 1e-8, 0, 0.0)
     assert get("xxl").model.size == "xxl" and guide.model.size == "b" and guide.train.num_steps == 120_000
     assert get("ablate_sync").diffusion.delta_t == 0.0
@@ -61,8 +77,11 @@ def test_paper_recipes():
 def test_loss_config_builds(variant):
     c = get(variant)
     loss = loop.loss_config(c)
-    assert (loss.delta_t, loss.semantic_chans, loss.repa_weight) == \
-        (c.diffusion.delta_t, c.diffusion.semantic_chans, c.repa.weight)
+    assert (loss.delta_t, loss.semantic_chans, loss.repa_weight) == (
+        c.diffusion.delta_t,
+        c.diffusion.semantic_chans,
+        c.repa.weight,
+    )
 
 
 def test_unknown_variant_lists_the_valid_ones():
@@ -70,20 +89,28 @@ def test_unknown_variant_lists_the_valid_ones():
         get("xl_800ep")
 
 
-@pytest.mark.parametrize("field, value, device_count, message", [
-    ("model.size", "huge", 8, r"config.model.size: 'huge' is not a model size; valid sizes: \('tiny', 'b'"),
-    ("model.remat_policy", "some", 8, r"config.model.remat_policy: 'some'; valid: \('full', 'dots', 'dots_no_batch'\)"),
-    ("train.batch_size", 12, 8, r"config.train.batch_size: 12 is not divisible by the data-parallel size 8"),
-    ("mesh.ici", (2, 2, 1), 8, r"config.mesh.ici=\(2, 2, 1\): mesh size 4 != 8 .*device count 8"),
-    ("mesh.ici", (3, -1, 1), 8, r"config.mesh.ici=\(3, -1, 1\)"),
-    ("diffusion.delta_t", 1.0, 8, r"config.diffusion.delta_t: 1.0 must lie in \[0, 1\)"),
-    ("diffusion.delta_t", -0.1, 8, r"config.diffusion.delta_t"),
-    ("repa.mode", "l2", 8, r"config.repa.mode: 'l2'; valid: \('cos', 'mse', 'cos_mse'\)"),
-    ("data.source", "folder", 8, r"config.data.source: 'folder'; valid: \('synthetic', 'arrayrecord'\)"),
-    ("train.nonfinite", "ignore", 8, r"config.train.nonfinite"),
-    ("optim.b2", 1.0, 8, r"config.optim.b2"),
-    ("mesh.rules.embed", "model", 8, r"config.mesh.rules.embed='model': unknown mesh axis"),
-])
+@pytest.mark.parametrize(
+    "field, value, device_count, message",
+    [
+        ("model.size", "huge", 8, r"config.model.size: 'huge' is not a model size; valid sizes: \('tiny', 'b'"),
+        (
+            "model.remat_policy",
+            "some",
+            8,
+            r"config.model.remat_policy: 'some'; valid: \('full', 'dots', 'dots_no_batch'\)",
+        ),
+        ("train.batch_size", 12, 8, r"config.train.batch_size: 12 is not divisible by the data-parallel size 8"),
+        ("mesh.ici", (2, 2, 1), 8, r"config.mesh.ici=\(2, 2, 1\): mesh size 4 != 8 .*device count 8"),
+        ("mesh.ici", (3, -1, 1), 8, r"config.mesh.ici=\(3, -1, 1\)"),
+        ("diffusion.delta_t", 1.0, 8, r"config.diffusion.delta_t: 1.0 must lie in \[0, 1\)"),
+        ("diffusion.delta_t", -0.1, 8, r"config.diffusion.delta_t"),
+        ("repa.mode", "l2", 8, r"config.repa.mode: 'l2'; valid: \('cos', 'mse', 'cos_mse'\)"),
+        ("data.source", "folder", 8, r"config.data.source: 'folder'; valid: \('synthetic', 'arrayrecord'\)"),
+        ("train.nonfinite", "ignore", 8, r"config.train.nonfinite"),
+        ("optim.b2", 1.0, 8, r"config.optim.b2"),
+        ("mesh.rules.embed", "model", 8, r"config.mesh.rules.embed='model': unknown mesh axis"),
+    ],
+)
 def test_validation_errors_name_the_field(field, value, device_count, message):
     c = get("tiny")
     *parents, leaf = field.split(".")
@@ -111,6 +138,7 @@ def test_eval_hook_needs_a_function():
     c = get("tiny")
     c.eval.every = 10
     from sfd_jax.eval.in_training import fid
+
     assert train_loop.resolve_eval_fn(c, None) is fid  # the default hook: in-training FID, settings in config.eval
     assert c.eval.num_images == 5000 and c.eval.solver == "dopri5"
     c.eval.fn = "sfd_jax.train.config:validate"

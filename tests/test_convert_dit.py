@@ -1,5 +1,6 @@
 """Reference LightningDiT checkpoints: official training-checkpoint format, export round trip, weights directory,
 CLI, and one clear error for wrong files."""
+
 import os
 
 import jax.numpy as jnp
@@ -30,8 +31,12 @@ def sd(dit):
 
 @pytest.fixture(scope="module")
 def inputs(dit):
-    return (jnp.asarray(dit["x"].transpose(0, 2, 3, 1)), jnp.asarray(dit["t_tex"]), jnp.asarray(dit["t_sem"]),
-            jnp.asarray(dit["y"]))
+    return (
+        jnp.asarray(dit["x"].transpose(0, 2, 3, 1)),
+        jnp.asarray(dit["t_tex"]),
+        jnp.asarray(dit["t_sem"]),
+        jnp.asarray(dit["y"]),
+    )
 
 
 def nchw(a):
@@ -42,11 +47,13 @@ def nchw(a):
 def torch_ckpt():
     import torch
     import omegaconf  # noqa: F401 (the reference checkpoints pickle omegaconf objects)
+
     return torch.load(PT, map_location="cpu", weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The official training-checkpoint format
+
 
 def test_official_format_ema(inputs, torch_ckpt):
     expected = load_golden("dit_official_format_expected.npz")["out_eval_ema"]
@@ -68,6 +75,7 @@ def test_in_memory_torch_state_dict(dit, inputs, torch_ckpt):
 # ---------------------------------------------------------------------------------------------------------------
 # Export / weights directory
 
+
 def test_export_round_trip_exact(sd):
     _, model = load_dit(sd)
     exported = export_dit(model)
@@ -85,7 +93,7 @@ def test_export_round_trip_exact(sd):
 
 
 def test_guide_without_repa_tap_round_trips(dit):
-    guide_sd = {k[len("guide_sd/"):]: v for k, v in dit.items() if k.startswith("guide_sd/")}
+    guide_sd = {k[len("guide_sd/") :]: v for k, v in dit.items() if k.startswith("guide_sd/")}
     cfg, guide = load_dit(guide_sd)
     assert cfg.depth == 1 and "repa_projector.4.weight" in export_dit(guide)
 
@@ -105,6 +113,7 @@ def test_save_restore_weights_directory(sd, inputs, tmp_path):
 
 def test_safetensors_state_dict(sd, tmp_path):
     from safetensors.numpy import save_file
+
     path = tmp_path / "dit.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
     _, model = load_dit(path)
@@ -113,6 +122,7 @@ def test_safetensors_state_dict(sd, tmp_path):
 
 def test_cli_converts_and_reports(inputs, tmp_path, capsys, torch_ckpt):
     from sfd_jax.convert.__main__ import main
+
     named = tmp_path / "0400000.pt"  # the reference names checkpoints {step:07d}.pt
     os.symlink(PT, named)
     assert main(["dit", str(named), str(tmp_path / "out")]) == 0
@@ -129,6 +139,7 @@ def test_cli_converts_and_reports(inputs, tmp_path, capsys, torch_ckpt):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Wrong files: one error listing what is missing / unexpected / mis-shaped
+
 
 def test_texture_vae_checkpoint_rejected():
     tex = load_golden("texture_vae.npz")
@@ -178,6 +189,7 @@ def test_wrong_fixed_tables_rejected(sd):
 
 def test_truncated_file_rejected(tmp_path):
     import torch  # noqa: F401 (needed by the reader of .pt files)
+
     data = PT.read_bytes()
     truncated = tmp_path / "0100000.pt"
     truncated.write_bytes(data[: len(data) // 2])
@@ -187,6 +199,7 @@ def test_truncated_file_rejected(tmp_path):
 
 def test_missing_ema_entry(tmp_path, torch_ckpt):
     import torch
+
     path = tmp_path / "no_ema.pt"
     torch.save({"model": torch_ckpt["model"], "opt": torch_ckpt["opt"]}, path)
     with pytest.raises(ConversionError, match="use_ema=False"):

@@ -1,4 +1,5 @@
 """Reference latent statistics files (torch dicts of (1, C, 1, 1) `mean` / `std`) → stats.json, with no shards."""
+
 import json
 import os
 
@@ -23,7 +24,7 @@ def reference_stats_file(path, latents):
 @pytest.fixture
 def files(tmp_path):
     rng = np.random.default_rng(0)
-    tex = (rng.standard_normal((6, 32, 4, 4)) * rng.uniform(0.5, 3, (1, 32, 1, 1)) + rng.normal(0, 2, (1, 32, 1, 1)))
+    tex = rng.standard_normal((6, 32, 4, 4)) * rng.uniform(0.5, 3, (1, 32, 1, 1)) + rng.normal(0, 2, (1, 32, 1, 1))
     sem = rng.standard_normal((6, 16, 4, 4)) * 0.2 - 0.7
     t = reference_stats_file(tmp_path / "latents_stats.pt", tex.astype(np.float32))
     s = reference_stats_file(tmp_path / "latents_sv_stats.pt", sem.astype(np.float32))

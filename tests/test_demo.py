@@ -1,6 +1,7 @@
 """The demo's CI guard: configs/demo.py:tiny runs every stage of `make demo` end to end (seconds-long settings) on
 a small synthetic dataset written in Fashion-MNIST's IDX format, then a re-run skips every stage and an interrupted
 DiT stage resumes to exactly the weights of the uninterrupted run."""
+
 import gzip
 import json
 import os
@@ -29,7 +30,7 @@ def _fake_fashion_mnist(root, n_train=512, n_test=256, seed=0):
         for i, k in enumerate(labels):
             h, w = 6 + 2 * (k // 2), 6 + 4 * (k % 2) + k
             top, left = (28 - h) // 2, (28 - min(w, 24)) // 2
-            images[i, top:top + h, left:left + min(w, 24)] = rng.integers(150, 256)
+            images[i, top : top + h, left : left + min(w, 24)] = rng.integers(150, 256)
         _write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), images)
         _write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return root
@@ -43,6 +44,7 @@ def _config(data_dir):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     from sfd_jax import demo
+
     root = tmp_path_factory.mktemp("demo")
     os.makedirs(root / "idx")
     data = _fake_fashion_mnist(str(root / "idx"))
@@ -53,8 +55,18 @@ def finished(tmp_path_factory):
 
 def test_every_stage_runs_and_reports(finished):
     report, workdir = finished["report"], finished["workdir"]
-    stages = ("dinov2_pretrain", "texture_vae", "semvae", "semvae_random", "extract", "dit", "classifier",
-              "sample_unguided", "sample_autoguidance", "evaluate")
+    stages = (
+        "dinov2_pretrain",
+        "texture_vae",
+        "semvae",
+        "semvae_random",
+        "extract",
+        "dit",
+        "classifier",
+        "sample_unguided",
+        "sample_autoguidance",
+        "evaluate",
+    )
     assert set(report["wall_time_s"]["stages"]) == set(stages)
     assert all(report["wall_time_s"]["stages"][s] > 0 for s in stages)
     assert report["wall_time_s"]["cached_in_this_run"] == []
@@ -69,6 +81,7 @@ def test_every_stage_runs_and_reports(finished):
     from sfd_jax.demo.data import padded_split, unit_range
     from sfd_jax.eval.classifier import load_classifier
     from sfd_jax.eval.metrics import frechet_distance, statistics
+
     judge = load_classifier(os.path.join(workdir, "classifier"))
 
     def judged(images):
@@ -113,6 +126,7 @@ def test_every_stage_runs_and_reports(finished):
     assert set(d["semvae_heldout_cosine"]) == {"random", "pretrained"}
     assert all(-1.0 <= v["posterior_mean"] <= 1.0 for v in d["semvae_heldout_cosine"].values())
     from sfd_jax.convert.dinov2 import load_dinov2
+
     pre, rnd = (load_dinov2(os.path.join(workdir, n))[1] for n in ("dinov2", "dinov2_random"))
     assert not np.array_equal(np.asarray(pre.patch_embed.kernel[...]), np.asarray(rnd.patch_embed.kernel[...]))
     assert report["machine"]["matmul_2048_fp32_gflops"] > 0
@@ -128,6 +142,7 @@ def test_every_stage_runs_and_reports(finished):
 
 def test_rerun_skips_finished_stages(finished):
     from sfd_jax import demo
+
     before = finished["report"]["wall_time_s"]["stages"]
     report = demo.run(_config(finished["data"]), finished["workdir"])
     assert sorted(report["wall_time_s"]["cached_in_this_run"]) == sorted(before)
@@ -141,6 +156,7 @@ def test_interrupted_dit_resumes_to_the_uninterrupted_weights(finished):
 
     from sfd_jax import demo
     from sfd_jax.convert.dit import restore_dit
+
     src, dst = finished["workdir"], str(finished["root"] / "killed")
     shutil.copytree(src, dst)
     for stage in ("dit", "sample_unguided", "sample_autoguidance", "evaluate"):
@@ -165,6 +181,7 @@ def test_interrupted_dit_resumes_to_the_uninterrupted_weights(finished):
 
 def test_workdir_refuses_other_settings_and_missing_data(finished, tmp_path):
     from sfd_jax import demo
+
     other = _config(finished["data"])
     other.dit.train.num_steps = 13
     with pytest.raises(ValueError, match="dit.train.num_steps"):
@@ -181,6 +198,7 @@ def test_a_vfm_checkpoint_replaces_the_random_dinov2_and_sets_the_geometry(tmp_p
     from sfd_jax.convert.dinov2 import save_pretrained
     from sfd_jax.demo import train_stages
     from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
+
     cfg = Dinov2Config(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=56)
     save_pretrained(nnx.jit(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)))(), str(tmp_path / "vfm"))
     config = _config(tmp_path)

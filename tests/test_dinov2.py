@@ -1,4 +1,5 @@
 """DINOv2-with-registers: golden parity (both interpolation directions), key spellings, transformers round trips."""
+
 import json
 import logging
 
@@ -18,10 +19,14 @@ from tests.conftest import assert_close, load_golden
 # golden files and 3.5e-7 against transformers; the reference is bit-identical between its own reruns.
 REL = 2.5e-6
 CASES = {  # golden file → [(pixels, last_hidden_state, patch_tokens)]
-    "dinov2reg.npz": [("pixels", "last_hidden_state", "patch_tokens"),  # native 4×4 grid
-                      ("pixels_big", "last_hidden_state_big", "patch_tokens_big")],  # 4×4 → 5×5 (up)
-    "dinov2reg_native518.npz": [("pixels_0", "last_hidden_state_0", "patch_tokens_0"),  # 37×37 → 16×16 (down)
-                                ("pixels_1", "last_hidden_state_1", "patch_tokens_1")],  # 37×37 → 7×7 (down)
+    "dinov2reg.npz": [
+        ("pixels", "last_hidden_state", "patch_tokens"),  # native 4×4 grid
+        ("pixels_big", "last_hidden_state_big", "patch_tokens_big"),
+    ],  # 4×4 → 5×5 (up)
+    "dinov2reg_native518.npz": [
+        ("pixels_0", "last_hidden_state_0", "patch_tokens_0"),  # 37×37 → 16×16 (down)
+        ("pixels_1", "last_hidden_state_1", "patch_tokens_1"),
+    ],  # 37×37 → 7×7 (down)
 }
 
 
@@ -54,7 +59,7 @@ def test_golden_forward(golden_model):
         out = _forward(model, _nhwc(g[pixels]))
         chex.assert_shape(out, g[lhs].shape)
         assert_close(out, g[lhs], REL, err_msg=f"{name}:{lhs}")
-        tokens = _patch_tokens(model, _nhwc(g[pixels])) if i == 0 else out[:, cfg.num_prefix_tokens:]
+        tokens = _patch_tokens(model, _nhwc(g[pixels])) if i == 0 else out[:, cfg.num_prefix_tokens :]
         chex.assert_shape(tokens, g[patches].shape)
         assert_close(tokens, g[patches], REL, err_msg=f"{name}:{patches}")
 
@@ -73,8 +78,12 @@ def _params(model):
 
 def _to_legacy_hf(sd):
     """transformers-5 names → the names of the hub's model.safetensors files (and of transformers' save_pretrained)."""
-    renames = {"attention.q_proj.": "attention.attention.query.", "attention.k_proj.": "attention.attention.key.",
-               "attention.v_proj.": "attention.attention.value.", "attention.o_proj.": "attention.output.dense."}
+    renames = {
+        "attention.q_proj.": "attention.attention.query.",
+        "attention.k_proj.": "attention.attention.key.",
+        "attention.v_proj.": "attention.attention.value.",
+        "attention.o_proj.": "attention.output.dense.",
+    }
     out = {}
     for key, value in sd.items():
         for new, old in renames.items():
@@ -85,11 +94,16 @@ def _to_legacy_hf(sd):
 
 def _to_torch_hub(sd, num_layers):
     """transformers-5 names → facebookresearch/dinov2 (torch.hub) names, with the fused qkv."""
-    out = {"cls_token": sd["embeddings.cls_token"], "mask_token": sd["embeddings.mask_token"],
-           "register_tokens": sd["embeddings.register_tokens"], "pos_embed": sd["embeddings.position_embeddings"],
-           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
-           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+    out = {
+        "cls_token": sd["embeddings.cls_token"],
+        "mask_token": sd["embeddings.mask_token"],
+        "register_tokens": sd["embeddings.register_tokens"],
+        "pos_embed": sd["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+    }
     for i in range(num_layers):
         t, h = f"encoder.layer.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
@@ -105,9 +119,12 @@ def _to_torch_hub(sd, num_layers):
 def test_key_spellings_load_identically(golden_model):
     _, _, hf, sd, cfg, model = golden_model
     want = _params(model)
-    spellings = {"legacy hub": _to_legacy_hf(sd), "torch.hub": _to_torch_hub(sd, cfg.num_hidden_layers),
-                 "classification wrapper": {"dinov2_with_registers." + k: v for k, v in sd.items()}
-                 | {"classifier.weight": np.zeros((2, 2 * cfg.hidden_size), np.float32)}}
+    spellings = {
+        "legacy hub": _to_legacy_hf(sd),
+        "torch.hub": _to_torch_hub(sd, cfg.num_hidden_layers),
+        "classification wrapper": {"dinov2_with_registers." + k: v for k, v in sd.items()}
+        | {"classifier.weight": np.zeros((2, 2 * cfg.hidden_size), np.float32)},
+    }
     for what, variant in spellings.items():
         _, loaded = load_dinov2(variant, hf)
         got = _params(loaded)
@@ -165,10 +182,16 @@ def test_not_a_weights_directory(tmp_path):
 
 def test_position_resize_matches_torch_antialiased_bicubic():
     import torch
+
     grid = np.random.default_rng(0).normal(size=(37, 37, 8)).astype(np.float32)
     for h, w in ((16, 16), (7, 7), (5, 9), (40, 40)):
-        want = torch.nn.functional.interpolate(torch.from_numpy(grid.transpose(2, 0, 1))[None], size=(h, w),
-                                               mode="bicubic", align_corners=False, antialias=True)
+        want = torch.nn.functional.interpolate(
+            torch.from_numpy(grid.transpose(2, 0, 1))[None],
+            size=(h, w),
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        )
         got = resize_position_grid(jnp.asarray(grid), h, w)
         # scale: the input grid (an antialiased shrink averages the output down); measured ≤ 2.4e-7 of it
         assert_close(got, want[0].numpy().transpose(1, 2, 0), 5e-7, scale=np.abs(grid).max(), err_msg=f"{h}x{w}")
@@ -178,10 +201,17 @@ def test_position_resize_matches_torch_antialiased_bicubic():
 def hf_model(tmp_path_factory):
     import torch
     import transformers
+
     torch.manual_seed(0)
-    config = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    mlp_ratio=4, patch_size=14, image_size=42,
-                                                    num_register_tokens=4)
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=42,
+        num_register_tokens=4,
+    )
     model = transformers.Dinov2WithRegistersModel(config).eval()
     with torch.no_grad():  # registers, mask token and layer scales start at constants: make every tensor distinct
         for p in model.parameters():
@@ -204,7 +234,9 @@ def test_transformers_save_pretrained_directory_loads(hf_model):
     rng = np.random.default_rng(1)
     for size in (70, 28):  # upsampled and downsampled position embeddings (the golden files cover native)
         pixels = rng.normal(size=(2, size, size, 3)).astype(np.float32)
-        assert_close(_forward(ours, jnp.asarray(pixels)), _torch_forward(torch, model, pixels), REL, err_msg=f"{size}x{size}")
+        assert_close(
+            _forward(ours, jnp.asarray(pixels)), _torch_forward(torch, model, pixels), REL, err_msg=f"{size}x{size}"
+        )
 
 
 def test_our_directory_loads_in_transformers(hf_model, tmp_path):

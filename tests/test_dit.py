@@ -1,4 +1,5 @@
 """LightningDiT: golden forwards (dit.npz), sizes and parameter counts, init, dtypes, sharding, FLOPs."""
+
 import dataclasses
 
 import chex
@@ -12,8 +13,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import sfd_jax  # noqa: F401  (switches off eager sharding)
 from conftest import assert_close, assert_trees_close, load_golden
 from sfd_jax.convert.dit import load_dit
-from sfd_jax.models.lightningdit import (DiTConfig, LightningDiT, count_params, forward_flops_per_image,
-                                         train_flops_per_image)
+from sfd_jax.models.lightningdit import (
+    DiTConfig,
+    LightningDiT,
+    count_params,
+    forward_flops_per_image,
+    train_flops_per_image,
+)
 
 # Golden forwards are compared as max |Δ| ≤ REL · max |reference|: the reference itself moves by ≤ 5.7e-7 of that scale
 # between thread counts and eager/compiled runs (tests/golden/README.md); we measure ≤ 4.7e-7.
@@ -33,8 +39,12 @@ def dit():
 
 @pytest.fixture(scope="module")
 def inputs(dit):
-    return (jnp.asarray(dit["x"].transpose(0, 2, 3, 1)), jnp.asarray(dit["t_tex"]), jnp.asarray(dit["t_sem"]),
-            jnp.asarray(dit["y"]))
+    return (
+        jnp.asarray(dit["x"].transpose(0, 2, 3, 1)),
+        jnp.asarray(dit["t_tex"]),
+        jnp.asarray(dit["t_sem"]),
+        jnp.asarray(dit["y"]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +54,7 @@ def main_model(dit):
 
 @pytest.fixture(scope="module")
 def guide_model(dit):
-    return load_dit({k[len("guide_sd/"):]: v for k, v in dit.items() if k.startswith("guide_sd/")})
+    return load_dit({k[len("guide_sd/") :]: v for k, v in dit.items() if k.startswith("guide_sd/")})
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +64,7 @@ def out_eval(main_model, inputs):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Golden forwards
+
 
 def test_golden_eval_forward(dit, main_model, out_eval):
     cfg, _ = main_model
@@ -90,19 +101,27 @@ def test_semantic_half_first_and_null_label(main_model, inputs, out_eval):
 # ---------------------------------------------------------------------------------------------------------------
 # Sizes, counts, config
 
+
 def _analytic_params(depth, d, heads, c=48, classes=1000, freq=256):
     """Closed-form count of the layers in docs/model.md#architecture (no REPA projector, no pos_embed)."""
     hf, hd = int(2 / 3 * 4 * d), d // heads
-    block = (2 * d + (3 * d * d + 3 * d) + 2 * hd + (d * d + d) + (2 * hf * d + 2 * hf) + (hf * d + d)
-             + (6 * d * d + 6 * d))
+    block = (
+        2 * d + (3 * d * d + 3 * d) + 2 * hd + (d * d + d) + (2 * hf * d + 2 * hf) + (hf * d + d) + (6 * d * d + 6 * d)
+    )
     t_emb = 2 * (freq * d // 2 + d // 2 + (d // 2) ** 2 + d // 2)
     final = d + (d * c + c) + (2 * d * d + 2 * d)
     return (c * d + d) + t_emb + (classes + 1) * d + depth * block + final
 
 
-@pytest.mark.parametrize("name,table_millions,exact", [
-    ("b", 130.09, 130_090_800), ("l", 457.40, 457_402_384), ("xl", 674.34, 674_339_184),
-    ("xxl", 1027.88, 1_027_880_496)])
+@pytest.mark.parametrize(
+    "name,table_millions,exact",
+    [
+        ("b", 130.09, 130_090_800),
+        ("l", 457.40, 457_402_384),
+        ("xl", 674.34, 674_339_184),
+        ("xxl", 1027.88, 1_027_880_496),
+    ],
+)
 def test_param_counts_match_spec_table(name, table_millions, exact):
     cfg = DiTConfig.from_size(name)
     n = count_params(cfg)  # nnx.eval_shape: nothing allocated
@@ -148,6 +167,7 @@ def test_flops_against_xla_cost_analysis(main_model, inputs):
 # ---------------------------------------------------------------------------------------------------------------
 # Init, dtype, remat
 
+
 def test_reference_init_predicts_zero():
     cfg = DiTConfig.from_size("tiny")
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
@@ -159,8 +179,9 @@ def test_reference_init_predicts_zero():
     bound = np.sqrt(6 / (64 + 192))
     assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.9 * bound
     assert abs(float(np.std(np.asarray(model.y_embedder.embedding_table[...]))) - 0.02) < 2e-3
-    assert not any(path[0] in ("pos_embed", "rope_cos", "rope_sin")
-                   for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert not any(
+        path[0] in ("pos_embed", "rope_cos", "rope_sin") for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    )
 
 
 def test_bfloat16_compute_close_to_float32(dit, main_model, inputs, out_eval):
@@ -173,19 +194,20 @@ def test_bfloat16_compute_close_to_float32(dit, main_model, inputs, out_eval):
     err = np.asarray(out - out_eval)
     ref = np.asarray(out_eval)
     # bf16 keeps ~3 significant digits; measured: 0.56% relative RMS, 0.65% of max |ref| (residual stream fp32).
-    assert np.sqrt(np.mean(err ** 2)) < 1.5e-2 * np.sqrt(np.mean(ref ** 2))
+    assert np.sqrt(np.mean(err**2)) < 1.5e-2 * np.sqrt(np.mean(ref**2))
     assert np.abs(err).max() < 2e-2 * np.abs(ref).max()
 
 
 def test_remat_same_values_and_grads(main_model, inputs):
     cfg, model = main_model
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    remat_graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: LightningDiT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0))))
+    remat_graphdef = nnx.graphdef(
+        nnx.eval_shape(lambda: LightningDiT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0)))
+    )
 
     def loss(params, graphdef):
         out, repa = nnx.merge(graphdef, params, rest)(*inputs, train=True)
-        return jnp.mean(out ** 2) + jnp.mean(repa ** 2)
+        return jnp.mean(out**2) + jnp.mean(repa**2)
 
     both = jax.jit(lambda p: (jax.value_and_grad(loss)(p, graphdef), jax.value_and_grad(loss)(p, remat_graphdef)))
     plain, remat = both(params)
@@ -204,14 +226,15 @@ def test_remat_policies_same_values_and_grads(inputs):
     names = lambda m: [(p, v.shape) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))]  # noqa: E731
     graphdefs = []
     for policy in ("dots_no_batch", "dots"):
-        abstract = nnx.eval_shape(lambda: LightningDiT(dataclasses.replace(cfg, remat=True, remat_policy=policy),
-                                                       rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: LightningDiT(dataclasses.replace(cfg, remat=True, remat_policy=policy), rngs=nnx.Rngs(0))
+        )
         assert names(abstract) == names(model)
         graphdefs.append(nnx.graphdef(abstract))
 
     def loss(params, graphdef):
         out, repa = nnx.merge(graphdef, params, rest)(*inputs, train=True)
-        return jnp.mean(out ** 2) + jnp.mean(repa ** 2)
+        return jnp.mean(out**2) + jnp.mean(repa**2)
 
     results = jax.jit(lambda p: [jax.value_and_grad(loss)(p, g) for g in [graphdef] + graphdefs])(params)
     for other in results[1:]:
@@ -230,6 +253,7 @@ def _shardings(state, mesh):
     def one(var):
         names = var.get_metadata().get("out_sharding") or (None,) * var.ndim
         return NamedSharding(mesh, P(*(RULES[n] for n in names)))
+
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 

@@ -1,4 +1,5 @@
 """Latent extraction with tiny random encoders: record contents, resume after a crash, stats, PCA, `--mode` entry."""
+
 import json
 import math
 import os
@@ -21,10 +22,19 @@ from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
 from sfd_jax.models.semvae import SemVAE, SemVAEConfig
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 
-TEX_CFG = TextureVAEConfig(ch=8, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(), resolution=32,
-                           z_channels=4, embed_dim=4, num_groups=4)
-DINO_CFG = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56,
-                        num_register_tokens=2)
+TEX_CFG = TextureVAEConfig(
+    ch=8,
+    ch_mult=(1, 1, 1),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=32,
+    z_channels=4,
+    embed_dim=4,
+    num_groups=4,
+)
+DINO_CFG = Dinov2Config(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, num_register_tokens=2
+)
 SEM_CFG = SemVAEConfig(input_dim=32, hidden_dim=16, bottleneck_dim=3, num_heads=2, num_blocks=1)
 # 32 px crops → texture 8×8×4 (factor 4); DINOv2 at 112 px, patch 14 → 8×8 tokens of width 32.
 OPTS = dict(image_size=32, dino_size=112, batch_size_per_device=1, shard_size=4, stats_images=6, seed=3)
@@ -58,9 +68,11 @@ def numpy_init(ctor, seed):
 
 @pytest.fixture(scope="module")
 def encoders():
-    return Encoders(numpy_init(lambda: TextureVAE(TEX_CFG, rngs=nnx.Rngs(0)), 0),
-                    numpy_init(lambda: Dinov2(DINO_CFG, rngs=nnx.Rngs(0)), 1),
-                    numpy_init(lambda: SemVAE(SEM_CFG, rngs=nnx.Rngs(0)), 2))
+    return Encoders(
+        numpy_init(lambda: TextureVAE(TEX_CFG, rngs=nnx.Rngs(0)), 0),
+        numpy_init(lambda: Dinov2(DINO_CFG, rngs=nnx.Rngs(0)), 1),
+        numpy_init(lambda: SemVAE(SEM_CFG, rngs=nnx.Rngs(0)), 2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +164,9 @@ def test_crash_and_resume_gives_identical_dataset(reference_run, folder, encoder
     out = str(tmp_path / "resumed")
     names = [records.shard_name("latents", s, 4) for s in range(4)]
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(FailingSource(ImageFolderSource(folder), fail_at=9), out, encoders, ExtractOptions(**OPTS),
-                progress=False)
+        extract(
+            FailingSource(ImageFolderSource(folder), fail_at=9), out, encoders, ExtractOptions(**OPTS), progress=False
+        )
     assert [records.shard_done(out, n) for n in names] == [True, True, False, False]
     assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the failed shard left no partial file
     assert not os.path.exists(os.path.join(out, "stats.json"))
@@ -163,8 +176,7 @@ def test_crash_and_resume_gives_identical_dataset(reference_run, folder, encoder
         f.write(b"partial")
     kept = os.stat(os.path.join(out, names[0])).st_mtime_ns
     # max_shards stops early (no stats yet), the next run finishes.
-    partial = extract(ImageFolderSource(folder), out, encoders, ExtractOptions(**OPTS, max_shards=1),
-                      progress=False)
+    partial = extract(ImageFolderSource(folder), out, encoders, ExtractOptions(**OPTS, max_shards=1), progress=False)
     assert partial["shards_written"] == 1 and not partial["complete"]
     summary = extract(ImageFolderSource(folder), out, encoders, ExtractOptions(**OPTS), progress=False)
     assert summary["shards_written"] == 2 and summary["complete"]
@@ -174,20 +186,33 @@ def test_crash_and_resume_gives_identical_dataset(reference_run, folder, encoder
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(ref_dir, name), "rb") as b:
             assert a.read() == b.read(), name
     for name in ("stats.json", "dataset.json"):
-        assert records.read_json(os.path.join(out, name), name) == records.read_json(os.path.join(ref_dir, name),
-                                                                                     name)
+        assert records.read_json(os.path.join(out, name), name) == records.read_json(os.path.join(ref_dir, name), name)
 
 
 def test_two_processes_split_the_shards(reference_run, folder, encoders, tmp_path):
     ref_dir, _ = reference_run
     out = str(tmp_path / "two")
     names = [records.shard_name("latents", s, 4) for s in range(4)]
-    second = extract(ImageFolderSource(folder), out, encoders, ExtractOptions(**OPTS), process_index=1,
-                     process_count=2, progress=False)
+    second = extract(
+        ImageFolderSource(folder),
+        out,
+        encoders,
+        ExtractOptions(**OPTS),
+        process_index=1,
+        process_count=2,
+        progress=False,
+    )
     assert [records.shard_done(out, n) for n in names] == [False, True, False, True]
     assert "stats" not in second  # process 0 writes the statistics
-    extract(ImageFolderSource(folder), out, encoders, ExtractOptions(**OPTS), process_index=0, process_count=2,
-            progress=False)
+    extract(
+        ImageFolderSource(folder),
+        out,
+        encoders,
+        ExtractOptions(**OPTS),
+        process_index=0,
+        process_count=2,
+        progress=False,
+    )
     for name in names + ["stats.json"]:
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(ref_dir, name), "rb") as b:
             assert a.read() == b.read(), name
@@ -212,8 +237,7 @@ def test_bad_images_error_or_skip(folder, encoders, tmp_path):
     _, _, recs = read_all(out)
     bad_index = src.files.index(str(root / "class1" / "img99.png"))
     assert len(recs) == NUM_IMAGES and bad_index not in [r["index"] for r in recs]
-    metas = [records.read_json(os.path.join(out, n + ".json"), "meta") for n in
-             records.load_dataset(out)[0]["shards"]]
+    metas = [records.read_json(os.path.join(out, n + ".json"), "meta") for n in records.load_dataset(out)[0]["shards"]]
     skipped = [s for m in metas for s in m["skipped"]]
     assert len(skipped) == 1 and "img99.png" in skipped[0]["error"]
 
@@ -221,8 +245,13 @@ def test_bad_images_error_or_skip(folder, encoders, tmp_path):
 def test_pca_semantic_latents(folder, encoders, tmp_path):
     out = str(tmp_path / "pca")
     pca_encoders = Encoders(encoders.texture_vae, encoders.dinov2)
-    extract(ImageFolderSource(folder), out, pca_encoders,
-            ExtractOptions(**OPTS, semantic="pca", pca_components=3, pca_fit_images=5), progress=False)
+    extract(
+        ImageFolderSource(folder),
+        out,
+        pca_encoders,
+        ExtractOptions(**OPTS, semantic="pca", pca_components=3, pca_fit_images=5),
+        progress=False,
+    )
     _, layout, recs = read_all(out)
     assert layout.semantic_shape == (8, 8, 3)
     with np.load(os.path.join(out, "pca.npz")) as z:
@@ -268,5 +297,7 @@ def test_mode_extract_from_checkpoint_files(folder, encoders, reference_run, tmp
             np.testing.assert_array_equal(ra[key], rb[key])
     made_by = json.load(open(os.path.join(out, "stats.json")))["made_by"]
     assert made_by["texture_vae"]["source"].endswith("tvae")
-    assert made_by["texture_vae"]["sha256"] == records.read_json(
-        os.path.join(ref_dir, "stats.json"), "stats")["made_by"]["texture_vae"]["sha256"]
+    assert (
+        made_by["texture_vae"]["sha256"]
+        == records.read_json(os.path.join(ref_dir, "stats.json"), "stats")["made_by"]["texture_vae"]["sha256"]
+    )

@@ -6,6 +6,7 @@ trains from them with a gs:// workdir, is stopped by SIGTERM, resumes from the b
 on local disk; its exported EMA weights are read from the bucket by --mode=sample and the samples by --mode=evaluate,
 both writing their outputs to the bucket.
 """
+
 import json
 import os
 import pathlib
@@ -34,10 +35,19 @@ from sfd_jax.train.metrics import MetricsWriter, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The DiT's data format (configs/sfd.py:tiny): 16×16 grid, 32 texture + 16 semantic channels, 256 tokens of 768.
-TEX_CFG = TextureVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
-                           z_channels=32, embed_dim=32, num_groups=4)
-DINO_CFG = Dinov2Config(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1, image_size=56,
-                        num_register_tokens=1)
+TEX_CFG = TextureVAEConfig(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=32,
+    z_channels=32,
+    embed_dim=32,
+    num_groups=4,
+)
+DINO_CFG = Dinov2Config(
+    hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1, image_size=56, num_register_tokens=1
+)
 SEM_CFG = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_heads=2, num_blocks=1)
 
 
@@ -51,17 +61,44 @@ def gcs(tmp_path_factory):
     port = _find_free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("fake_gcs") / "server.log", "wb")
-    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                             "-backend", "memory", "-external-url", url, "-log-level", "error"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "SFD_JAX_STAGING")}
+    proc = subprocess.Popen(
+        [
+            str(_get_binary_path()),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-backend",
+            "memory",
+            "-external-url",
+            url,
+            "-log-level",
+            "error",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "STORAGE_EMULATOR_HOST",
+            "TENSORSTORE_GCS_HTTP_URL",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+            "SFD_JAX_STAGING",
+        )
+    }
     try:
         deadline = time.time() + 60
         while True:  # ready once it creates the bucket
             try:
-                request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
-                                                 headers={"Content-Type": "application/json"}, method="POST")
+                request = urllib.request.Request(
+                    f"{url}/storage/v1/b",
+                    data=json.dumps({"name": "bucket"}).encode(),
+                    headers={"Content-Type": "application/json"},
+                    method="POST",
+                )
                 urllib.request.urlopen(request, timeout=10).close()
                 break
             except OSError:
@@ -137,9 +174,11 @@ def test_extract_train_resume_sample_evaluate_on_gs(gcs, tmp_path):
 
     # --- extraction: the same shards and stats in the bucket as on local disk
     _images(tmp_path / "img")
-    encoders = Encoders(numpy_init(lambda: TextureVAE(TEX_CFG, rngs=nnx.Rngs(0)), 0),
-                        numpy_init(lambda: Dinov2(DINO_CFG, rngs=nnx.Rngs(0)), 1),
-                        numpy_init(lambda: SemVAE(SEM_CFG, rngs=nnx.Rngs(0)), 2))
+    encoders = Encoders(
+        numpy_init(lambda: TextureVAE(TEX_CFG, rngs=nnx.Rngs(0)), 0),
+        numpy_init(lambda: Dinov2(DINO_CFG, rngs=nnx.Rngs(0)), 1),
+        numpy_init(lambda: SemVAE(SEM_CFG, rngs=nnx.Rngs(0)), 2),
+    )
     options = ExtractOptions(image_size=32, dino_size=224, batch_size_per_device=1, shard_size=8)
     local_data, gs_data = str(tmp_path / "latents"), f"{gcs}/latents"
     for out in (local_data, gs_data):
@@ -154,10 +193,21 @@ def test_extract_train_resume_sample_evaluate_on_gs(gcs, tmp_path):
 
     # --- training: SIGTERM to a CLI run with a gs:// workdir, then resume from the bucket
     run_dir = f"{gcs}/run"
-    cmd = [sys.executable, "-m", "sfd_jax.main", "--config=configs/sfd.py:tiny", f"--workdir={run_dir}",
-           "--config.data.source=arrayrecord", f"--config.data.path={gs_data}", "--config.data.read_threads=2",
-           "--config.data.prefetch_batches=2", "--config.train.num_steps=1000", "--config.train.log_every=1",
-           "--config.train.ckpt_every=1000", "--config.train.export_ema=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sfd_jax.main",
+        "--config=configs/sfd.py:tiny",
+        f"--workdir={run_dir}",
+        "--config.data.source=arrayrecord",
+        f"--config.data.path={gs_data}",
+        "--config.data.read_threads=2",
+        "--config.data.prefetch_batches=2",
+        "--config.train.num_steps=1000",
+        "--config.train.log_every=1",
+        "--config.train.ckpt_every=1000",
+        "--config.train.export_ema=False",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -184,9 +234,18 @@ def test_extract_train_resume_sample_evaluate_on_gs(gcs, tmp_path):
     # --- sampling: weights, texture VAE and stats read from the bucket, outputs written there
     save_texture_vae(f"{gcs}/weights/tvae", encoders.texture_vae)
     c = load_config("sample.py", "tiny")
-    c.sample.update(model=f"{run_dir}/ema", texture_vae=f"{gcs}/weights/tvae", latent_stats=f"{gs_data}/stats.json",
-                    num_images=16, per_device_batch=1, num_steps=2, solver="euler", chunk_size=8, log_every_s=0.0,
-                    num_classes=10)
+    c.sample.update(
+        model=f"{run_dir}/ema",
+        texture_vae=f"{gcs}/weights/tvae",
+        latent_stats=f"{gs_data}/stats.json",
+        num_images=16,
+        per_device_batch=1,
+        num_steps=2,
+        solver="euler",
+        chunk_size=8,
+        log_every_s=0.0,
+        num_classes=10,
+    )
     summary = sample.run(c, f"{gcs}/sample")
     assert summary["npz"].startswith(f"{gcs}/sample/") and paths.exists(summary["npz"])
     assert {"chunks", "grid.png", "sample.json"} <= set(paths.listdir(f"{gcs}/sample"))
@@ -199,14 +258,22 @@ def test_extract_train_resume_sample_evaluate_on_gs(gcs, tmp_path):
 
     def eval_config(task, **fields):
         e = load_config("eval.py", task)
-        e.eval.update(inception_weights=f"{gcs}/weights/inception.npz", input_size=INCEPTION_SIZE, batch_size=16,
-                      reference_keep=0, cache_reference=True, **fields)
+        e.eval.update(
+            inception_weights=f"{gcs}/weights/inception.npz",
+            input_size=INCEPTION_SIZE,
+            batch_size=16,
+            reference_keep=0,
+            cache_reference=True,
+            **fields,
+        )
         return e
 
-    evaluate.run(eval_config("build_reference", images=summary["npz"], reference_out=f"{gcs}/eval/ref.npz"),
-                 f"{gcs}/eval/build")
-    result = evaluate.run(eval_config("score", samples=summary["npz"], ref_batch=f"{gcs}/eval/ref.npz"),
-                          f"{gcs}/eval/score")
+    evaluate.run(
+        eval_config("build_reference", images=summary["npz"], reference_out=f"{gcs}/eval/ref.npz"), f"{gcs}/eval/build"
+    )
+    result = evaluate.run(
+        eval_config("score", samples=summary["npz"], ref_batch=f"{gcs}/eval/ref.npz"), f"{gcs}/eval/score"
+    )
     stored = paths.read_json(f"{gcs}/eval/score/score.json", "scores")
     assert stored["fid"] == pytest.approx(result["fid"]) and abs(result["fid"]) < 1e-3  # a set against itself
     assert any(n.startswith("ref_features_") for n in paths.listdir(f"{gcs}/eval/score/cache"))

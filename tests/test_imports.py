@@ -4,6 +4,7 @@ Every `import` in sfd_jax (module-level and function-local alike: a lazy import 
 `ast` and its target's layer compared with the importer's. `convert/` (weights in and out of the reference formats)
 sits just above `models/`: it only knows the models, and data/eval/train load weights through it.
 """
+
 import ast
 import pathlib
 
@@ -12,19 +13,26 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sfd_jax"
 
 LAYERS = {
-    "parallel": 0, "checkpoint": 0, "config_loader": 0,
+    "parallel": 0,
+    "checkpoint": 0,
+    "config_loader": 0,
     "models": 1,
     "convert": 2,
     "diffusion": 3,
     "data": 4,
-    "train": 5, "eval": 5,
-    "demo": 6, "main": 6, "inference": 6, "__init__": 6, "__main__": 6,
+    "train": 5,
+    "eval": 5,
+    "demo": 6,
+    "main": 6,
+    "inference": 6,
+    "__init__": 6,
+    "__main__": 6,
 }
 
 # Upward imports not yet untangled; each entry is one (importer, imported) pair. Shrink this list, never grow it.
 KNOWN = {
-    ("sfd_jax.checkpoint", "sfd_jax.train.build"),       # export_ema_from_workdir rebuilds the run from its config
-    ("sfd_jax.checkpoint", "sfd_jax.convert.dit"),       # ... and writes the weights directory
+    ("sfd_jax.checkpoint", "sfd_jax.train.build"),  # export_ema_from_workdir rebuilds the run from its config
+    ("sfd_jax.checkpoint", "sfd_jax.convert.dit"),  # ... and writes the weights directory
     ("sfd_jax.data.encoders", "sfd_jax.train.texture_vae"),  # extraction from a texture-VAE training workdir
 }
 
@@ -48,7 +56,7 @@ def _imports(path: pathlib.Path, module: str):
             yield from (a.name for a in node.names if a.name.startswith("sfd_jax"))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -92,7 +100,9 @@ def test_the_walker_sees_an_upward_import(tmp_path, monkeypatch):
         fake.unlink()
 
 
-@pytest.mark.parametrize("module, layer", [("sfd_jax.models.layers", 1), ("sfd_jax.convert.dit", 2),
-                                           ("sfd_jax.train.skeleton", 5), ("sfd_jax.main", 6)])
+@pytest.mark.parametrize(
+    "module, layer",
+    [("sfd_jax.models.layers", 1), ("sfd_jax.convert.dit", 2), ("sfd_jax.train.skeleton", 5), ("sfd_jax.main", 6)],
+)
 def test_layers_of_some_modules(module, layer):
     assert _layer(module) == layer

@@ -7,6 +7,7 @@ against `param_sum` / `param_head` first), saved as a `.pth` with torch (the for
 and loaded through `sfd_jax.convert.inception.load_inception`. The golden forward is pytorch-fid's
 (`resize='torch'`); ADM's TF1 resize is checked on its own vector.
 """
+
 import numpy as np
 import pytest
 
@@ -43,15 +44,16 @@ def regenerate_weights(golden: dict, prefix: str) -> dict[str, np.ndarray]:
     for i, name in enumerate(golden["param_names"]):
         if not name.startswith(prefix):
             continue
-        shape = tuple(int(s) for s in golden["param_shape"][i][:golden["param_ndim"][i]])
-        v = hashed_values(int(np.prod(shape)), golden["param_seed"][i], golden["param_scale"][i],
-                          golden["param_offset"][i])
-        head = golden["param_head"][i][:min(8, v.size)]
-        if not np.array_equal(v[:head.size], head):
+        shape = tuple(int(s) for s in golden["param_shape"][i][: golden["param_ndim"][i]])
+        v = hashed_values(
+            int(np.prod(shape)), golden["param_seed"][i], golden["param_scale"][i], golden["param_offset"][i]
+        )
+        head = golden["param_head"][i][: min(8, v.size)]
+        if not np.array_equal(v[: head.size], head):
             raise AssertionError(f"regenerated {name} differs from param_head")
         if np.sum(v.astype(np.float64)) != golden["param_sum"][i]:
             raise AssertionError(f"regenerated {name} differs from param_sum")
-        out[name[len(prefix):]] = v.reshape(shape)
+        out[name[len(prefix) :]] = v.reshape(shape)
     if not out:
         raise AssertionError(f"no parameter rows start with {prefix!r}")
     return out
@@ -75,6 +77,7 @@ def net_weights(inception_net_weights):
 @pytest.fixture(scope="module")
 def model(net_weights, tmp_path_factory):
     import torch
+
     path = tmp_path_factory.mktemp("inception") / "pt_inception-golden.pth"
     torch.save({k: torch.from_numpy(v) for k, v in net_weights.items()}, path)
     return load_inception(path)
@@ -117,8 +120,15 @@ def test_resized_input_matches_pytorch_fid(net_out, golden):
     np.testing.assert_allclose(sums, golden["net/input_resized_sum"], rtol=0, atol=299 * 299 * 5e-7)
 
 
-@pytest.mark.parametrize("ours,theirs", [("pool3", "net/pool3"), ("logits", "net/logits"),
-                                         ("logits_nobias", "net/logits_nobias"), ("spatial", "net/spatial_sfid")])
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        ("pool3", "net/pool3"),
+        ("logits", "net/logits"),
+        ("logits_nobias", "net/logits_nobias"),
+        ("spatial", "net/spatial_sfid"),
+    ],
+)
 def test_network_outputs_match_golden(net_out, golden, ours, theirs):
     assert net_out[ours].shape == golden[theirs].shape
     assert rel_err(net_out[ours], golden[theirs]) <= 1e-5
@@ -135,10 +145,12 @@ def test_stage_means_match_golden(net_out, golden):
 
 @pytest.mark.parametrize("block", ["A", "C", "E_1", "E_2"])
 def test_blocks_match_golden(golden, block):
-    make = {"A": lambda: inc.InceptionA(192, pool_features=32, rngs=nnx.Rngs(0)),
-            "C": lambda: inc.InceptionC(768, channels_7x7=160, rngs=nnx.Rngs(0)),
-            "E_1": lambda: inc.InceptionE(1280, pool="avg", rngs=nnx.Rngs(0)),
-            "E_2": lambda: inc.InceptionE(2048, pool="max", rngs=nnx.Rngs(0))}[block]
+    make = {
+        "A": lambda: inc.InceptionA(192, pool_features=32, rngs=nnx.Rngs(0)),
+        "C": lambda: inc.InceptionC(768, channels_7x7=160, rngs=nnx.Rngs(0)),
+        "E_1": lambda: inc.InceptionE(1280, pool="avg", rngs=nnx.Rngs(0)),
+        "E_2": lambda: inc.InceptionE(2048, pool="max", rngs=nnx.Rngs(0)),
+    }[block]
     module = load_into(make(), regenerate_weights(golden, f"block_{block}/"))
     out = nnx.jit(lambda m, x: m(x))(module, jnp.asarray(golden[f"block_{block}/in"].transpose(0, 2, 3, 1)))
     out = out[0] if isinstance(out, tuple) else out  # InceptionC also returns its 1x1 branch
@@ -161,7 +173,7 @@ def test_tf1_preprocess_is_adm_normalisation(golden):
     got = np.asarray(inc.preprocess(jnp.asarray(u8), resize="tf1"))
     want = (golden["tf1_resize_out"] - 128.0) / 128.0
     for c in range(3):
-        assert_close(got[..., c:c + 1], want, 2e-7)  # the same bound after (x − 128) / 128
+        assert_close(got[..., c : c + 1], want, 2e-7)  # the same bound after (x − 128) / 128
 
 
 def test_sharded_padded_extractor_matches_golden(model, golden):

@@ -2,6 +2,7 @@
 files (the golden tiny DiT .pt and its guide, a random f2d32 texture-VAE .ckpt, latent-stats .pt files), then the
 README's snippet exactly as written (bundle path substituted), checked against the generator called directly on the
 original files."""
+
 import contextlib
 import dataclasses
 import io
@@ -29,19 +30,26 @@ README_BUNDLE = "weights/sfd_xl_bundle"
 @pytest.fixture(scope="module")
 def reference_files(tmp_path_factory):
     import torch
+
     root = tmp_path_factory.mktemp("reference")
     guide = {k[9:]: torch.from_numpy(v.copy()) for k, v in load_golden("dit.npz").items() if k.startswith("guide_sd/")}
     torch.save(guide, root / "guide.pt")  # a bare state dict, as a guide checkpoint may be
     # f2d32 with 32 channels (GroupNorm 32, as in the reference): 16×16×32 texture latents → 32×32 images.
-    cfg = TextureVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
-                           z_channels=32, embed_dim=32)
+    cfg = TextureVAEConfig(
+        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32, z_channels=32, embed_dim=32
+    )
     vae = TextureVAE(cfg, rngs=nnx.Rngs(3))
     sd = {k: torch.from_numpy(np.array(v)) for k, v in export_texture_vae(vae).items()}
     torch.save({"global_step": 1, "state_dict": sd}, root / "vae.ckpt")
     rng = np.random.default_rng(0)
     for name, c in (("latents_stats.pt", 32), ("latents_sv_stats.pt", 16)):
-        torch.save({"mean": torch.from_numpy(0.1 * rng.standard_normal((1, c, 1, 1)).astype(np.float32)),
-                    "std": torch.from_numpy((1 + 0.2 * rng.random((1, c, 1, 1))).astype(np.float32))}, root / name)
+        torch.save(
+            {
+                "mean": torch.from_numpy(0.1 * rng.standard_normal((1, c, 1, 1)).astype(np.float32)),
+                "std": torch.from_numpy((1 + 0.2 * rng.random((1, c, 1, 1))).astype(np.float32)),
+            },
+            root / name,
+        )
     return root
 
 
@@ -49,16 +57,29 @@ def reference_files(tmp_path_factory):
 def bundle(reference_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny_bundle"
     r = reference_files
-    code = convert_main(["bundle", str(out), "--dit", str(OFFICIAL / "dit_official_format.pt"),
-                         "--guide", str(r / "guide.pt"), "--texture-vae", str(r / "vae.ckpt"),
-                         "--stats", str(r / "latents_stats.pt"), "--semantic-stats", str(r / "latents_sv_stats.pt")])
+    code = convert_main(
+        [
+            "bundle",
+            str(out),
+            "--dit",
+            str(OFFICIAL / "dit_official_format.pt"),
+            "--guide",
+            str(r / "guide.pt"),
+            "--texture-vae",
+            str(r / "vae.ckpt"),
+            "--stats",
+            str(r / "latents_stats.pt"),
+            "--semantic-stats",
+            str(r / "latents_sv_stats.pt"),
+        ]
+    )
     assert code == 0
     return out
 
 
 def readme_snippet() -> str:
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Inference in a notebook"):]
+    section = text[text.index("## Inference in a notebook") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -68,6 +89,7 @@ def test_bundle_layout(bundle, reference_files):
     assert {p.name for p in bundle.iterdir()} == {"dit", "guide", "texture_vae", "stats.json", "bundle.json"}
     assert not bundle.with_name("tiny_bundle.partial").exists()
     import torch
+
     stats = json.loads((bundle / "stats.json").read_text())
     ref = torch.load(reference_files / "latents_stats.pt")
     np.testing.assert_array_equal(np.float32(stats["texture"]["mean"]), ref["mean"].numpy().reshape(-1))
@@ -93,10 +115,10 @@ def test_readme_snippet_runs_and_matches_the_generator(bundle, reference_files):
     _, guide = load_dit(str(reference_files / "guide.pt"))
     _, vae = load_texture_vae(reference_files / "vae.ckpt")
     import torch
+
     stats = torch.load(reference_files / "latents_stats.pt")
     decoder = TextureDecoder(vae, stats["mean"].numpy().reshape(-1), stats["std"].numpy().reshape(-1))
-    gen = ImageGenerator(decoder, settings=SamplerSettings(), seed=0,
-                         per_device_batch=-(-4 // jax.device_count()))
+    gen = ImageGenerator(decoder, settings=SamplerSettings(), seed=0, per_device_batch=-(-4 // jax.device_count()))
     direct, _ = gen(model, np.arange(4), np.array([207, 360, 387, 974]), guidance=AutoGuidance(guide, 1.5))
     np.testing.assert_array_equal(images, direct)
     assert len({im.tobytes() for im in images}) == 4

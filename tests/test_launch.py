@@ -1,6 +1,7 @@
 """launch/: the exact gcloud / srun / scontrol / uv commands each script issues, run against recording fakes
 (tests/launch_fakes.py) on PATH; no network. Plus shellcheck on every script and the remote commands run for real
 in a fake worker home."""
+
 from __future__ import annotations
 
 import json
@@ -20,20 +21,30 @@ import launch_fakes  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 # Accelerator type → TPU software version, from the Cloud TPU docs ("TPU software versions", PyTorch and JAX table).
-FAMILIES = [("v4-32", "us-central2-b", "tpu-ubuntu2204-base"),
-            ("v5litepod-16", "us-west4-a", "v2-alpha-tpuv5-lite"),
-            ("v5p-64", "us-east5-a", "v2-alpha-tpuv5"),
-            ("v6e-8", "us-east1-d", "v2-alpha-tpuv6e")]
-ARGS = ["--config=configs/sfd.py:xl", "--workdir=gs://my-bucket/sfd/xl", "--config.mesh.dcn=(2,1,1)",
-        "--config.train.note=two words"]
-SETUP_CMD = ('if [ -e sfd_jax/train.pid ] && kill -0 "$(cat sfd_jax/train.pid)" 2>/dev/null; then echo '
-             '"$(hostname): trainer running, not reinstalling"; else mkdir -p sfd_jax && tar -xzf sfd_jax.tar.gz '
-             '-C sfd_jax && bash sfd_jax/launch/install.sh tpu gcsfs; fi')
-RUN_CMD = ('cd sfd_jax && if [ -e ./train.pid ] && kill -0 "$(cat ./train.pid)" 2>/dev/null; then echo '
-           '"$(hostname): already training (pid $(cat train.pid)), not starting another"; else nohup bash -c '
-           r'exec\ env\ SFD_DISTRIBUTED=1\ .venv/bin/python\ -m\ sfd_jax.main\ --config=configs/sfd.py:xl\ '
-           r'--workdir=gs://my-bucket/sfd/xl\ --config.mesh.dcn=\\\(2\\\,1\\\,1\\\)\ '
-           r'--config.train.note=two\\\ words > train_$(hostname).log 2>&1 < /dev/null & echo $! > train.pid; fi')
+FAMILIES = [
+    ("v4-32", "us-central2-b", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "us-west4-a", "v2-alpha-tpuv5-lite"),
+    ("v5p-64", "us-east5-a", "v2-alpha-tpuv5"),
+    ("v6e-8", "us-east1-d", "v2-alpha-tpuv6e"),
+]
+ARGS = [
+    "--config=configs/sfd.py:xl",
+    "--workdir=gs://my-bucket/sfd/xl",
+    "--config.mesh.dcn=(2,1,1)",
+    "--config.train.note=two words",
+]
+SETUP_CMD = (
+    'if [ -e sfd_jax/train.pid ] && kill -0 "$(cat sfd_jax/train.pid)" 2>/dev/null; then echo '
+    '"$(hostname): trainer running, not reinstalling"; else mkdir -p sfd_jax && tar -xzf sfd_jax.tar.gz '
+    "-C sfd_jax && bash sfd_jax/launch/install.sh tpu gcsfs; fi"
+)
+RUN_CMD = (
+    'cd sfd_jax && if [ -e ./train.pid ] && kill -0 "$(cat ./train.pid)" 2>/dev/null; then echo '
+    '"$(hostname): already training (pid $(cat train.pid)), not starting another"; else nohup bash -c '
+    r"exec\ env\ SFD_DISTRIBUTED=1\ .venv/bin/python\ -m\ sfd_jax.main\ --config=configs/sfd.py:xl\ "
+    r"--workdir=gs://my-bucket/sfd/xl\ --config.mesh.dcn=\\\(2\\\,1\\\,1\\\)\ "
+    r"--config.train.note=two\\\ words > train_$(hostname).log 2>&1 < /dev/null & echo $! > train.pid; fi"
+)
 
 
 class Fakes:
@@ -43,8 +54,14 @@ class Fakes:
             d.mkdir()
         for name in ("gcloud", "srun", "scontrol", "uv", "python3"):
             launch_fakes.wrapper(self.bin / name, name)
-        self.env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "FAKE_DIR": str(self.dir),
-                    "HOME": str(self.home), "FAKE_PYTHON": sys.executable, "POLL_S": "0"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "FAKE_DIR": str(self.dir),
+            "HOME": str(self.home),
+            "FAKE_PYTHON": sys.executable,
+            "POLL_S": "0",
+        }
         for var in ("PROJECT", "SPOT", "NODE_COUNT", "RUNTIME", "EXTRA_PIP", "DETACH", "VENV", "PYTHONUSERBASE"):
             self.env.pop(var, None)
 
@@ -52,8 +69,14 @@ class Fakes:
         (self.dir / "state.json").write_text(json.dumps(kw))
 
     def run(self, script: str, *args: str, **env) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(LAUNCH / script), *args], env={**self.env, **env}, cwd=self.dir,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            ["bash", str(LAUNCH / script), *args],
+            env={**self.env, **env},
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def calls(self) -> list[dict]:
         path = self.dir / "calls.jsonl"
@@ -79,9 +102,11 @@ def describe(name, zone):
 def setup_and_run(node, zone):
     """scp of the repository, the install over ssh, the detached start over ssh."""
     vm = ["gcloud", "compute", "tpus", "tpu-vm"]
-    return [[*vm, "scp", "<tarball>", f"{node}:sfd_jax.tar.gz", f"--zone={zone}", "--worker=all"],
-            [*vm, "ssh", node, f"--zone={zone}", "--worker=all", f"--command={SETUP_CMD}"],
-            [*vm, "ssh", node, f"--zone={zone}", "--worker=all", f"--command={RUN_CMD}"]]
+    return [
+        [*vm, "scp", "<tarball>", f"{node}:sfd_jax.tar.gz", f"--zone={zone}", "--worker=all"],
+        [*vm, "ssh", node, f"--zone={zone}", "--worker=all", f"--command={SETUP_CMD}"],
+        [*vm, "ssh", node, f"--zone={zone}", "--worker=all", f"--command={RUN_CMD}"],
+    ]
 
 
 def normalized(argvs):
@@ -102,8 +127,17 @@ def normalized(argvs):
 def test_tpu_vm_create_picks_the_runtime(fakes, accel, zone, runtime):
     r = fakes.run("tpu_vm_create.sh", TPU_NAME="sfd", ZONE=zone, ACCELERATOR=accel)
     assert r.returncode == 0, r.stderr
-    create = ["gcloud", "compute", "tpus", "tpu-vm", "create", "sfd", f"--zone={zone}",
-              f"--accelerator-type={accel}", f"--version={runtime}"]
+    create = [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "sfd",
+        f"--zone={zone}",
+        f"--accelerator-type={accel}",
+        f"--version={runtime}",
+    ]
     assert normalized(fakes.argvs()) == [create, *setup_and_run("sfd", zone)[:2]]
     with tarfile.open(fakes.dir / "scp_payload.tar.gz") as tar:
         names = set(tar.getnames())
@@ -117,8 +151,12 @@ def test_queued_resource_fresh(fakes, accel, zone, runtime):
     r = fakes.run("tpu_queued_resource.sh", *ARGS, QR_NAME="sfd", ZONE=zone, ACCELERATOR=accel)
     assert r.returncode == 0, r.stderr
     create = qr("create", "sfd", zone, f"--accelerator-type={accel}", f"--runtime-version={runtime}", "--node-id=sfd")
-    assert normalized(fakes.argvs()) == [describe("sfd", zone), create, *[describe("sfd", zone)] * 3,
-                                         *setup_and_run("sfd", zone)]
+    assert normalized(fakes.argvs()) == [
+        describe("sfd", zone),
+        create,
+        *[describe("sfd", zone)] * 3,
+        *setup_and_run("sfd", zone),
+    ]
 
 
 @pytest.mark.parametrize("script", ["tpu_vm_create.sh", "tpu_queued_resource.sh"])
@@ -135,12 +173,29 @@ def test_unknown_accelerator_is_refused(fakes, script, accel):
 def test_queued_resource_multislice_spot(fakes):
     fakes.state(states_after_create=["PROVISIONING", "ACTIVE"])
     z, p = "us-east5-a", "--project=my-project"
-    r = fakes.run("tpu_queued_resource.sh", *ARGS, QR_NAME="sfd", ZONE=z, ACCELERATOR="v5p-64",
-                  NODE_COUNT="2", SPOT="1", PROJECT="my-project")
+    r = fakes.run(
+        "tpu_queued_resource.sh",
+        *ARGS,
+        QR_NAME="sfd",
+        ZONE=z,
+        ACCELERATOR="v5p-64",
+        NODE_COUNT="2",
+        SPOT="1",
+        PROJECT="my-project",
+    )
     assert r.returncode == 0, r.stderr
     desc = qr("describe", "sfd", z, p, "--format=value(state.state,tpu.nodeSpec[0].node.acceleratorType)")
-    create = qr("create", "sfd", z, "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5",
-                "--node-count=2", "--node-prefix=sfd", "--spot", p)
+    create = qr(
+        "create",
+        "sfd",
+        z,
+        "--accelerator-type=v5p-64",
+        "--runtime-version=v2-alpha-tpuv5",
+        "--node-count=2",
+        "--node-prefix=sfd",
+        "--spot",
+        p,
+    )
     slices = {n: setup_and_run(n, z) for n in ("sfd-0", "sfd-1")}
     setups = [c for n in slices for c in ([*slices[n][0], p], [*slices[n][1][:8], p, slices[n][1][8]])]
     runs = [[*slices[n][2][:8], p, slices[n][2][8]] for n in slices]
@@ -174,8 +229,14 @@ def test_rerun_on_failed_or_preempted_resource_recreates(fakes, dead):
     assert r.returncode == 0, r.stderr
     z = "us-east5-a"
     create = qr("create", "sfd", z, "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5", "--node-id=sfd")
-    assert normalized(fakes.argvs()) == [describe("sfd", z), qr("delete", "sfd", z, "--quiet"), create,
-                                         describe("sfd", z), describe("sfd", z), *setup_and_run("sfd", z)]
+    assert normalized(fakes.argvs()) == [
+        describe("sfd", z),
+        qr("delete", "sfd", z, "--quiet"),
+        create,
+        describe("sfd", z),
+        describe("sfd", z),
+        *setup_and_run("sfd", z),
+    ]
 
 
 def test_rerun_while_preempted_nodes_are_torn_down_waits_then_recreates(fakes):
@@ -183,8 +244,14 @@ def test_rerun_while_preempted_nodes_are_torn_down_waits_then_recreates(fakes):
     assert r.returncode == 0, r.stderr
     z = "us-east5-a"
     create = qr("create", "sfd", z, "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5", "--node-id=sfd")
-    assert normalized(fakes.argvs()) == [describe("sfd", z), describe("sfd", z), qr("delete", "sfd", z, "--quiet"),
-                                         create, describe("sfd", z), *setup_and_run("sfd", z)]
+    assert normalized(fakes.argvs()) == [
+        describe("sfd", z),
+        describe("sfd", z),
+        qr("delete", "sfd", z, "--quiet"),
+        create,
+        describe("sfd", z),
+        *setup_and_run("sfd", z),
+    ]
 
 
 def test_rerun_with_another_accelerator_is_refused(fakes):
@@ -195,8 +262,10 @@ def test_rerun_with_another_accelerator_is_refused(fakes):
 
 
 def test_gcloud_error_other_than_not_found_stops(fakes):
-    msg = ("ERROR: (gcloud.compute.tpus.queued-resources.describe) PERMISSION_DENIED: Permission "
-           "'tpu.queuedResources.get' denied on 'projects/my-project/locations/us-east5-a/queuedResources/sfd'")
+    msg = (
+        "ERROR: (gcloud.compute.tpus.queued-resources.describe) PERMISSION_DENIED: Permission "
+        "'tpu.queuedResources.get' denied on 'projects/my-project/locations/us-east5-a/queuedResources/sfd'"
+    )
     fakes.state(describe_error=msg)
     r = fakes.run("tpu_queued_resource.sh", *ARGS, QR_NAME="sfd", ZONE="us-east5-a", ACCELERATOR="v5p-64")
     assert r.returncode == 1
@@ -210,8 +279,9 @@ def test_remote_commands_run_on_a_worker(fakes, tmp_path):
     worker = tmp_path / "worker"
     (worker / "sfd_jax" / ".venv" / "bin").mkdir(parents=True)
     trainer = worker / "sfd_jax" / ".venv" / "bin" / "python"
-    trainer.write_text('#!/bin/sh\nprintf "%s\\n" "SFD_DISTRIBUTED=$SFD_DISTRIBUTED" "$@" >> ../argv.txt\n'
-                       'exec sleep 60\n')
+    trainer.write_text(
+        '#!/bin/sh\nprintf "%s\\n" "SFD_DISTRIBUTED=$SFD_DISTRIBUTED" "$@" >> ../argv.txt\nexec sleep 60\n'
+    )
     trainer.chmod(0o755)
     env = {**fakes.env, "HOME": str(worker)}
     sh = ["bash", "-c"]
@@ -241,9 +311,12 @@ def install(fakes, accel, *extra, **state):
 
 
 def uv_calls(venv, *pkgs):
-    return [["uv", "python", "find", "3.11"], ["uv", "python", "install", "3.11"],
-            ["uv", "venv", "--seed", "--python", "3.11", str(venv)],
-            ["uv", "pip", "install", "--python", f"{venv}/bin/python", "-r", "requirements.txt", *pkgs]]
+    return [
+        ["uv", "python", "find", "3.11"],
+        ["uv", "python", "install", "3.11"],
+        ["uv", "venv", "--seed", "--python", "3.11", str(venv)],
+        ["uv", "pip", "install", "--python", f"{venv}/bin/python", "-r", "requirements.txt", *pkgs],
+    ]
 
 
 def test_install_on_stock_image_brings_python_311(fakes):
@@ -253,15 +326,22 @@ def test_install_on_stock_image_brings_python_311(fakes):
     assert [c["argv"] for c in calls] == [
         ["python3", "-m", "pip", "--version"],
         ["python3", "-m", "pip", "install", "--user", "--quiet", "uv==0.13.8"],
-        ["uv", "--version"], *uv_calls(venv)]
+        ["uv", "--version"],
+        *uv_calls(venv),
+    ]
     assert calls[1]["PIP_BREAK_SYSTEM_PACKAGES"] == "1"
     # The venv's interpreter is this test's Python 3.11 with the CPU jax: the version check ran for real.
     assert "check_install: ok | python 3.11" in r.stdout and "| jax 0.10.2 | jaxlib 0.10.2 |" in r.stdout
     assert "8 local / 8 global cpu devices" in r.stdout
 
 
-@pytest.mark.parametrize("accel,missing", [("tpu", "libtpu is not installed: jax[tpu]==0.10.2 brings libtpu==0.0.42"),
-                                           ("cuda12", "jax-cuda12-plugin not installed: expected 0.10.2")])
+@pytest.mark.parametrize(
+    "accel,missing",
+    [
+        ("tpu", "libtpu is not installed: jax[tpu]==0.10.2 brings libtpu==0.0.42"),
+        ("cuda12", "jax-cuda12-plugin not installed: expected 0.10.2"),
+    ],
+)
 def test_install_accelerator_checks_its_packages(fakes, accel, missing):
     venv, r = install(fakes, accel, "gcsfs")
     assert fakes.argvs("uv")[-1] == uv_calls(venv, f"jax[{accel}]==0.10.2", "gcsfs")[-1]
@@ -284,9 +364,12 @@ def test_install_replaces_a_uv_of_another_version(fakes):
     launch_fakes.wrapper(fakes.home / ".local" / "bin" / "uv", "uv")
     venv, r = install(fakes, "cpu", uv_version="0.9.30", python_installed=True)
     assert r.returncode == 0, r.stderr
-    assert fakes.argvs()[:4] == [["uv", "--version"], ["python3", "-m", "pip", "--version"],
-                                 ["python3", "-m", "pip", "install", "--user", "--quiet", "uv==0.13.8"],
-                                 ["uv", "--version"]]
+    assert fakes.argvs()[:4] == [
+        ["uv", "--version"],
+        ["python3", "-m", "pip", "--version"],
+        ["python3", "-m", "pip", "install", "--user", "--quiet", "uv==0.13.8"],
+        ["uv", "--version"],
+    ]
     assert fakes.argvs()[4:] == [uv_calls(venv)[0], *uv_calls(venv)[2:]]  # Python 3.11 found: no download
 
 
@@ -337,9 +420,14 @@ def test_sbatch_directives():
 
 
 def start_job(fakes, **env):
-    job = subprocess.Popen(["bash", str(SBATCH), *ARGS], cwd=fakes.dir, text=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT,
-                           env={**fakes.env, "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242", **env})
+    job = subprocess.Popen(
+        ["bash", str(SBATCH), *ARGS],
+        cwd=fakes.dir,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**fakes.env, "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242", **env},
+    )
     deadline = time.time() + 30
     while not fakes.argvs("srun") and time.time() < deadline:  # the step is up, its SIGTERM handler in place
         time.sleep(0.05)

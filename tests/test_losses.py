@@ -1,4 +1,5 @@
 """SFD objective against the reference's loss.npz, plus REPA variants, Δt = 0, uniform t and edge cases."""
+
 import numpy as np
 import pytest
 
@@ -60,16 +61,18 @@ def test_pure_terms_from_reference_prediction(ref, batch):
 
 def test_sfd_loss_reproduces_reference(model_fn, ref, batch):
     cfg = losses.LossConfig()
-    terms = losses.sfd_loss_per_sample(model_fn, batch["x1"], batch["y"], batch["dino"], cfg, x0=batch["x0"],
-                                       tau=ref["tau"])
+    terms = losses.sfd_loss_per_sample(
+        model_fn, batch["x1"], batch["y"], batch["dino"], cfg, x0=batch["x0"], tau=ref["tau"]
+    )
     assert_close(np.asarray(terms["xt"]), nhwc(ref["xt"]), REL)
     assert_close(np.asarray(terms["pred"]), nhwc(ref["pred"]), REL)
     for k in ("loss_mse", "loss_cos", "loss_repa"):
         assert_close(np.asarray(terms[k]), ref[k], REL, err_msg=k)
 
     # The full objective, with both draws injected (x0, and n as the reference's float64 normal draw).
-    loss, metrics = losses.sfd_loss(model_fn, batch["x1"], batch["y"], batch["dino"], None, cfg,
-                                    x0=batch["x0"], n=ref["n"])
+    loss, metrics = losses.sfd_loss(
+        model_fn, batch["x1"], batch["y"], batch["dino"], None, cfg, x0=batch["x0"], n=ref["n"]
+    )
     assert_close(loss, ref["total"], REL)
     for k in ("loss_mse", "loss_cos", "loss_repa"):
         assert_close(metrics[k], ref[k].mean(), REL, err_msg=k)
@@ -79,8 +82,9 @@ def test_sfd_loss_reproduces_reference(model_fn, ref, batch):
 def _numpy_repa(proj, dino, mode, weight):
     """float64 reference formulas (README: loss.npz, variants)."""
     dino = dino.astype(np.float64)
-    cos = np.sum(proj * dino, -1) / (np.maximum(np.linalg.norm(proj, axis=-1), 1e-8)
-                                     * np.maximum(np.linalg.norm(dino, axis=-1), 1e-8))
+    cos = np.sum(proj * dino, -1) / (
+        np.maximum(np.linalg.norm(proj, axis=-1), 1e-8) * np.maximum(np.linalg.norm(dino, axis=-1), 1e-8)
+    )
     cos_term = np.mean(1 - cos, axis=-1)
     mse_term = np.mean((proj - dino) ** 2, axis=(1, 2))
     return weight * {"cos": cos_term, "mse": mse_term, "cos_mse": (cos_term + mse_term) / 2}[mode]
@@ -93,12 +97,14 @@ def test_numpy_repa_reference_agrees_with_golden(projector_out, ref, batch):
 @pytest.mark.parametrize("mode,weight", [("mse", 1.0), ("cos_mse", 0.5)])
 def test_repa_variants_against_numpy(model_fn, projector_out, ref, batch, mode, weight):
     cfg = losses.LossConfig(repa_mode=mode, repa_weight=weight)
-    terms = losses.sfd_loss_per_sample(model_fn, batch["x1"], batch["y"], batch["dino"], cfg, x0=batch["x0"],
-                                       tau=ref["tau"])
+    terms = losses.sfd_loss_per_sample(
+        model_fn, batch["x1"], batch["y"], batch["dino"], cfg, x0=batch["x0"], tau=ref["tau"]
+    )
     expected = _numpy_repa(projector_out[1], batch["dino"], mode, weight)
     assert_close(terms["loss_repa"], expected, REL)
-    loss, metrics = losses.sfd_loss(model_fn, batch["x1"], batch["y"], batch["dino"], None, cfg,
-                                    x0=batch["x0"], n=ref["n"])
+    loss, metrics = losses.sfd_loss(
+        model_fn, batch["x1"], batch["y"], batch["dino"], None, cfg, x0=batch["x0"], n=ref["n"]
+    )
     total = ref["loss_mse"].mean() + ref["loss_cos"].mean() + expected.mean()
     assert_close(loss, total, REL)
     assert_close(metrics["loss_repa"], expected.mean(), REL)
@@ -106,11 +112,12 @@ def test_repa_variants_against_numpy(model_fn, projector_out, ref, batch, mode, 
 
 def test_cosine_matches_torch():
     import torch
+
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 7)).astype(np.float32)
     b = rng.normal(size=(5, 7)).astype(np.float32)
-    a[1] = 0.0                      # zero vector
-    a[2] = [1e-5] + [0.0] * 6       # below-eps product of norms but each norm above eps
+    a[1] = 0.0  # zero vector
+    a[2] = [1e-5] + [0.0] * 6  # below-eps product of norms but each norm above eps
     b[2] = a[2]
     expected = torch.nn.functional.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b), dim=-1).numpy()
     np.testing.assert_allclose(np.asarray(losses.cosine_similarity(a, b)), expected, rtol=1e-6, atol=1e-7)
@@ -179,8 +186,9 @@ def test_bad_inputs(batch, ref):
     with pytest.raises(ValueError, match="time_dist"):
         losses.LossConfig(time_dist="beta")
     with pytest.raises(ValueError, match=r"\(4, 256, 768\).*\(4, 255, 768\)"):
-        losses.sfd_loss(fn, batch["x1"], batch["y"], batch["dino"][:, :255], None, losses.LossConfig(),
-                        x0=batch["x0"], n=ref["n"])
+        losses.sfd_loss(
+            fn, batch["x1"], batch["y"], batch["dino"][:, :255], None, losses.LossConfig(), x0=batch["x0"], n=ref["n"]
+        )
     with pytest.raises(ValueError, match="dino targets are required"):
         losses.sfd_loss(fn, batch["x1"], batch["y"], None, jax.random.key(0), losses.LossConfig())
     with pytest.raises(ValueError, match="channels-last"):
@@ -194,5 +202,4 @@ def test_texture_only_latent(batch, ref):
     cfg = losses.LossConfig(delta_t=0.0, semantic_chans=0, repa_weight=0.0)
     loss, metrics = losses.sfd_loss(lambda *a: pred, x1, batch["y"], None, None, cfg, x0=x0, n=ref["n"])
     assert "mse_sem" not in metrics
-    np.testing.assert_allclose(float(metrics["loss_mse"]), np.mean((np.asarray(pred) - (x1 - x0)) ** 2),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["loss_mse"]), np.mean((np.asarray(pred) - (x1 - x0)) ** 2), rtol=1e-6)

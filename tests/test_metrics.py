@@ -1,6 +1,7 @@
 """ADM evaluator metrics vs numbers its own code produced (tests/golden/eval/adm_metrics.npz, see
 tests/golden/README.md), and an end-to-end `--mode=evaluate` run (reference batch built by the same code, JSON
 written)."""
+
 import json
 
 import numpy as np
@@ -33,9 +34,14 @@ def assert_statistics_close(mu, sigma, mu_ref, sigma_ref, n):
     assert_close(sigma, sigma_ref, n * np.finfo(np.float64).eps, err_msg="sigma")
 
 
-@pytest.mark.parametrize("feats,mu,sigma", [("pool_ref", "mu_ref", "sigma_ref"),
-                                            ("pool_sample", "mu_sample", "sigma_sample"),
-                                            ("sing_ref", "mu_sing_ref", "sigma_sing_ref")])
+@pytest.mark.parametrize(
+    "feats,mu,sigma",
+    [
+        ("pool_ref", "mu_ref", "sigma_ref"),
+        ("pool_sample", "mu_sample", "sigma_sample"),
+        ("sing_ref", "mu_sing_ref", "sigma_sing_ref"),
+    ],
+)
 def test_statistics(adm, feats, mu, sigma):
     got_mu, got_sigma = metrics.statistics(adm[feats])
     assert got_mu.dtype == np.float32 and got_sigma.dtype == np.float64
@@ -50,17 +56,25 @@ def test_spatial_statistics_use_hwc_flattening(adm):
 
 @pytest.mark.parametrize("sqrtm", ["eigh", "scipy"])
 def test_fid_and_sfid(adm, sqrtm):
-    fid, eps_used = metrics.frechet_distance(adm["mu_sample"], adm["sigma_sample"], adm["mu_ref"], adm["sigma_ref"],
-                                             sqrtm=sqrtm, return_eps_used=True)
+    fid, eps_used = metrics.frechet_distance(
+        adm["mu_sample"], adm["sigma_sample"], adm["mu_ref"], adm["sigma_ref"], sqrtm=sqrtm, return_eps_used=True
+    )
     assert not eps_used and rel(fid, adm["fid"]) <= 1e-5
-    sfid = metrics.frechet_distance(adm["mu_s_sample"], adm["sigma_s_sample"], adm["mu_s_ref"], adm["sigma_s_ref"],
-                                    sqrtm=sqrtm)
+    sfid = metrics.frechet_distance(
+        adm["mu_s_sample"], adm["sigma_s_sample"], adm["mu_s_ref"], adm["sigma_s_ref"], sqrtm=sqrtm
+    )
     assert rel(sfid, adm["sfid"]) <= 1e-5
 
 
 def _singular(adm, **kw):
-    return metrics.frechet_distance(adm["mu_sing_sample"], adm["sigma_sing_sample"], adm["mu_sing_ref"],
-                                    adm["sigma_sing_ref"], return_eps_used=True, **kw)
+    return metrics.frechet_distance(
+        adm["mu_sing_sample"],
+        adm["sigma_sing_sample"],
+        adm["mu_sing_ref"],
+        adm["sigma_sing_ref"],
+        return_eps_used=True,
+        **kw,
+    )
 
 
 def test_fid_singular_eps_rules(adm):
@@ -118,16 +132,17 @@ def test_inception_score(adm):
 @pytest.mark.parametrize("row_block", [10000, 384])  # one block as ADM at this size; several with padding
 def test_precision_recall_lattice_is_exact(adm, row_block):
     np.testing.assert_array_equal(metrics.manifold_radii(adm["pool_ref"], row_block=row_block), adm["radii_ref"])
-    np.testing.assert_array_equal(metrics.manifold_radii(adm["pool_sample"], row_block=row_block),
-                                  adm["radii_sample"])
+    np.testing.assert_array_equal(metrics.manifold_radii(adm["pool_sample"], row_block=row_block), adm["radii_sample"])
     precision, recall = metrics.precision_recall(adm["pool_ref"], adm["pool_sample"], row_block=row_block)
     assert (precision, recall) == (float(adm["precision"]), float(adm["recall"]))
 
 
 def test_precision_recall_big_features_is_exact(adm):
     np.testing.assert_array_equal(metrics.manifold_radii(adm["big_ref"]), adm["radii_big_ref"])
-    assert metrics.precision_recall(adm["big_ref"], adm["big_sample"]) == (float(adm["precision_big"]),
-                                                                            float(adm["recall_big"]))
+    assert metrics.precision_recall(adm["big_ref"], adm["big_sample"]) == (
+        float(adm["precision_big"]),
+        float(adm["recall_big"]),
+    )
 
 
 def test_precision_recall_continuous_features(adm):
@@ -153,8 +168,9 @@ def _load_eval_config(variant: str):
 def _images(rng, n, size=32):
     # Smooth colour fields plus noise: gives the network varied, image-like input.
     yy, xx = np.mgrid[0:size, 0:size] / size
-    base = rng.uniform(0, 255, (n, 1, 1, 3)) * (0.5 + 0.5 * np.sin(2 * np.pi * (xx[None, ..., None]
-                                                                             * rng.uniform(0.5, 3, (n, 1, 1, 3)))))
+    base = rng.uniform(0, 255, (n, 1, 1, 3)) * (
+        0.5 + 0.5 * np.sin(2 * np.pi * (xx[None, ..., None] * rng.uniform(0.5, 3, (n, 1, 1, 3))))
+    )
     return np.clip(base + rng.normal(0, 20, (n, size, size, 3)) + 40 * yy[None, ..., None], 0, 255).astype(np.uint8)
 
 
@@ -223,8 +239,10 @@ def test_evaluate_mode_end_to_end(tmp_path, inception_net_weights):
     ref_kept = ref_direct["pool3"][kept]
     precision, recall = metrics.precision_recall(ref_kept, sample_direct["pool3"])
     fake_ties, real_ties = _near_ties(sample_direct["pool3"], ref_kept), _near_ties(ref_kept, sample_direct["pool3"])
-    print(f"\nprecision {written['precision']} vs {precision} ({fake_ties} near-ties), "
-          f"recall {written['recall']} vs {recall} ({real_ties} near-ties)")
+    print(
+        f"\nprecision {written['precision']} vs {precision} ({fake_ties} near-ties), "
+        f"recall {written['recall']} vs {recall} ({real_ties} near-ties)"
+    )
     assert abs(written["precision"] - precision) <= fake_ties / len(sample_images) + 1e-12
     assert abs(written["recall"] - recall) <= real_ties / len(ref_kept) + 1e-12
     assert not written["fid_eps_used"]
@@ -232,6 +250,7 @@ def test_evaluate_mode_end_to_end(tmp_path, inception_net_weights):
 
 def test_image_sources_agree(tmp_path):
     from PIL import Image
+
     images = np.random.default_rng(1).integers(0, 256, (5, 9, 7, 3), dtype=np.uint8)
     np.savez_compressed(tmp_path / "x.npz", arr_0=images)
     folder = tmp_path / "png"
@@ -254,6 +273,7 @@ def test_image_sources_agree(tmp_path):
 
 def test_evaluate_mode_names_missing_inputs(tmp_path):
     from sfd_jax.eval.evaluate import run
+
     cfg = _load_eval_config("score")
     with pytest.raises(ValueError, match="config.eval.inception_weights is required"):
         run(cfg, str(tmp_path))

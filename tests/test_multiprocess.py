@@ -6,6 +6,7 @@ They must train exactly like one process with 8 devices (same global batch, same
 one checkpoint and one EMA export between them, and that checkpoint must resume in a single process. Sampling over
 two processes must give the single-process run's images bit for bit.
 """
+
 import json
 import os
 import pathlib
@@ -48,9 +49,17 @@ def run_two_processes(args, workdir, timeout=300):
     cmd = [sys.executable, "-m", "sfd_jax.main", *args, f"--workdir={workdir}"]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", SLURM_JOB_ID=str(job_id), SLURM_NTASKS="2",
-                   SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NODELIST="localhost")
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+            SLURM_JOB_ID=str(job_id),
+            SLURM_NTASKS="2",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_STEP_NODELIST="localhost",
+        )
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = []
     for p in procs:
@@ -68,8 +77,15 @@ def run_two_processes(args, workdir, timeout=300):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("two_processes")
-    outputs = run_two_processes(["--config=configs/sfd.py:tiny", f"--config.train.num_steps={STEPS}",
-                                 "--config.train.log_every=1", "--config.train.ckpt_every=2"], workdir)
+    outputs = run_two_processes(
+        [
+            "--config=configs/sfd.py:tiny",
+            f"--config.train.num_steps={STEPS}",
+            "--config.train.log_every=1",
+            "--config.train.ckpt_every=2",
+        ],
+        workdir,
+    )
     return workdir, outputs
 
 
@@ -132,8 +148,15 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
     dst = tmp_path / "single_then_two"
     shutil.copytree(one_process, dst)
     shutil.rmtree(dst / "ema")
-    outputs = run_two_processes(["--config=configs/sfd.py:tiny", f"--config.train.num_steps={STEPS + 2}",
-                                 "--config.train.log_every=1", "--config.train.ckpt_every=2"], dst)
+    outputs = run_two_processes(
+        [
+            "--config=configs/sfd.py:tiny",
+            f"--config.train.num_steps={STEPS + 2}",
+            "--config.train.log_every=1",
+            "--config.train.ckpt_every=2",
+        ],
+        dst,
+    )
     assert "written by 1 processes, resuming with 2" in outputs[1]
     assert [r["step"] for r in read_metrics(dst) if "loss" in r] == list(range(1, STEPS + 3))
     _assert_same_weights(_ema(dst / "ema"), _ema(continued["single"] / "ema"), 1e-6)
@@ -144,9 +167,17 @@ def test_data_parallel_across_processes_fsdp_inside(one_process, tmp_path):
     network, FSDP inside each process) built by create_hybrid_device_mesh with processes as the DCN units. Same
     losses and EMA weights as FSDP over all 8 devices in one process."""
     workdir = tmp_path / "hybrid"
-    outputs = run_two_processes(["--config=configs/sfd.py:tiny", f"--config.train.num_steps={STEPS}",
-                                 "--config.train.log_every=1", "--config.train.ckpt_every=2",
-                                 "--config.mesh.dcn=(2,1,1)", "--config.mesh.ici=(1,4,1)"], workdir)
+    outputs = run_two_processes(
+        [
+            "--config=configs/sfd.py:tiny",
+            f"--config.train.num_steps={STEPS}",
+            "--config.train.log_every=1",
+            "--config.train.ckpt_every=2",
+            "--config.mesh.dcn=(2,1,1)",
+            "--config.mesh.ici=(1,4,1)",
+        ],
+        workdir,
+    )
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in outputs[0]
     hybrid, single = losses_by_step(workdir), losses_by_step(one_process)
     assert hybrid.keys() == single.keys()
@@ -158,11 +189,21 @@ def test_data_parallel_across_processes_fsdp_inside(one_process, tmp_path):
 def test_two_processes_sample_the_same_images_as_one(assets, sampled, tmp_path):
     """`--mode=sample` over two processes (8 devices, 2 images each per batch): every process generates its share of
     each batch, process 0 writes the chunks and the npz — byte-identical to the single-process run's images."""
-    overrides = {"model": assets.dit_dir, "texture_vae": assets.vae_dir, "latent_stats": assets.stats,
-                 "num_images": N, "per_device_batch": PER_DEVICE, "num_steps": SETTINGS.num_steps, "chunk_size": 16,
-                 "log_every_s": 0.0}
-    outputs = run_two_processes(["--config=configs/sample.py:tiny", "--mode=sample"]
-                                + [f"--config.sample.{k}={v}" for k, v in overrides.items()], tmp_path / "two")
+    overrides = {
+        "model": assets.dit_dir,
+        "texture_vae": assets.vae_dir,
+        "latent_stats": assets.stats,
+        "num_images": N,
+        "per_device_batch": PER_DEVICE,
+        "num_steps": SETTINGS.num_steps,
+        "chunk_size": 16,
+        "log_every_s": 0.0,
+    }
+    outputs = run_two_processes(
+        ["--config=configs/sample.py:tiny", "--mode=sample"]
+        + [f"--config.sample.{k}={v}" for k, v in overrides.items()],
+        tmp_path / "two",
+    )
     assert "process 1 of 2, 4 local / 8 global devices" in outputs[1]
     workdir, summary = sampled
     with np.load(summary["npz"]) as one, np.load(tmp_path / "two" / os.path.basename(summary["npz"])) as two:
@@ -180,14 +221,25 @@ def test_two_processes_score_like_one(assets, sampled, tmp_path):
         ref_images = np.clip(z["arr_0"][:, :, ::-1].astype(np.int32) + 40, 0, 255).astype(np.uint8)
     np.savez(tmp_path / "ref_images.npz", arr_0=ref_images)
     ref = tmp_path / "ref.npz"
-    evaluate.run(eval_config(assets, "build_reference", images=str(tmp_path / "ref_images.npz"),
-                             reference_out=str(ref)), str(tmp_path / "build"))
+    evaluate.run(
+        eval_config(assets, "build_reference", images=str(tmp_path / "ref_images.npz"), reference_out=str(ref)),
+        str(tmp_path / "build"),
+    )
     fields = dict(samples=summary["npz"], ref_batch=str(ref))
     evaluate.run(eval_config(assets, "score", output=str(tmp_path / "one.json"), **fields), str(tmp_path / "one"))
-    cli = dict(inception_weights=assets.inception, input_size=INCEPTION_SIZE, batch_size=N, reference_keep=0,
-               cache_reference=False, output=str(tmp_path / "two.json"), **fields)
-    run_two_processes(["--config=configs/eval.py:score", "--mode=evaluate"]
-                      + [f"--config.eval.{k}={v}" for k, v in cli.items()], tmp_path / "two")
+    cli = dict(
+        inception_weights=assets.inception,
+        input_size=INCEPTION_SIZE,
+        batch_size=N,
+        reference_keep=0,
+        cache_reference=False,
+        output=str(tmp_path / "two.json"),
+        **fields,
+    )
+    run_two_processes(
+        ["--config=configs/eval.py:score", "--mode=evaluate"] + [f"--config.eval.{k}={v}" for k, v in cli.items()],
+        tmp_path / "two",
+    )
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     # (measured: FID 0.122, sFID 0.092, precision 0.0625, recall 0.281 with the random Inception; two processes
     # agree to 2e-7 relative)
@@ -204,15 +256,25 @@ def test_two_processes_extract_the_same_dataset(encoders, folder, reference_run,
     from sfd_jax.convert.semvae import save_semvae
     from sfd_jax.convert.texture_vae import save_texture_vae
     from sfd_jax.data import records
+
     save_texture_vae(tmp_path / "tvae", encoders.texture_vae)
     save_pretrained(encoders.dinov2, tmp_path / "dino")
     save_semvae(tmp_path / "semvae", encoders.semvae)
-    fields = dict(texture_vae=tmp_path / "tvae", dinov2=tmp_path / "dino", semvae=tmp_path / "semvae",
-                  semvae_num_heads=2, num_workers=2, progress=False, **OPTS)
+    fields = dict(
+        texture_vae=tmp_path / "tvae",
+        dinov2=tmp_path / "dino",
+        semvae=tmp_path / "semvae",
+        semvae_num_heads=2,
+        num_workers=2,
+        progress=False,
+        **OPTS,
+    )
     out = tmp_path / "two"
-    outputs = run_two_processes(["--config=configs/extract.py:folder", "--mode=extract",
-                                 f"--config.extract.source.path={folder}"]
-                                + [f"--config.extract.{k}={v}" for k, v in fields.items()], out)
+    outputs = run_two_processes(
+        ["--config=configs/extract.py:folder", "--mode=extract", f"--config.extract.source.path={folder}"]
+        + [f"--config.extract.{k}={v}" for k, v in fields.items()],
+        out,
+    )
     assert "process 1 of 2" in outputs[1]
     ref_dir, _ = reference_run
     for name in [records.shard_name("latents", s, 4) for s in range(4)]:

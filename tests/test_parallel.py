@@ -13,7 +13,6 @@ from sfd_jax.train import loop
 from sfd_jax.train.build import build
 
 
-
 def tiny_config(**mesh):
     c = load_config("configs/sfd.py:tiny")
     c.mesh.update(mesh)

@@ -1,4 +1,5 @@
 """The Grain latent reader: sharding, flips, normalisation, resumable state, refusals."""
+
 import json
 import os
 import shutil
@@ -18,9 +19,11 @@ SEM_MEAN, SEM_STD = np.array([0.25, 3.0]), np.array([1.5, 8.0])
 def fields_of(index: int, flip: bool) -> dict:
     """Record contents that encode (index, flip) in every field, exactly representable in fp16/fp32."""
     f = 0.5 if flip else 0.0
-    return {"texture": np.full(LAYOUT.texture_shape, index * 4 + f) + np.arange(3) * 0.25,
-            "semantic": np.full(LAYOUT.semantic_shape, -index * 4 - f) + np.arange(2) * 0.125,
-            "dino": np.full(LAYOUT.dino_shape, index + f)}
+    return {
+        "texture": np.full(LAYOUT.texture_shape, index * 4 + f) + np.arange(3) * 0.25,
+        "semantic": np.full(LAYOUT.semantic_shape, -index * 4 - f) + np.arange(2) * 0.125,
+        "dino": np.full(LAYOUT.dino_shape, index + f),
+    }
 
 
 def write_dataset(directory, n=N, shard_sizes=(10, 10, 12, 10), stats=True):
@@ -40,12 +43,18 @@ def write_dataset(directory, n=N, shard_sizes=(10, 10, 12, 10), stats=True):
         records.write_json_atomic(os.path.join(directory, name + ".json"), {"num_records": size})
         start += size
     assert start == n
-    records.write_json_atomic(os.path.join(directory, "dataset.json"),
-                              {"format": records.FORMAT, "layout": LAYOUT.to_json(), "shards": names})
+    records.write_json_atomic(
+        os.path.join(directory, "dataset.json"), {"format": records.FORMAT, "layout": LAYOUT.to_json(), "shards": names}
+    )
     if stats:
-        records.write_json_atomic(os.path.join(directory, "stats.json"), {
-            "format": records.STATS_FORMAT, "texture": {"mean": TEX_MEAN.tolist(), "std": TEX_STD.tolist()},
-            "semantic": {"mean": SEM_MEAN.tolist(), "std": SEM_STD.tolist()}})
+        records.write_json_atomic(
+            os.path.join(directory, "stats.json"),
+            {
+                "format": records.STATS_FORMAT,
+                "texture": {"mean": TEX_MEAN.tolist(), "std": TEX_STD.tolist()},
+                "semantic": {"mean": SEM_MEAN.tolist(), "std": SEM_STD.tolist()},
+            },
+        )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,9 @@ def take(it, k):
 def test_two_processes_disjoint_and_covering(dataset):
     seen = []
     for pi in range(2):
-        it = pipeline.make_iterator(cfg(dataset), batch_size=3, process_index=pi, process_count=2, seed=5,
-                                    with_meta=True)
+        it = pipeline.make_iterator(
+            cfg(dataset), batch_size=3, process_index=pi, process_count=2, seed=5, with_meta=True
+        )
         seen.append(np.concatenate([b["index"] for b in take(it, 7)]))  # 21 records = one epoch per process
     assert len(set(seen[0])) == 21 and len(set(seen[1])) == 21
     assert not set(seen[0]) & set(seen[1])
@@ -76,8 +86,9 @@ def test_two_processes_disjoint_and_covering(dataset):
 
 
 def test_batch_contents_flip_consistency_and_normalisation(dataset):
-    it = pipeline.make_iterator(cfg(dataset, latent_multiplier=0.5), batch_size=6, process_index=0,
-                                process_count=1, seed=1, with_meta=True)
+    it = pipeline.make_iterator(
+        cfg(dataset, latent_multiplier=0.5), batch_size=6, process_index=0, process_count=1, seed=1, with_meta=True
+    )
     batches = take(it, 7)  # one full epoch
     b = batches[0]
     assert b["x1"].shape == (6, 2, 2, 5) and b["x1"].dtype == np.float32
@@ -99,8 +110,9 @@ def test_batch_contents_flip_consistency_and_normalisation(dataset):
 
 
 def test_no_flip_option(dataset):
-    it = pipeline.make_iterator(cfg(dataset, random_flip=False), batch_size=7, process_index=0, process_count=1,
-                                seed=1, with_meta=True)
+    it = pipeline.make_iterator(
+        cfg(dataset, random_flip=False), batch_size=7, process_index=0, process_count=1, seed=1, with_meta=True
+    )
     assert not any(b["flip"].any() for b in take(it, 3))
 
 
@@ -123,10 +135,15 @@ def test_state_roundtrip_continues_exact_order(dataset):
 def test_global_batches_do_not_depend_on_process_count(dataset):
     """Same global batch (12): 2 processes × 6 or 3 processes × 4 or 1 × 12 give the same samples and flips, and a
     state saved with 2 processes restores onto 3."""
+
     def global_batches(pc, steps, state=None):
         out = []
-        its = [pipeline.make_iterator(cfg(dataset), batch_size=12 // pc, process_index=p, process_count=pc, seed=7,
-                                      with_meta=True) for p in range(pc)]
+        its = [
+            pipeline.make_iterator(
+                cfg(dataset), batch_size=12 // pc, process_index=p, process_count=pc, seed=7, with_meta=True
+            )
+            for p in range(pc)
+        ]
         if state is not None:
             for it in its:
                 it.set_state(state)
@@ -144,12 +161,10 @@ def test_global_batches_do_not_depend_on_process_count(dataset):
 
 
 def test_epochs_reshuffle_and_seeds_differ(dataset):
-    it = pipeline.make_iterator(cfg(dataset), batch_size=6, process_index=0, process_count=1, seed=0,
-                                with_meta=True)
+    it = pipeline.make_iterator(cfg(dataset), batch_size=6, process_index=0, process_count=1, seed=0, with_meta=True)
     epochs = [np.concatenate([b["index"] for b in take(it, 7)]) for _ in range(2)]
     assert sorted(epochs[1]) == list(range(N)) and not np.array_equal(epochs[0], epochs[1])
-    it2 = pipeline.make_iterator(cfg(dataset), batch_size=6, process_index=0, process_count=1, seed=9,
-                                 with_meta=True)
+    it2 = pipeline.make_iterator(cfg(dataset), batch_size=6, process_index=0, process_count=1, seed=9, with_meta=True)
     assert not np.array_equal(next(it2)["index"], epochs[0][:6])
 
 
@@ -158,9 +173,14 @@ def test_refuses_missing_or_mismatched_stats(tmp_path):
     write_dataset(d, stats=False)
     with pytest.raises(FileNotFoundError, match="stats.json"):
         pipeline.make_iterator(cfg(d), batch_size=2, process_index=0, process_count=1, seed=0)
-    records.write_json_atomic(os.path.join(d, "stats.json"), {
-        "format": records.STATS_FORMAT, "texture": {"mean": [0.0] * 4, "std": [1.0] * 4},
-        "semantic": {"mean": SEM_MEAN.tolist(), "std": SEM_STD.tolist()}})
+    records.write_json_atomic(
+        os.path.join(d, "stats.json"),
+        {
+            "format": records.STATS_FORMAT,
+            "texture": {"mean": [0.0] * 4, "std": [1.0] * 4},
+            "semantic": {"mean": SEM_MEAN.tolist(), "std": SEM_STD.tolist()},
+        },
+    )
     with pytest.raises(ValueError, match=r"texture.mean has shape \(4,\).*\(2, 2, 3\)"):
         pipeline.make_iterator(cfg(d), batch_size=2, process_index=0, process_count=1, seed=0)
 
@@ -236,17 +256,33 @@ def test_train_mode_on_extracted_latents(tmp_path):
         (tmp_path / "img" / f"c{k % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (36, 32, 3), np.uint8)).save(tmp_path / "img" / f"c{k % 3}" / f"{k}.png")
     # The DiT's data format: 16×16 grid, 32 texture + 16 semantic channels, 256 REPA tokens of width 768.
-    tex_cfg = TextureVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
-                               z_channels=32, embed_dim=32, num_groups=4)
-    dino_cfg = Dinov2Config(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1,
-                            image_size=56, num_register_tokens=1)
+    tex_cfg = TextureVAEConfig(
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        resolution=32,
+        z_channels=32,
+        embed_dim=32,
+        num_groups=4,
+    )
+    dino_cfg = Dinov2Config(
+        hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1, image_size=56, num_register_tokens=1
+    )
     sem_cfg = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_heads=2, num_blocks=1)
-    encoders = Encoders(numpy_init(lambda: TextureVAE(tex_cfg, rngs=nnx.Rngs(0)), 0),
-                        numpy_init(lambda: Dinov2(dino_cfg, rngs=nnx.Rngs(0)), 1),
-                        numpy_init(lambda: SemVAE(sem_cfg, rngs=nnx.Rngs(0)), 2))
+    encoders = Encoders(
+        numpy_init(lambda: TextureVAE(tex_cfg, rngs=nnx.Rngs(0)), 0),
+        numpy_init(lambda: Dinov2(dino_cfg, rngs=nnx.Rngs(0)), 1),
+        numpy_init(lambda: SemVAE(sem_cfg, rngs=nnx.Rngs(0)), 2),
+    )
     data_dir = str(tmp_path / "latents")
-    extract(ImageFolderSource(str(tmp_path / "img")), data_dir, encoders,
-            ExtractOptions(image_size=32, dino_size=224, batch_size_per_device=1, shard_size=8), progress=False)
+    extract(
+        ImageFolderSource(str(tmp_path / "img")),
+        data_dir,
+        encoders,
+        ExtractOptions(image_size=32, dino_size=224, batch_size_per_device=1, shard_size=8),
+        progress=False,
+    )
 
     config = load_config("sfd.py", "tiny")
     config.data.update(source="arrayrecord", path=data_dir, read_threads=2, prefetch_batches=2)
@@ -265,13 +301,15 @@ def _reference_files(directory, sizes=(5, 3), seed=0, drop=None):
     os.makedirs(directory, exist_ok=True)
     out = []
     for r, n in enumerate(sizes):
-        arrays = {"latents": rng.normal(size=(n, 32, 4, 4)).astype(np.float32),
-                  "latents_flip": rng.normal(size=(n, 32, 4, 4)).astype(np.float32),
-                  "latents_sv": rng.normal(2.0, 3.0, size=(n, 16, 4, 4)).astype(np.float32),
-                  "latents_sv_flip": rng.normal(size=(n, 16, 4, 4)).astype(np.float32),
-                  "feats_dino": rng.normal(size=(n, 24, 4, 4)).astype(np.float16),
-                  "feats_dino_flip": rng.normal(size=(n, 24, 4, 4)).astype(np.float16),
-                  "labels": rng.integers(0, 1000, n).astype(np.int64)}
+        arrays = {
+            "latents": rng.normal(size=(n, 32, 4, 4)).astype(np.float32),
+            "latents_flip": rng.normal(size=(n, 32, 4, 4)).astype(np.float32),
+            "latents_sv": rng.normal(2.0, 3.0, size=(n, 16, 4, 4)).astype(np.float32),
+            "latents_sv_flip": rng.normal(size=(n, 16, 4, 4)).astype(np.float32),
+            "feats_dino": rng.normal(size=(n, 24, 4, 4)).astype(np.float16),
+            "feats_dino_flip": rng.normal(size=(n, 24, 4, 4)).astype(np.float16),
+            "labels": rng.integers(0, 1000, n).astype(np.int64),
+        }
         if drop:
             arrays.pop(drop)
         save_file(arrays, os.path.join(directory, f"latents_rank{r:02d}_shard000.safetensors"))
@@ -300,13 +338,17 @@ def test_reference_latents_conversion(tmp_path):
         np.testing.assert_array_equal(r["dino_flip"].reshape(4, 4, 24), allref["feats_dino_flip"][i].transpose(1, 2, 0))
     chosen = records.stats_selection(8, 6, 1)
     sem = allref["latents_sv"][chosen].transpose(0, 2, 3, 1).reshape(-1, 16).astype(np.float64)
-    assert_close(stats["semantic"]["std"], sem.std(0, ddof=1), len(sem) * np.finfo(np.float64).eps, scale=np.abs(sem).max())
-    it = pipeline.make_iterator(cfg(dst, random_flip=False), batch_size=4, process_index=0, process_count=1,
-                                seed=0, with_meta=True)
+    assert_close(
+        stats["semantic"]["std"], sem.std(0, ddof=1), len(sem) * np.finfo(np.float64).eps, scale=np.abs(sem).max()
+    )
+    it = pipeline.make_iterator(
+        cfg(dst, random_flip=False), batch_size=4, process_index=0, process_count=1, seed=0, with_meta=True
+    )
     b = next(it)
     i = int(b["index"][0])
-    tex = (allref["latents"][i].transpose(1, 2, 0) - np.asarray(stats["texture"]["mean"])) / \
-        np.asarray(stats["texture"]["std"])
+    tex = (allref["latents"][i].transpose(1, 2, 0) - np.asarray(stats["texture"]["mean"])) / np.asarray(
+        stats["texture"]["std"]
+    )
     assert_close(b["x1"][0, ..., :32], tex, 1e-6)  # float32 normalisation; measured 9e-8
     # Converting again keeps the finished shards.
     before = os.stat(paths[0]).st_mtime_ns
@@ -322,13 +364,16 @@ def test_reference_latents_uses_reference_stats(tmp_path):
     _reference_files(src, sizes=(4,))
     mean_t, std_t = torch.linspace(-1, 1, 32).reshape(1, 32, 1, 1), torch.linspace(1, 2, 32).reshape(1, 32, 1, 1)
     torch.save({"mean": mean_t, "std": std_t}, os.path.join(src, "latents_stats.pt"))
-    torch.save({"mean": torch.zeros(1, 16, 1, 1), "std": torch.full((1, 16, 1, 1), 3.0)},
-               os.path.join(src, "latents_sv_stats.pt"))
+    torch.save(
+        {"mean": torch.zeros(1, 16, 1, 1), "std": torch.full((1, 16, 1, 1), 3.0)},
+        os.path.join(src, "latents_sv_stats.pt"),
+    )
     stats = reference_latents.convert(src, str(tmp_path / "out"))
     assert_close(stats["texture"]["mean"], mean_t.flatten().numpy(), np.finfo(np.float32).eps)  # float32 values kept
     assert stats["semantic"]["std"] == [3.0] * 16
-    torch.save({"mean": torch.zeros(1, 8, 1, 1), "std": torch.ones(1, 8, 1, 1)},
-               os.path.join(src, "latents_sv_stats.pt"))
+    torch.save(
+        {"mean": torch.zeros(1, 8, 1, 1), "std": torch.ones(1, 8, 1, 1)}, os.path.join(src, "latents_sv_stats.pt")
+    )
     with pytest.raises(ValueError, match="latents_sv_stats.pt: mean has 8 entries.*16 channels"):
         reference_latents.convert(src, str(tmp_path / "out2"))
 

@@ -1,6 +1,7 @@
 """SIGTERM in the middle of --mode=extract and --mode=sample: progress is saved, the run returns normally (exit 0
 from the CLI), and rerunning the same call gives exactly what an uninterrupted run gives. (--mode=train: see
 test_train.py.) The signal is sent by the process to itself from inside the loop, at a chosen point."""
+
 import os
 import pathlib
 import signal
@@ -35,13 +36,18 @@ class SignallingSource:
         return self.source.describe()
 
 
-def test_extract_sigterm_finishes_the_shard_and_resumes_to_the_same_dataset(folder, encoders,  # noqa: F811
-                                                                           reference_run, tmp_path):  # noqa: F811
+def test_extract_sigterm_finishes_the_shard_and_resumes_to_the_same_dataset(
+    folder,
+    encoders,  # noqa: F811
+    reference_run,
+    tmp_path,
+):  # noqa: F811
     out = str(tmp_path / "latents")
     source = ImageFolderSource(folder)
     with Preemption(sync=False) as preemption:  # the handler `--mode=extract` installs
-        first = extract(SignallingSource(source, at=5), out, encoders, ExtractOptions(**OPTS), progress=False,
-                        preemption=preemption)
+        first = extract(
+            SignallingSource(source, at=5), out, encoders, ExtractOptions(**OPTS), progress=False, preemption=preemption
+        )
     assert first["preempted"] and not first["complete"] and first["shards_written"] == 2  # shard 1 holds image 5
     done = sorted(n for n in os.listdir(out) if n.endswith(".array_record"))
     assert len(done) == 2 and not os.path.exists(os.path.join(out, "stats.json"))
@@ -53,12 +59,18 @@ def test_extract_sigterm_finishes_the_shard_and_resumes_to_the_same_dataset(fold
     for ra, rb in zip(a, b, strict=True):
         for key in ra:
             np.testing.assert_array_equal(ra[key], rb[key])
-    assert records.read_json(os.path.join(out, "stats.json"), "s")["texture"] == \
-        records.read_json(os.path.join(ref_dir, "stats.json"), "s")["texture"]
+    assert (
+        records.read_json(os.path.join(out, "stats.json"), "s")["texture"]
+        == records.read_json(os.path.join(ref_dir, "stats.json"), "s")["texture"]
+    )
 
 
-def test_sample_sigterm_saves_finished_images_and_resumes_to_the_same_npz(assets, sampled, tmp_path,  # noqa: F811
-                                                                          monkeypatch):
+def test_sample_sigterm_saves_finished_images_and_resumes_to_the_same_npz(
+    assets,
+    sampled,
+    tmp_path,  # noqa: F811
+    monkeypatch,
+):
     _, first = sampled
     real_write = sample.write_chunk
 
@@ -80,8 +92,12 @@ def test_sample_sigterm_saves_finished_images_and_resumes_to_the_same_npz(assets
     assert pathlib.Path(resumed["npz"]).read_bytes() == pathlib.Path(first["npz"]).read_bytes()
 
 
-def test_evaluate_sigterm_saves_sample_features_and_resumes_to_the_same_scores(assets, sampled, tmp_path,  # noqa: F811
-                                                                               monkeypatch):
+def test_evaluate_sigterm_saves_sample_features_and_resumes_to_the_same_scores(
+    assets,
+    sampled,
+    tmp_path,  # noqa: F811
+    monkeypatch,
+):
     from test_sample import eval_config as base_config
 
     def eval_config(*args, batch_size, cache_reference=False, **fields):
@@ -94,12 +110,16 @@ def test_evaluate_sigterm_saves_sample_features_and_resumes_to_the_same_scores(a
 
     _, first = sampled
     ref = str(tmp_path / "ref.npz")
-    evaluate.run(eval_config(assets, "build_reference", images=first["npz"], reference_out=ref, batch_size=8),
-                 str(tmp_path / "build"))
+    evaluate.run(
+        eval_config(assets, "build_reference", images=first["npz"], reference_out=ref, batch_size=8),
+        str(tmp_path / "build"),
+    )
 
     def scored(workdir):
-        return evaluate.run(eval_config(assets, "score", samples=first["npz"], ref_batch=ref, batch_size=8,
-                                        cache_reference=True), str(workdir))
+        return evaluate.run(
+            eval_config(assets, "score", samples=first["npz"], ref_batch=ref, batch_size=8, cache_reference=True),
+            str(workdir),
+        )
 
     straight = scored(tmp_path / "straight")
     real_rows, calls = InceptionExtractor._local_rows, []
@@ -114,7 +134,9 @@ def test_evaluate_sigterm_saves_sample_features_and_resumes_to_the_same_scores(a
     assert scored(tmp_path / "stopped") == {"preempted": True}
     monkeypatch.setattr(InceptionExtractor, "_local_rows", real_rows)
     progress = [d for d in os.listdir(tmp_path / "stopped" / "cache") if d.startswith("sample_features_")]
-    assert len(progress) == 1 and os.listdir(tmp_path / "stopped" / "cache" / progress[0]) == ["000000000-000000032.npz"]
+    assert len(progress) == 1 and os.listdir(tmp_path / "stopped" / "cache" / progress[0]) == [
+        "000000000-000000032.npz"
+    ]
     calls.clear()
     monkeypatch.setattr(InceptionExtractor, "_local_rows", lambda self, *a: calls.append(a[1]) or real_rows(self, *a))
     resumed = scored(tmp_path / "stopped")

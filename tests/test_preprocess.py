@@ -1,17 +1,18 @@
 """Preprocessing parity with the reference (tests/golden/eval/preprocess.npz, see tests/golden/README.md)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import EVAL, assert_close, load_golden
+from sfd_jax.data import preprocess as P
 
 # max |Δ| ≤ REL · max |reference|. DINOv2 / SemVAE inputs (ImageNet-normalised, max ≈ 2.6-3): we measure ≤ 8.9e-7 of
 # that scale; torch's own float32 resize rounds its source coordinates, which float64 coordinates miss by 6e-5.
 REL = 4e-6
 # torch's plain bicubic on a [-1, 1) image (outputs up to 1.3): measured ≤ 1.2e-6 of scale.
 REL_BICUBIC = 5e-6
-from sfd_jax.data import preprocess as P
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +77,15 @@ def test_float64_coordinates_would_fail_the_golden(golden):
     base = np.floor(src)
     t = src - base
     a = -0.75
-    w = np.stack([((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-                  ((a + 2) * t - (a + 3)) * t * t + 1,
-                  ((a + 2) * (1 - t) - (a + 3)) * (1 - t) ** 2 + 1,
-                  ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a], -1)
+    w = np.stack(
+        [
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) ** 2 + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        ],
+        -1,
+    )
     taps = np.clip(base[:, None].astype(int) + np.arange(-1, 3), 0, 255)
     m = np.zeros((224, 256))
     np.add.at(m, (np.repeat(np.arange(224), 4), taps.ravel()), w.ravel())

@@ -1,6 +1,7 @@
 """The paper's recipes as configs: guide checkpoints a sampling row needs survive training, the PCA ablation trains
 on PCA-extracted latents with the reference's channel layout and normalisation, and every paper row has a
 training variant and a sampling variant that go together."""
+
 import importlib.util
 import json
 import os
@@ -42,15 +43,21 @@ def shrink_to_tiny(c, num_steps):
 # ---------------------------------------------------------------------------------------------------------------
 def test_guide_steps_of_every_sampling_row_survive_a_shortened_guide_run(tmp_path):
     full = sfd_configs.get_config("guide_b")
-    used = {int(sample_configs.get_config(v).sample.guide_step) for v in sample_configs.VARIANTS
-            if sample_configs.get_config(v).sample.guidance == "autoguidance"}
+    used = {
+        int(sample_configs.get_config(v).sample.guide_step)
+        for v in sample_configs.VARIANTS
+        if sample_configs.get_config(v).sample.guidance == "autoguidance"
+    }
     assert used == {60_000, 70_000, 120_000}
     assert used <= set(full.train.keep_steps) and max(used) <= full.train.num_steps
     # The same run scaled down 10,000×: saves every step, keeps the newest 3 and every 2nd, like 10K / 20K.
     scale = 10_000
     c = shrink_to_tiny(sfd_configs.get_config("guide_b"), full.train.num_steps // scale)
-    c.train.update(ckpt_every=full.train.ckpt_every // scale, keep_every=full.train.keep_every // scale,
-                   keep_steps=tuple(s // scale for s in full.train.keep_steps))
+    c.train.update(
+        ckpt_every=full.train.ckpt_every // scale,
+        keep_every=full.train.keep_every // scale,
+        keep_steps=tuple(s // scale for s in full.train.keep_steps),
+    )
     loop.run(c, str(tmp_path))
     steps = Checkpoints(str(tmp_path)).all_steps()
     for step in sorted(used):
@@ -95,16 +102,40 @@ def pca_dataset(tmp_path_factory):
     for i in range(20):
         (root / f"c{i % 4}").mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / f"c{i % 4}" / f"{i}.png")
-    tex = TextureVAEConfig(ch=8, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(), resolution=64,
-                           z_channels=32, embed_dim=32, num_groups=4)
-    dino = Dinov2Config(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, image_size=224,
-                        num_register_tokens=4)
-    encoders = Encoders(numpy_init(lambda: TextureVAE(tex, rngs=nnx.Rngs(0)), 0),
-                        numpy_init(lambda: Dinov2(dino, rngs=nnx.Rngs(0)), 1))
+    tex = TextureVAEConfig(
+        ch=8,
+        ch_mult=(1, 1, 1),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        resolution=64,
+        z_channels=32,
+        embed_dim=32,
+        num_groups=4,
+    )
+    dino = Dinov2Config(
+        hidden_size=768, num_hidden_layers=1, num_attention_heads=12, image_size=224, num_register_tokens=4
+    )
+    encoders = Encoders(
+        numpy_init(lambda: TextureVAE(tex, rngs=nnx.Rngs(0)), 0), numpy_init(lambda: Dinov2(dino, rngs=nnx.Rngs(0)), 1)
+    )
     out = str(tmp_path_factory.mktemp("pca_latents"))
-    extract(ImageFolderSource(str(root)), out, encoders,
-            ExtractOptions(image_size=64, dino_size=224, batch_size_per_device=1, shard_size=10, stats_images=20,
-                           seed=0, semantic="pca", pca_components=8, pca_fit_images=10), progress=False)
+    extract(
+        ImageFolderSource(str(root)),
+        out,
+        encoders,
+        ExtractOptions(
+            image_size=64,
+            dino_size=224,
+            batch_size_per_device=1,
+            shard_size=10,
+            stats_images=20,
+            seed=0,
+            semantic="pca",
+            pca_components=8,
+            pca_fit_images=10,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -127,8 +158,9 @@ def test_ablate_pca_trains_on_pca_latents_with_the_reference_layout(pca_dataset,
     for row, (index, flip) in enumerate(zip(batch["index"], batch["flip"])):
         rec = images[int(index)]
         suffix = "_flip" if flip else ""
-        np.testing.assert_allclose(batch["x1"][row, ..., :32], (rec["texture" + suffix] - mean) / std,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            batch["x1"][row, ..., :32], (rec["texture" + suffix] - mean) / std, rtol=1e-5, atol=1e-5
+        )
         np.testing.assert_array_equal(batch["x1"][row, ..., 32:], rec["semantic" + suffix])
     # The PCA channels are far from standardised, so normalising them would be visible above.
     sem_std = np.asarray(stats["semantic"]["std"])
@@ -153,8 +185,11 @@ def test_semvae_sized_data_is_refused_by_a_pca_model(pca_dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_paper_row_pairs_a_training_and_a_sampling_variant():
     doc = (REPO / "docs" / "training.md").read_text()
-    rows = [line for line in doc.splitlines()
-            if line.startswith("| ") and "configs/sfd.py:" in line and "configs/sample.py:" in line]
+    rows = [
+        line
+        for line in doc.splitlines()
+        if line.startswith("| ") and "configs/sfd.py:" in line and "configs/sample.py:" in line
+    ]
     assert len(rows) == 14
     for line in rows:
         cells = [cell.strip() for cell in line.strip("|").split("|")]

@@ -6,6 +6,7 @@ eagerly. The tests share one compiled generation program per mesh (Euler, 6 step
 with AutoGuidance) and one random FID Inception at 75×75 input. Run with OPENBLAS_NUM_THREADS=1 on a busy machine:
 the two 2048×2048 FID eigendecompositions are ~10× slower with contended OpenBLAS threads.
 """
+
 import json
 import os
 import pathlib
@@ -31,14 +32,22 @@ from sfd_jax.models.inception import InceptionV3
 from sfd_jax.models.lightningdit import DiTConfig, fixed_tables
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 
-N = 64                      # images of the sampling run
+N = 64  # images of the sampling run
 NUM_CLASSES = 10
 SETTINGS = SamplerSettings(solver="euler", num_steps=6)
 PER_DEVICE = 2
 DIT_CFG = DiTConfig.from_size("tiny", input_size=8, num_classes=NUM_CLASSES)
-VAE_CFG = TextureVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
-                           z_channels=32, embed_dim=32, num_groups=4)
-INCEPTION_SIZE = 75         # smallest input the network accepts: cheap on CPU, same code path as 299
+VAE_CFG = TextureVAEConfig(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=16,
+    z_channels=32,
+    embed_dim=32,
+    num_groups=4,
+)
+INCEPTION_SIZE = 75  # smallest input the network accepts: cheap on CPU, same code path as 299
 
 
 # ----------------------------------------------------------------------------------------------- tiny models
@@ -61,8 +70,10 @@ def random_dit(seed: int):
 def random_module(abstract: nnx.Module, seed: int, fill) -> nnx.Module:
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
-    flat = [(path, var.replace(np.asarray(fill(path, var.shape, rng), np.float32)))
-            for path, var in nnx.to_flat_state(state)]
+    flat = [
+        (path, var.replace(np.asarray(fill(path, var.shape, rng), np.float32)))
+        for path, var in nnx.to_flat_state(state)
+    ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -104,23 +115,41 @@ def assets(tmp_path_factory):
     vae = random_module(nnx.eval_shape(lambda: TextureVAE(VAE_CFG, rngs=nnx.Rngs(0))), 1, _vae_fill)
     rng = np.random.default_rng(2)
     mean, std = 0.1 * rng.standard_normal(32), 1.0 + 0.2 * rng.random(32)
-    stats = {"format": records.STATS_FORMAT, "texture": {"mean": mean.tolist(), "std": std.tolist(), "channels": 32},
-             "semantic": {"mean": [0.0] * 16, "std": [1.0] * 16, "channels": 16}}
+    stats = {
+        "format": records.STATS_FORMAT,
+        "texture": {"mean": mean.tolist(), "std": std.tolist(), "channels": 32},
+        "semantic": {"mean": [0.0] * 16, "std": [1.0] * 16, "channels": 16},
+    }
     (root / "stats.json").write_text(json.dumps(stats))
     save_dit(root / "dit", DIT_CFG, model)
     save_texture_vae(root / "vae", vae)
     inception = random_module(InceptionV3(), 3, _inception_fill)
     np.savez(root / "inception.npz", **export_inception(inception))
     decoder = TextureDecoder(vae, mean, std)
-    return types.SimpleNamespace(root=root, model=model, vae=vae, decoder=decoder,
-                                 stats=str(root / "stats.json"), dit_dir=str(root / "dit"), vae_dir=str(root / "vae"),
-                                 inception=str(root / "inception.npz"))
+    return types.SimpleNamespace(
+        root=root,
+        model=model,
+        vae=vae,
+        decoder=decoder,
+        stats=str(root / "stats.json"),
+        dit_dir=str(root / "dit"),
+        vae_dir=str(root / "vae"),
+        inception=str(root / "inception.npz"),
+    )
 
 
 def sample_config(assets, **overrides):
     c = load_config("sample", "tiny")
-    c.sample.update(model=assets.dit_dir, texture_vae=assets.vae_dir, latent_stats=assets.stats, num_images=N,
-                    per_device_batch=PER_DEVICE, num_steps=SETTINGS.num_steps, chunk_size=16, log_every_s=0.0)
+    c.sample.update(
+        model=assets.dit_dir,
+        texture_vae=assets.vae_dir,
+        latent_stats=assets.stats,
+        num_images=N,
+        per_device_batch=PER_DEVICE,
+        num_steps=SETTINGS.num_steps,
+        chunk_size=16,
+        log_every_s=0.0,
+    )
     c.sample.update(overrides)
     return c
 
@@ -128,17 +157,20 @@ def sample_config(assets, **overrides):
 # --------------------------------------------------------------------------------------------------- labels
 def test_class_labels():
     # The reference's balanced labels: image g of 50,000 has label g // 50.
-    np.testing.assert_array_equal(class_labels(np.arange(50_000), num_images=50_000, num_classes=1000),
-                                  np.repeat(np.arange(1000), 50))
+    np.testing.assert_array_equal(
+        class_labels(np.arange(50_000), num_images=50_000, num_classes=1000), np.repeat(np.arange(1000), 50)
+    )
     counts = np.bincount(class_labels(np.arange(1003), num_images=1003, num_classes=10), minlength=10)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 1003
     rand = class_labels(np.arange(5000), num_images=5000, num_classes=10, mode="random", seed=3)
     assert set(np.unique(rand)) == set(range(10))
     # a random label depends on (seed, index) only
-    np.testing.assert_array_equal(rand[[7, 4000]], class_labels([7, 4000], num_images=4001, num_classes=10,
-                                                                mode="random", seed=3))
-    assert not np.array_equal(rand, class_labels(np.arange(5000), num_images=5000, num_classes=10, mode="random",
-                                                 seed=4))
+    np.testing.assert_array_equal(
+        rand[[7, 4000]], class_labels([7, 4000], num_images=4001, num_classes=10, mode="random", seed=3)
+    )
+    assert not np.array_equal(
+        rand, class_labels(np.arange(5000), num_images=5000, num_classes=10, mode="random", seed=4)
+    )
     assert set(class_labels(np.arange(9), num_images=9, num_classes=10, mode="unconditional")) == {10}
     with pytest.raises(ValueError, match="labels mode"):
         class_labels([0], num_images=1, num_classes=10, mode="balance")
@@ -153,12 +185,12 @@ def test_same_images_on_1_and_8_devices(assets):
     before = generator.trace_count()
     one = ImageGenerator(assets.decoder, settings=SETTINGS, mesh=mesh_of(1), per_device_batch=PER_DEVICE)
     eight = ImageGenerator(assets.decoder, settings=SETTINGS, mesh=mesh_of(8), per_device_batch=PER_DEVICE)
-    images_1, stats_1 = one(assets.model, indices, labels)          # 8 batches of 2 on one device
-    images_8, stats_8 = eight(assets.model, indices, labels)        # 1 batch of 16 over 8 devices
-    assert generator.trace_count() - before == 2                    # one program per mesh, reused across batches
+    images_1, stats_1 = one(assets.model, indices, labels)  # 8 batches of 2 on one device
+    images_8, stats_8 = eight(assets.model, indices, labels)  # 1 batch of 16 over 8 devices
+    assert generator.trace_count() - before == 2  # one program per mesh, reused across batches
     assert len(stats_1) == 8 and len(stats_8) == 1 and stats_8[0].nfe == SETTINGS.num_steps
     chex.assert_shape(images_8, (16, 16, 16, 3))
-    assert images_8.dtype == np.uint8 and images_8.std() > 10       # a real picture, not a constant
+    assert images_8.dtype == np.uint8 and images_8.std() > 10  # a real picture, not a constant
     assert len({im.tobytes() for im in images_8}) == 16
     np.testing.assert_array_equal(images_1, images_8)
     # other batch partners (reversed order, padded last batch) leave every image unchanged
@@ -171,6 +203,7 @@ def test_autoguidance_reaches_the_guide(assets):
     # out = g + w·(main − g): with w = 0 the images are the guide's own (same labels, same noise), up to the float
     # rounding of a differently fused program.
     from sfd_jax.diffusion.guidance import AutoGuidance
+
     indices = np.arange(0, N, 4)
     labels = class_labels(indices, num_images=N, num_classes=NUM_CLASSES)
     guide = random_dit(7)
@@ -180,7 +213,7 @@ def test_autoguidance_reaches_the_guide(assets):
     main, _ = gen(assets.model, indices, labels)
     diff = np.abs(guided.astype(int) - own)
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
-    assert np.mean(np.abs(guided.astype(int) - main)) > 1   # the main model alone: ~5 levels away
+    assert np.mean(np.abs(guided.astype(int) - main)) > 1  # the main model alone: ~5 levels away
 
 
 # ------------------------------------------------------------------------------------- the --mode=sample run
@@ -254,8 +287,14 @@ def test_bad_sample_config(assets, tmp_path):
 # ---------------------------------------------------------------------------- end to end: npz → metrics JSON
 def eval_config(assets, task: str, **fields):
     c = load_config("eval", task)
-    c.eval.update(inception_weights=assets.inception, input_size=INCEPTION_SIZE, batch_size=N,
-                  reference_keep=0, cache_reference=False, **fields)
+    c.eval.update(
+        inception_weights=assets.inception,
+        input_size=INCEPTION_SIZE,
+        batch_size=N,
+        reference_keep=0,
+        cache_reference=False,
+        **fields,
+    )
     return c
 
 
@@ -266,13 +305,17 @@ def test_end_to_end_metrics_json(assets, sampled, tmp_path):
     own = np.concatenate([np.load(p) for _, _, p in sample.scan_chunks(str(workdir / "chunks"), N)])
     np.savez(tmp_path / "own.npz", arr_0=own)
     ref = tmp_path / "ref_own.npz"
-    evaluate.run(eval_config(assets, "build_reference", images=str(tmp_path / "own.npz"), reference_out=str(ref)),
-                 str(tmp_path / "build"))
+    evaluate.run(
+        eval_config(assets, "build_reference", images=str(tmp_path / "own.npz"), reference_out=str(ref)),
+        str(tmp_path / "build"),
+    )
     with np.load(ref) as z:
         assert z["arr_0"].shape == (N, 16, 16, 3) and np.trace(z["sigma"]) > 0 and np.trace(z["sigma_s"]) > 0
     out = tmp_path / "score.json"
-    evaluate.run(eval_config(assets, "score", samples=summary["npz"], ref_batch=str(ref), output=str(out)),
-                 str(tmp_path / "score"))
+    evaluate.run(
+        eval_config(assets, "score", samples=summary["npz"], ref_batch=str(ref), output=str(out)),
+        str(tmp_path / "score"),
+    )
     result = json.loads(out.read_text())
     assert result["num_samples"] == N and result["input_size"] == INCEPTION_SIZE
     assert result["samples"] == os.path.abspath(summary["npz"])
@@ -283,6 +326,7 @@ def test_end_to_end_metrics_json(assets, sampled, tmp_path):
     # the mean KL(p(y|x) || p(y)) over the one split these 64 images make (ADM splits by 5,000).
     from sfd_jax.convert.inception import load_inception
     from sfd_jax.models.inception import features_from_uint8
+
     with np.load(summary["npz"]) as z:
         images = z["arr_0"]
     net = load_inception(assets.inception)
@@ -297,15 +341,33 @@ def test_end_to_end_metrics_json(assets, sampled, tmp_path):
 # ------------------------------------------------------------------------------------------- in-training FID
 def eval_context(assets, model, workdir, step=10, **eval_fields):
     from sfd_jax.train.loop import EvalContext
+
     config = load_config("sfd", "tiny")
     config.eval.update(every=10, fn="sfd_jax.eval.in_training:fid")
-    for k, v in dict(num_images=16, texture_vae=assets.vae_dir, latent_stats=assets.stats, solver="euler",
-                     num_steps=SETTINGS.num_steps, per_device_batch=PER_DEVICE, decode_batch=0, grid_size=4,
-                     **eval_fields).items():
+    for k, v in dict(
+        num_images=16,
+        texture_vae=assets.vae_dir,
+        latent_stats=assets.stats,
+        solver="euler",
+        num_steps=SETTINGS.num_steps,
+        per_device_batch=PER_DEVICE,
+        decode_batch=0,
+        grid_size=4,
+        **eval_fields,
+    ).items():
         config.eval[k] = v
     setup = types.SimpleNamespace(merge=lambda params, aux: params)
-    return EvalContext(step=step, config=config, workdir=str(workdir), mesh=mesh_of(8), model_cfg=DIT_CFG,
-                       setup=setup, params=None, ema_params=model, aux=None)
+    return EvalContext(
+        step=step,
+        config=config,
+        workdir=str(workdir),
+        mesh=mesh_of(8),
+        model_cfg=DIT_CFG,
+        setup=setup,
+        params=None,
+        ema_params=model,
+        aux=None,
+    )
 
 
 def test_in_training_fid(assets, tmp_path):
@@ -325,8 +387,15 @@ def test_in_training_fid(assets, tmp_path):
 
     # the config-driven hook with the FID Inception (the same extractor batch as the test above: one compile):
     # the five ADM numbers, for another model than the reference's
-    ctx = eval_context(assets, random_dit(5), tmp_path, ref_batch=str(tmp_path / "ref.npz"),
-                       inception_weights=assets.inception, input_size=INCEPTION_SIZE, feature_batch=N)
+    ctx = eval_context(
+        assets,
+        random_dit(5),
+        tmp_path,
+        ref_batch=str(tmp_path / "ref.npz"),
+        inception_weights=assets.inception,
+        input_size=INCEPTION_SIZE,
+        feature_batch=N,
+    )
     result = in_training.fid(ctx)
     assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(result)
     assert result["fid"] > 1e-3 and result["sfid"] > 1e-3

@@ -1,5 +1,6 @@
 """Three-phase sampler: reference vectors (guided forwards, Euler, Dopri5), an analytic Gaussian case with a
 closed-form answer, per-sample invariance, sharding, NFE accounting and compile-once."""
+
 import numpy as np
 import pytest
 
@@ -62,10 +63,13 @@ def test_guided_forwards_match_reference(dit, models):
 
     @jax.jit
     def forwards(x, t_tex, t_sem, y):
-        return (guided_velocity(CFG(1.5), main, x, t_tex, t_sem, y),
-                guided_velocity(CFG(1.5, interval_start=0.5), main, x, t_tex, t_sem, y),
-                guided_velocity(ag, main, x, t_tex, t_sem, y),
-                main(x, t_tex, t_sem, y), main(x, t_tex, t_sem, jnp.full_like(y, 1000)))
+        return (
+            guided_velocity(CFG(1.5), main, x, t_tex, t_sem, y),
+            guided_velocity(CFG(1.5, interval_start=0.5), main, x, t_tex, t_sem, y),
+            guided_velocity(ag, main, x, t_tex, t_sem, y),
+            main(x, t_tex, t_sem, y),
+            main(x, t_tex, t_sem, jnp.full_like(y, 1000)),
+        )
 
     out_cfg, out_interval, out_ag, cond, uncond = forwards(x, t_tex, t_sem, y)
     out = np.asarray(out_cfg)
@@ -122,8 +126,10 @@ def test_autoguidance_unequal_scales_reach_their_own_channels(models, euler_ref)
     w = np.array([w_tex] * 32 + [w_sem] * 16)
 
     def velocity(x, t_tex, t_sem):
-        m, g = (np.asarray(a, np.float64) for a in forwards(np.float32(x), np.full(4, t_tex, np.float32),
-                                                               np.full(4, t_sem, np.float32)))
+        m, g = (
+            np.asarray(a, np.float64)
+            for a in forwards(np.float32(x), np.full(4, t_tex, np.float32), np.full(4, t_sem, np.float32))
+        )
         return g + w * (m - g)
 
     h = 0.65
@@ -131,15 +137,18 @@ def test_autoguidance_unequal_scales_reach_their_own_channels(models, euler_ref)
     want[..., 32:] += h * velocity(want, 0.0, 0.0)[..., 32:]  # τ = 0 < Δt: the texture stays frozen
     want += h * velocity(want, 0.65 - 0.3, 0.65)
     assert_close(np.asarray(x), want, REL)
-    swapped, _ = sample(main, z0, y, solver="euler", num_steps=2,
-                        guidance=AutoGuidance(guide, 9.0, scale_tex=w_sem, scale_sem=w_tex))
+    swapped, _ = sample(
+        main, z0, y, solver="euler", num_steps=2, guidance=AutoGuidance(guide, 9.0, scale_tex=w_sem, scale_sem=w_tex)
+    )
     assert np.abs(np.asarray(swapped) - want).max() > 100 * REL * np.abs(want).max()
 
     # The scales survive the other ways an AutoGuidance is built: the sampling config and the generator's cache key.
     from sfd_jax.eval.generator import _rebuild_guidance, guidance_key
     from sfd_jax.eval.sample import guidance_from_config
-    built, _ = guidance_from_config({"guidance": "autoguidance", "scale": 9.0, "scale_tex": w_tex,
-                                     "scale_sem": w_sem}, guide=guide)
+
+    built, _ = guidance_from_config(
+        {"guidance": "autoguidance", "scale": 9.0, "scale_tex": w_tex, "scale_sem": w_sem}, guide=guide
+    )
     assert built.scales() == (w_tex, w_sem)
     graphdef, state = nnx.split(guide)
     assert _rebuild_guidance(guidance_key(ag), graphdef, state).scales() == (w_tex, w_sem)
@@ -148,11 +157,21 @@ def test_autoguidance_unequal_scales_reach_their_own_channels(models, euler_ref)
 @pytest.mark.parametrize("kind", ["final", "final_cfg", "final_ag"])
 def test_euler_matches_reference(kind, models, euler_ref):
     main, guide = models
-    guidance = {"final": None, "final_cfg": CFG(1.5, interval_start=0.0),
-                "final_ag": AutoGuidance(guide, 1.6, scale_sem=1.6, scale_tex=1.6, interval_start=0.0)}[kind]
+    guidance = {
+        "final": None,
+        "final_cfg": CFG(1.5, interval_start=0.0),
+        "final_ag": AutoGuidance(guide, 1.6, scale_sem=1.6, scale_tex=1.6, interval_start=0.0),
+    }[kind]
     # The reference's 12 grid points are 11 Euler steps.
-    x, stats = sample(main, nhwc(euler_ref["z0"]), euler_ref["y"], solver="euler", num_steps=11,
-                      guidance=guidance, return_trajectory=True)
+    x, stats = sample(
+        main,
+        nhwc(euler_ref["z0"]),
+        euler_ref["y"],
+        solver="euler",
+        num_steps=11,
+        guidance=guidance,
+        return_trajectory=True,
+    )
     assert_close(np.asarray(x), nhwc(euler_ref[kind]), REL)
     traj = np.asarray(stats["trajectory"])
     assert traj.shape == (12, 4, 16, 16, 48) and stats["nfe"] == 11
@@ -160,16 +179,22 @@ def test_euler_matches_reference(kind, models, euler_ref):
     if kind == "final":
         assert_close(traj, nhwc(euler_ref["traj"]), REL)
     # Which parts move on each step (frozen parts stay bit-identical).
-    moves = np.stack([np.any(traj[1:, ..., :32] != traj[:-1, ..., :32], axis=(1, 2, 3, 4)),
-                      np.any(traj[1:, ..., 32:] != traj[:-1, ..., 32:], axis=(1, 2, 3, 4))], axis=1)
+    moves = np.stack(
+        [
+            np.any(traj[1:, ..., :32] != traj[:-1, ..., :32], axis=(1, 2, 3, 4)),
+            np.any(traj[1:, ..., 32:] != traj[:-1, ..., 32:], axis=(1, 2, 3, 4)),
+        ],
+        axis=1,
+    )
     np.testing.assert_array_equal(moves, euler_ref["step_moves_tex_sem"])
 
 
 def test_compiles_once_per_shape(models, euler_ref):
     main, _ = models
     z0, y = nhwc(euler_ref["z0"]), euler_ref["y"]
-    run = lambda scale: sample(main, z0, y, solver="euler", num_steps=11, guidance=CFG(scale, interval_start=0.0),
-                               return_trajectory=True)[0]
+    run = lambda scale: sample(
+        main, z0, y, solver="euler", num_steps=11, guidance=CFG(scale, interval_start=0.0), return_trajectory=True
+    )[0]
     first = run(1.5)
     before = sampler.trace_count()
     second = run(2.0)  # new scale, new nnx.split of the same model: same program
@@ -184,11 +209,20 @@ def test_dopri5_beats_reference(step_control, models, dopri_ref):
     exact = nhwc(dopri_ref["final_exact"])
     ref_err = np.abs(nhwc(dopri_ref["final_dopri5"]) - exact).max()
     ref_nfe = int(dopri_ref["nfe_dopri5"])
-    x, stats = sample(models[0], nhwc(dopri_ref["z0"]), dopri_ref["y"], solver="dopri5", rtol=1e-3, atol=1e-6,
-                      step_control=step_control)
+    x, stats = sample(
+        models[0],
+        nhwc(dopri_ref["z0"]),
+        dopri_ref["y"],
+        solver="dopri5",
+        rtol=1e-3,
+        atol=1e-6,
+        step_control=step_control,
+    )
     err = np.abs(np.asarray(x) - exact).max()
-    print(f"\n{step_control}: max abs error {err:.2e} (reference {ref_err:.3f}), nfe {stats['nfe']} "
-          f"(per sample {stats['nfe_per_sample'].tolist()}, reference {ref_nfe})")
+    print(
+        f"\n{step_control}: max abs error {err:.2e} (reference {ref_err:.3f}), nfe {stats['nfe']} "
+        f"(per sample {stats['nfe_per_sample'].tolist()}, reference {ref_nfe})"
+    )
     # Margins: the accepted steps' RMS error (8.8e-5) is ~10x inside the tolerance, so rounding cannot add a step;
     # still allow one more attempt (6 calls) and 20% on the error for another BLAS's rounding of the forwards.
     assert err <= 1.2 * 2.5e-3
@@ -242,15 +276,15 @@ class GaussianParts:
 
     def __call__(self, x, t_tex, t_sem, y):
         b, h, w, _ = x.shape
-        v_tex = self._velocity(x[..., :self.tex].reshape(b, -1), t_tex, 0).reshape(b, h, w, -1)
-        v_sem = self._velocity(x[..., self.tex:].reshape(b, -1), t_sem, 1).reshape(b, h, w, -1)
+        v_tex = self._velocity(x[..., : self.tex].reshape(b, -1), t_tex, 0).reshape(b, h, w, -1)
+        v_sem = self._velocity(x[..., self.tex :].reshape(b, -1), t_sem, 1).reshape(b, h, w, -1)
         return jnp.concatenate([v_tex, v_sem], axis=-1)
 
     def exact(self, z0):
         z0 = np.asarray(z0, np.float64)
         b = z0.shape[0]
         out = []
-        for (mu, lam, q), part in zip(self.parts, (z0[..., :self.tex], z0[..., self.tex:])):
+        for (mu, lam, q), part in zip(self.parts, (z0[..., : self.tex], z0[..., self.tex :])):
             out.append((mu + (part.reshape(b, -1) @ q * np.sqrt(lam)) @ q.T).reshape(part.shape))
         return np.concatenate(out, axis=-1)
 
@@ -286,18 +320,26 @@ def test_analytic_exact_flow_map(gauss, gauss_per_sample):
 def test_fixed_grid_convergence_order(gauss, solver, order):
     model, z0, y, exact = gauss
     # 26 and 104 steps put both switches (0.3 and 1.0) on the grid, so the global error is O(h^order).
-    errs = [np.abs(np.asarray(sample(model, z0, y, solver=solver, num_steps=n, semantic_chans=2)[0]) - exact).max()
-            for n in (26, 104)]
+    errs = [
+        np.abs(np.asarray(sample(model, z0, y, solver=solver, num_steps=n, semantic_chans=2)[0]) - exact).max()
+        for n in (26, 104)
+    ]
     ratio = errs[0] / errs[1]
-    assert 0.85 * 4 ** order <= ratio <= 1.15 * 4 ** order, (errs, ratio)
+    assert 0.85 * 4**order <= ratio <= 1.15 * 4**order, (errs, ratio)
 
 
 def test_sharded_batch_matches_unsharded(gauss, gauss_per_sample):
     model, z0, y, _ = gauss
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
-    x, stats = sample(model, jax.device_put(z0, sharding), jax.device_put(y, sharding), step_control="per_sample",
-                      phase_mode="jump", **TIGHT)
+    x, stats = sample(
+        model,
+        jax.device_put(z0, sharding),
+        jax.device_put(y, sharding),
+        step_control="per_sample",
+        phase_mode="jump",
+        **TIGHT,
+    )
     assert x.sharding.is_equivalent_to(sharding, 4)
     assert_close(x, gauss_per_sample[0], REL_BATCHED)
     # Bitwise, batched kernels may round differently per shape/device; at this tight tolerance that can flip one
@@ -368,13 +410,14 @@ TOLERANCES = [(1e-2, 1e-5), (3e-3, 3e-6), (1e-3, 1e-6), (3e-4, 3e-7), (1e-4, 1e-
 def test_dopri5_error_falls_with_the_tolerance_on_a_rough_model(dit, dopri_ref):
     import jax
     from flax import nnx
+
     _, model = load_dit({k[3:]: v for k, v in dit.items() if k.startswith("sd/")})
     nnx.update(model, jax.tree.map(lambda a: a * ROUGH_SCALE, nnx.state(model, nnx.Param)))
     z0, y = nhwc(dopri_ref["z0"]), dopri_ref["y"]
     # the exact answer: one very tight solve per phase over its moving channels
     exact, _ = sample(model, z0, y, phase_mode="split", rtol=1e-7, atol=1e-9, max_steps=100_000)
     exact = np.asarray(exact)
-    scale = np.sqrt(np.mean(exact ** 2))
+    scale = np.sqrt(np.mean(exact**2))
     errors, nfes = [], []
     for rtol, atol in TOLERANCES:
         x, stats = sample(model, z0, y, rtol=rtol, atol=atol)
@@ -383,8 +426,10 @@ def test_dopri5_error_falls_with_the_tolerance_on_a_rough_model(dit, dopri_ref):
     # the settings before the fix (one solve with jump_ts, first step 0.01) at the paper's tolerance
     old, old_stats = sample(model, z0, y, rtol=1e-3, atol=1e-6, phase_mode="jump", dt0=0.01)
     old_error = float(np.abs(np.asarray(old) - exact).max())
-    print(f"\nscale {scale:.3f}; errors {['%.1e' % e for e in errors]}, nfe {nfes}; "
-          f"before: {old_error:.1e} in {old_stats['nfe']} calls")
+    print(
+        f"\nscale {scale:.3f}; errors {[f'{e:.1e}' for e in errors]}, nfe {nfes}; "
+        f"before: {old_error:.1e} in {old_stats['nfe']} calls"
+    )
     for looser, tighter in zip(errors, errors[1:]):
         assert tighter <= looser * (1 + 1e-6), errors
     assert errors[-1] < errors[0] / 10, errors

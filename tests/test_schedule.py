@@ -1,4 +1,5 @@
 """The asynchronous schedule: τ → (t_tex, t_sem), training draws, phases and exact-grid phase decisions."""
+
 import numpy as np
 import pytest
 
@@ -77,7 +78,10 @@ def test_phase_masks_at_switches_in_float32():
 def test_phases_and_boundaries():
     ph = schedule.phases(0.3)
     assert [(p.start, p.end, p.tex_moves, p.sem_moves) for p in ph] == [
-        (0.0, 0.3, False, True), (0.3, 1.0, True, True), (1.0, 1.3, True, False)]
+        (0.0, 0.3, False, True),
+        (0.3, 1.0, True, True),
+        (1.0, 1.3, True, False),
+    ]
     assert schedule.phase_boundaries(0.3) == (0.3, 1.0)
     assert schedule.tau_end(0.3) == pytest.approx(1.3)
 
@@ -111,7 +115,8 @@ def test_training_draws():
     assert np.abs(hist / n - 1 / 13).max() < 0.003  # binomial standard error 0.0006
     np.testing.assert_array_equal(
         np.asarray(schedule.sample_tau(None, 3, 0.5, "uniform", n=np.array([0.0, 0.5, 0.9]))),
-        np.float32([0.0, 0.5, 0.9]) * np.float32(1.5))
+        np.float32([0.0, 0.5, 0.9]) * np.float32(1.5),
+    )
 
 
 def test_channel_mask_layout():

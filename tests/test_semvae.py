@@ -1,4 +1,5 @@
 """Semantic VAE: golden parity of every output and loss term, converter round trips, bad files."""
+
 import json
 
 import chex
@@ -38,8 +39,13 @@ def test_config_inferred(golden):
     g, _, cfg, _ = golden
     kwargs = json.loads(str(g["config_json"]))["model"]["kwargs"]
     assert (cfg.input_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.num_heads, cfg.num_blocks, cfg.mlp_ratio) == (
-        kwargs["input_dim"], kwargs["hidden_dim"], kwargs["bottleneck_dim"], kwargs["transformer_heads"],
-        kwargs["transformer_blocks"], 4.0)
+        kwargs["input_dim"],
+        kwargs["hidden_dim"],
+        kwargs["bottleneck_dim"],
+        kwargs["transformer_heads"],
+        kwargs["transformer_blocks"],
+        4.0,
+    )
 
 
 def test_encode_sample_decode(golden):
@@ -59,8 +65,9 @@ def test_encode_sample_decode(golden):
 @pytest.mark.parametrize("cos_axis,key", [("feature", "loss_cos_feature_axis"), ("token", "loss_cos_official")])
 def test_loss_terms(golden, cos_axis, key):
     g, *_ = golden
-    terms = sv.losses(jnp.asarray(g["recon"]), jnp.asarray(g["feats"]), _tokens(g["mu"]), _tokens(g["logvar"]),
-                      cos_axis=cos_axis)
+    terms = sv.losses(
+        jnp.asarray(g["recon"]), jnp.asarray(g["feats"]), _tokens(g["mu"]), _tokens(g["logvar"]), cos_axis=cos_axis
+    )
     assert_close(terms["cos"], g[key], REL)
     assert_close(terms["mse"], g["loss_mse"], REL)
     assert_close(terms["l1"], g["loss_l1"], REL)
@@ -99,10 +106,13 @@ def test_export_round_trip(golden, tmp_path):
 
 def test_reference_pt_file(golden, tmp_path):
     import torch
+
     _, sd, cfg, _ = golden
     path = tmp_path / "semantic_ae_final.pt"
-    torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 3,
-                "optimizer_state_dict": {}}, path)
+    torch.save(
+        {"model_state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 3, "optimizer_state_dict": {}},
+        path,
+    )
     cfg2, model = load_semvae(path, num_heads=cfg.num_heads)
     assert cfg2 == cfg
     for key, value in export_semvae(model).items():
@@ -135,8 +145,9 @@ def test_config_and_shapes():
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.ndim, path
     with pytest.raises(ValueError, match="cos_axis"):
-        sv.losses(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 1)), jnp.zeros((1, 2, 1)),
-                  cos_axis="channel")
+        sv.losses(
+            jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 1)), jnp.zeros((1, 2, 1)), cos_axis="channel"
+        )
 
 
 def test_bf16_compute(golden):

@@ -1,4 +1,5 @@
 """SemVAE trainer: a tiny CPU run learns, resumes mid-way exactly, exports loadable weights; the features input."""
+
 import json
 import shutil
 
@@ -56,8 +57,9 @@ def test_resume_mid_way_equals_uninterrupted(uninterrupted, tmp_path):
     assert (out["start_step"], resumed["start_step"]) == (0, HALF)
     assert int(jax.device_get(resumed["state"].step)) == STEPS
     assert resumed["train"]["mse"] == pytest.approx(out["train"]["mse"], abs=1e-6)
-    assert_trees_close(parallel.global_to_host(resumed["state"].params), parallel.global_to_host(out["state"].params),
-                       1e-6)  # of the largest |param| (LayerNorm weights, 1.0)
+    assert_trees_close(
+        parallel.global_to_host(resumed["state"].params), parallel.global_to_host(out["state"].params), 1e-6
+    )  # of the largest |param| (LayerNorm weights, 1.0)
     steps = [m["step"] for m in read_metrics(str(resumed_dir)) if "mse" in m]
     assert steps == [HALF, STEPS]  # the interrupted run's lines were kept once, the resumed run appended
 
@@ -132,12 +134,14 @@ def test_config_variants_and_errors():
                 trainer.validate(config, mesh)
             config.data.features = "tokens.npy"
         trainer.validate(config, mesh)
-    cases = [(("data", "kind", "pixels"), "config.data.kind"),
-             (("loss", "cos_axis", "channel"), "config.loss.cos_axis"),
-             (("train", "batch_size", 12), "multiple of the data-parallel size 8"),
-             (("data", "crop", 50), "not a multiple of the DINOv2 patch size 14"),
-             (("optim", "decay_start", 1), "decay_start"),
-             (("eval", "num_images", 20), "multiple of eval.batch_size")]
+    cases = [
+        (("data", "kind", "pixels"), "config.data.kind"),
+        (("loss", "cos_axis", "channel"), "config.loss.cos_axis"),
+        (("train", "batch_size", 12), "multiple of the data-parallel size 8"),
+        (("data", "crop", 50), "not a multiple of the DINOv2 patch size 14"),
+        (("optim", "decay_start", 1), "decay_start"),
+        (("eval", "num_images", 20), "multiple of eval.batch_size"),
+    ]
     for (block, field, value), message in cases:
         config = get_config("tiny")
         config[block][field] = value

@@ -1,4 +1,5 @@
 """Image sources: folders, Fashion-MNIST IDX files, TFDS imagenet2012 as ArrayRecord (prepared without TF)."""
+
 import gzip
 import io
 import os
@@ -142,10 +143,14 @@ def imagenet(tmp_path_factory):
     manual.mkdir()
     rng = np.random.default_rng(2)
     with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
-        classes = {"n01440764": [("n01440764_1.JPEG", _jpeg(rng.integers(0, 256, (20, 24, 3), np.uint8)))],
-                   # A CMYK file of TFDS's fix list, and a corrupt JPEG.
-                   "n01739381": [("n01739381_1309.JPEG", _jpeg(rng.integers(0, 256, (16, 16, 3), np.uint8), "CMYK")),
-                                 ("n01739381_7.JPEG", b"\xff\xd8\xff not really a jpeg")]}
+        classes = {
+            "n01440764": [("n01440764_1.JPEG", _jpeg(rng.integers(0, 256, (20, 24, 3), np.uint8)))],
+            # A CMYK file of TFDS's fix list, and a corrupt JPEG.
+            "n01739381": [
+                ("n01739381_1309.JPEG", _jpeg(rng.integers(0, 256, (16, 16, 3), np.uint8), "CMYK")),
+                ("n01739381_7.JPEG", b"\xff\xd8\xff not really a jpeg"),
+            ],
+        }
         for synset, files in classes.items():
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as inner:
@@ -161,6 +166,7 @@ def imagenet(tmp_path_factory):
 
 def test_tfds_imagenet_without_tensorflow(imagenet):
     import sys
+
     assert "tensorflow" not in sys.modules
     tfds = S._tfds()
     names = tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()

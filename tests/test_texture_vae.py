@@ -1,4 +1,5 @@
 """Texture VAE (LDM KL autoencoder): golden parity with the reference, architecture, conversion both ways."""
+
 import json
 
 import chex
@@ -40,6 +41,7 @@ def ref_sd(gold):
 def loaded(gold, ref_sd, tmp_path_factory):
     """The golden weights written as a reference Lightning .ckpt (with loss.* entries) and loaded from disk."""
     import torch
+
     path = tmp_path_factory.mktemp("tvae") / "ldm-tiny.ckpt"
     state_dict = {k: torch.from_numpy(v.copy()) for k, v in ref_sd.items()}
     state_dict["loss.logvar"] = torch.zeros(())
@@ -68,10 +70,17 @@ def test_inferred_config_is_the_golden_ddconfig(gold, loaded):
     cfg, _ = loaded
     meta = json.loads(str(gold["config_json"]))["model"]
     dd = meta["ddconfig"]
-    assert cfg == TextureVAEConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                                   attn_resolutions=tuple(dd["attn_resolutions"]), resolution=dd["resolution"],
-                                   in_channels=dd["in_channels"], out_ch=dd["out_ch"], z_channels=dd["z_channels"],
-                                   embed_dim=meta["embed_dim"])
+    assert cfg == TextureVAEConfig(
+        ch=dd["ch"],
+        ch_mult=tuple(dd["ch_mult"]),
+        num_res_blocks=dd["num_res_blocks"],
+        attn_resolutions=tuple(dd["attn_resolutions"]),
+        resolution=dd["resolution"],
+        in_channels=dd["in_channels"],
+        out_ch=dd["out_ch"],
+        z_channels=dd["z_channels"],
+        embed_dim=meta["embed_dim"],
+    )
     assert TextureVAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -130,7 +139,7 @@ def test_sample_posterior_uses_its_key_and_kl_formula(outputs):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
     m, lv = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
-    kl_ref = 0.5 * (m ** 2 + np.exp(lv) - 1 - lv).sum(axis=(1, 2, 3))
+    kl_ref = 0.5 * (m**2 + np.exp(lv) - 1 - lv).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(np.asarray(TextureVAE.kl(mean, logvar)), kl_ref, rtol=1e-5)
 
 
@@ -145,21 +154,27 @@ def test_export_round_trip_is_exact(ref_sd, loaded):
 def test_default_architecture_parameter_counts():
     model = nnx.eval_shape(lambda: TextureVAE(TextureVAEConfig(), rngs=nnx.Rngs(0)))
     enc, dec = count_params(model.encoder), count_params(model.decoder)
-    print(f"f16d32 encoder {enc} (+quant_conv {count_params(model.quant_conv)}), decoder {dec} "
-          f"(+post_quant_conv {count_params(model.post_quant_conv)})")
+    print(
+        f"f16d32 encoder {enc} (+quant_conv {count_params(model.quant_conv)}), decoder {dec} "
+        f"(+post_quant_conv {count_params(model.post_quant_conv)})"
+    )
     assert round(enc / 1e6, 1) == 28.4 and round(dec / 1e6, 1) == 41.4  # the reference's figures
     assert model.encoder.conv_out.kernel.shape == (3, 3, 512, 64) and model.quant_conv.kernel.shape[-1] == 64
     assert model.decoder.conv_in.kernel.shape == (3, 3, 32, 512)
     assert [len(level.attn) for level in model.encoder.down] == [0, 0, 0, 0, 2]
     assert [len(level.attn) for level in model.decoder.up] == [0, 0, 0, 0, 3]
     # The same code at Stable Diffusion's f8 settings gives that VAE's published size, 83,653,863 parameters.
-    sd_vae = nnx.eval_shape(lambda: TextureVAE(TextureVAEConfig(ch_mult=(1, 2, 4, 4), attn_resolutions=(),
-                                                                z_channels=4, embed_dim=4), rngs=nnx.Rngs(0)))
+    sd_vae = nnx.eval_shape(
+        lambda: TextureVAE(
+            TextureVAEConfig(ch_mult=(1, 2, 4, 4), attn_resolutions=(), z_channels=4, embed_dim=4), rngs=nnx.Rngs(0)
+        )
+    )
     assert count_params(sd_vae) == 83_653_863
 
 
 def test_shape_inference_for_the_f16d32_layout():
     from sfd_jax.convert.texture_vae import expected_shapes
+
     shapes = expected_shapes(TextureVAEConfig())
     fake = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}  # views: no 70M allocation
     assert infer_config(fake) == TextureVAEConfig()
@@ -169,8 +184,11 @@ def test_shape_inference_for_the_f16d32_layout():
 
 def test_logical_axis_names_on_conv_kernels(loaded):
     _, model = loaded
-    names = {var.get_metadata().get("out_sharding") for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-             if path[-1] == "kernel"}
+    names = {
+        var.get_metadata().get("out_sharding")
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if path[-1] == "kernel"
+    }
     assert names == {(None, None, "conv_in", "conv_out")}
 
 
@@ -216,7 +234,7 @@ def test_bfloat16_compute_keeps_float32_io(ref_sd, gold, outputs):
     decoded = jax.jit(model.decode)(jnp.asarray(nhwc(gold["posterior_mean"])))
     assert decoded.dtype == jnp.float32 and model.decoder.conv_in.kernel.dtype == jnp.float32
     ref = nhwc(gold["decoded"])
-    rel_rms = np.sqrt(np.mean((np.asarray(decoded) - ref) ** 2) / np.mean(ref ** 2))
+    rel_rms = np.sqrt(np.mean((np.asarray(decoded) - ref) ** 2) / np.mean(ref**2))
     assert rel_rms < 5e-2, rel_rms
 
 
@@ -225,8 +243,11 @@ def test_bad_inputs_are_named():
         TextureVAEConfig(ch=24)
     with pytest.raises(ValueError, match="unknown TextureVAEConfig fields"):
         TextureVAEConfig.from_dict({"channels": 3})
-    model = nnx.eval_shape(lambda: TextureVAE(TextureVAEConfig(ch=32, ch_mult=(1, 2), resolution=32, z_channels=4,
-                                                               embed_dim=4), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: TextureVAE(
+            TextureVAEConfig(ch=32, ch_mult=(1, 2), resolution=32, z_channels=4, embed_dim=4), rngs=nnx.Rngs(0)
+        )
+    )
     with pytest.raises(ValueError, match="divisible by 2"):
         model.encode(jnp.zeros((1, 31, 32, 3)))
     with pytest.raises(ValueError, match=r"\(B, h, w, 4\)"):
@@ -235,6 +256,7 @@ def test_bad_inputs_are_named():
 
 def test_converter_cli_writes_a_loadable_weights_directory(ref_sd, tmp_path, capsys):
     from sfd_jax.convert.__main__ import main
+
     src = tmp_path / "tiny_state_dict.npz"
     np.savez(src, **ref_sd)
     out = tmp_path / "weights"

@@ -13,7 +13,6 @@ from sfd_jax.train import texture_vae as trainer
 from sfd_jax.train.metrics import read_metrics
 
 
-
 def get_config(variant):
     return load_config(f"configs/texture_vae.py:{variant}")
 
@@ -33,8 +32,12 @@ def test_reconstruction_error_falls(trained):
     records = read_metrics(str(workdir))
     evals = {r["step"]: r for r in records if "eval/l1" in r}
     assert sorted(evals) == [0, n]
-    print("eval L1 by step:", {s: round(r["eval/l1"], 4) for s, r in evals.items()},
-          "PSNR:", {s: round(r["eval/psnr"], 2) for s, r in evals.items()})
+    print(
+        "eval L1 by step:",
+        {s: round(r["eval/l1"], 4) for s, r in evals.items()},
+        "PSNR:",
+        {s: round(r["eval/psnr"], 2) for s, r in evals.items()},
+    )
     assert evals[n]["eval/l1"] < 0.7 * evals[0]["eval/l1"]
     assert evals[n]["eval/psnr"] > evals[0]["eval/psnr"] + 2.0
     train = [r for r in records if "loss" in r]
@@ -85,10 +88,11 @@ def test_vae_loss_terms():
     rng = np.random.default_rng(0)
     x, r = rng.uniform(-1, 1, (2, 4, 4, 3)), rng.uniform(-1, 1, (2, 4, 4, 3))
     mean, logvar = rng.normal(size=(2, 2, 2, 4)), rng.normal(size=(2, 2, 2, 4))
-    kl = 0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar).sum(axis=(1, 2, 3)).mean()
+    kl = 0.5 * (mean**2 + np.exp(logvar) - 1 - logvar).sum(axis=(1, 2, 3)).mean()
     for kind, rec in (("l1", np.abs(x - r).mean()), ("l2", ((x - r) ** 2).mean())):
-        loss, terms = trainer.vae_loss(jnp.asarray(x), jnp.asarray(r), jnp.asarray(mean), jnp.asarray(logvar),
-                                       recon_loss=kind, kl_weight=0.5)
+        loss, terms = trainer.vae_loss(
+            jnp.asarray(x), jnp.asarray(r), jnp.asarray(mean), jnp.asarray(logvar), recon_loss=kind, kl_weight=0.5
+        )
         np.testing.assert_allclose(float(loss), rec + 0.5 * kl / 48, rtol=1e-5)
         np.testing.assert_allclose(float(terms["kl"]), kl, rtol=1e-5)
     with pytest.raises(ValueError, match="loss.recon"):

@@ -1,6 +1,7 @@
 """The reference's two timestep-embedder forms: two D/2 embedders (semantic-first) and one D-wide embedder (its
 ablations with Δt = 0 or no semantic channels). Both load; two-embedder weights convert exactly into the one-embedder
 form; the one-embedder form round-trips through export; the impossible direction is refused."""
+
 import dataclasses
 import importlib.util
 import pathlib
@@ -29,6 +30,7 @@ def random_split_state_dict(seed):
 def build_random(cfg):
     from flax import nnx
     from sfd_jax.models.lightningdit import LightningDiT
+
     return LightningDiT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -96,11 +98,20 @@ def test_one_embedder_weights_refused_by_a_two_embedder_config():
         load_dit(joint, config=CFG)
 
 
-@pytest.mark.parametrize("variant,dual", [("xl", True), ("ablate_pca", True), ("ablate_sync", False),
-                                          ("ablate_no_semantic", False), ("ablate_baseline", False)])
+@pytest.mark.parametrize(
+    "variant,dual",
+    [
+        ("xl", True),
+        ("ablate_pca", True),
+        ("ablate_sync", False),
+        ("ablate_no_semantic", False),
+        ("ablate_baseline", False),
+    ],
+)
 def test_training_builds_the_reference_form(variant, dual):
     spec = importlib.util.spec_from_file_location(
-        "sfd_cfg", pathlib.Path(__file__).resolve().parents[1] / "configs" / "sfd.py")
+        "sfd_cfg", pathlib.Path(__file__).resolve().parents[1] / "configs" / "sfd.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config(variant)

@@ -4,6 +4,7 @@ One subprocess runs `python -m sfd_jax.main --config=configs/sfd.py:tiny` (8 fak
 conftest, mesh (1, 8, 1)) and is stopped with SIGTERM after a few steps; it must write a checkpoint and exit 0.
 That workdir is then resumed in this (new) process and compared with an uninterrupted run.
 """
+
 import json
 import os
 import pathlib
@@ -44,9 +45,17 @@ def losses_by_step(workdir):
 def interrupted(tmp_path_factory):
     """A CLI training run in a child process, sent SIGTERM once it has logged two steps."""
     workdir = tmp_path_factory.mktemp("interrupted")
-    cmd = [sys.executable, "-m", "sfd_jax.main", "--config=configs/sfd.py:tiny", f"--workdir={workdir}",
-           "--config.train.num_steps=1000", "--config.train.log_every=1", "--config.train.ckpt_every=1000",
-           "--config.train.export_ema=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sfd_jax.main",
+        "--config=configs/sfd.py:tiny",
+        f"--workdir={workdir}",
+        "--config.train.num_steps=1000",
+        "--config.train.log_every=1",
+        "--config.train.ckpt_every=1000",
+        "--config.train.export_ema=False",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -101,6 +110,7 @@ def test_async_checkpoints_hold_the_state_of_their_step(interrupted, straight):
     """The straight run saved asynchronously at every step while the next steps reused the buffers; its step-k
     checkpoint equals the one the interrupted process wrote (synchronously, then exited)."""
     from sfd_jax.checkpoint import Checkpoints
+
     k, straight_dir, _ = straight
     abstract = build(tiny_config(2 * k)).setup.abstract_state
     saved = []
@@ -156,8 +166,9 @@ def test_nonfinite_skip_keeps_training_and_eval_hook_runs(tmp_path, monkeypatch)
 
     def eval_fn(ctx):
         model = ctx.model()
-        chex.assert_trees_all_equal(model.final_layer.linear.kernel[...], ctx.ema_params["final_layer"]["linear"]
-                                    ["kernel"])
+        chex.assert_trees_all_equal(
+            model.final_layer.linear.kernel[...], ctx.ema_params["final_layer"]["linear"]["kernel"]
+        )
         seen.append(ctx.step)
         return {"step_seen": ctx.step}
 
@@ -192,28 +203,34 @@ def test_nonfinite_update_is_dropped_on_device():
     after, metrics = run.compile(state, aux, batch)(state, aux, batch)
     after = jax.device_get(after)
     assert not bool(metrics["finite"])
-    chex.assert_trees_all_equal((before.params, before.ema_params, before.opt_state),
-                                (after.params, after.ema_params, after.opt_state))
+    chex.assert_trees_all_equal(
+        (before.params, before.ema_params, before.opt_state), (after.params, after.ema_params, after.opt_state)
+    )
     assert int(after.step) == 1
 
 
 def test_ema_export_from_a_workdir(straight, tmp_path):
     from sfd_jax.checkpoint import export_ema_from_workdir
     from sfd_jax.convert.dit import restore_dit
+
     k, straight_dir, summary = straight
     export_ema_from_workdir(str(straight_dir), str(tmp_path / "ema"))
     cfg, model = restore_dit(tmp_path / "ema")
     assert cfg.size_name() == "tiny"
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))),
-                                jax.device_get(summary["state"].ema_params))
+    chex.assert_trees_all_equal(
+        jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+        jax.device_get(summary["state"].ema_params),
+    )
     assert json.loads((tmp_path / "ema" / "meta.json").read_text())["step"] == 2 * k
 
 
 def test_synthetic_batches_depend_on_seed_and_step_only():
     from sfd_jax.data.synthetic import SyntheticLatents
+
     whole = SyntheticLatents(batch_size=8, seed=5, num_classes=10)
-    halves = [SyntheticLatents(batch_size=4, process_index=p, process_count=2, seed=5, num_classes=10)
-              for p in range(2)]
+    halves = [
+        SyntheticLatents(batch_size=4, process_index=p, process_count=2, seed=5, num_classes=10) for p in range(2)
+    ]
     for _ in range(2):
         full = next(whole)
         parts = [next(h) for h in halves]

@@ -1,6 +1,7 @@
 """What the train steps do with their configured numbers, each against an independent NumPy computation: the EMA
 formula, warm-up and gradient clipping as applied by the optimizers, the label-dropout null id, the texture-only
 ablation's step, and the SemVAE loss weights."""
+
 import importlib.util
 
 import jax
@@ -35,23 +36,29 @@ def sfd_config(**diffusion):
 def batch_for(run, seed=0):
     cfg, rng = run.model_cfg, np.random.default_rng(seed)
     b, s = int(run.config.train.batch_size), cfg.input_size
-    return {"x1": rng.standard_normal((b, s, s, 48)).astype(np.float32),
-            "y": rng.integers(0, cfg.num_classes, b).astype(np.int32),
-            "dino": rng.standard_normal((b, s * s, cfg.repa_dim)).astype(np.float32)}
+    return {
+        "x1": rng.standard_normal((b, s, s, 48)).astype(np.float32),
+        "y": rng.integers(0, cfg.num_classes, b).astype(np.int32),
+        "dino": rng.standard_normal((b, s * s, cfg.repa_dim)).astype(np.float32),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- EMA
 def test_ema_formula_and_nonfinite_guard():
     p, e, g = np.array([1.0, -2.0, 3.0]), np.array([0.5, 0.5, 0.5]), np.array([0.2, -0.4, 1.0])
-    state = TrainState(params={"w": jnp.asarray(p, jnp.float32)}, ema_params={"w": jnp.asarray(e, jnp.float32)},
-                       opt_state=optax.sgd(0.5).init({"w": jnp.zeros(3)}), step=jnp.int32(4), rng=jnp.zeros(2))
+    state = TrainState(
+        params={"w": jnp.asarray(p, jnp.float32)},
+        ema_params={"w": jnp.asarray(e, jnp.float32)},
+        opt_state=optax.sgd(0.5).init({"w": jnp.zeros(3)}),
+        step=jnp.int32(4),
+        rng=jnp.zeros(2),
+    )
     new, info = guarded_update(state, optax.sgd(0.5), {"w": jnp.asarray(g, jnp.float32)}, jnp.float32(1.0), 0.9)
     p_new = p - 0.5 * g
     np.testing.assert_allclose(np.asarray(new.params["w"]), p_new, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(new.ema_params["w"]), 0.9 * e + 0.1 * p_new, rtol=1e-6)
     assert int(new.step) == 5 and bool(info["finite"])
-    skipped, info = guarded_update(state, optax.sgd(0.5), {"w": jnp.asarray(g, jnp.float32)}, jnp.float32(np.nan),
-                                   0.9)
+    skipped, info = guarded_update(state, optax.sgd(0.5), {"w": jnp.asarray(g, jnp.float32)}, jnp.float32(np.nan), 0.9)
     np.testing.assert_array_equal(np.asarray(skipped.ema_params["w"]), np.float32(e))
     assert not bool(info["finite"]) and int(skipped.step) == 5
 
@@ -65,7 +72,7 @@ def numpy_adamw(grads, p, lrs, *, b1, b2, eps, wd, clip):
         if clip > 0 and norm > clip:
             g = g * clip / norm
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-        p = p - lr * ((m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps) + wd * p)
+        p = p - lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * p)
     return p
 
 
@@ -89,8 +96,9 @@ def run_optimizer(tx, p0):
 
 
 def test_dit_and_texture_vae_optimizer_applies_configured_warmup_and_clip():
-    o = ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, warmup_steps=4,
-                                       grad_clip=0.8))
+    o = ml_collections.ConfigDict(
+        dict(lr=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, warmup_steps=4, grad_clip=0.8)
+    )
     tx, schedule = make_optimizer(o, 100)
     lrs = [0.1 * min(t, 4) / 4 for t in range(len(GRADS))]  # linear from 0; update t uses lr(t)
     np.testing.assert_allclose([float(schedule(t)) for t in range(len(GRADS))], lrs, rtol=1e-6)
@@ -102,9 +110,21 @@ def test_dit_and_texture_vae_optimizer_applies_configured_warmup_and_clip():
 
 
 def test_semvae_optimizer_applies_configured_warmup_and_clip():
-    o = ml_collections.ConfigDict(dict(lr=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=3,
-                                       warmup_init=0.1, decay_start=100, decay_end=200, final_scale=0.1,
-                                       grad_clip=1.5))
+    o = ml_collections.ConfigDict(
+        dict(
+            lr=0.05,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            warmup_steps=3,
+            warmup_init=0.1,
+            decay_start=100,
+            decay_end=200,
+            final_scale=0.1,
+            grad_clip=1.5,
+        )
+    )
     tx, _ = semvae_trainer.make_optimizer(o)
     lrs = [0.05 * (0.1 + 0.9 * min(t, 3) / 3) for t in range(len(GRADS))]
     p0 = np.array([0.3, -0.2, 1.0, 0.0])
@@ -167,7 +187,8 @@ def test_ablate_no_semantic_step_trains_on_the_texture_channels(monkeypatch):
     model = run.setup.merge(params0, parallel.global_to_host(aux))
     model_fn = lambda x, t_tex, t_sem, y: model(x, t_tex, t_sem, y, train=True)  # noqa: E731
     want, _ = jax.jit(lambda x1, y, dino, k: losses.sfd_loss(model_fn, x1, y, dino, k, run.loss_cfg))(
-        batch["x1"][..., :32], batch["y"], batch["dino"], loss_key)
+        batch["x1"][..., :32], batch["y"], batch["dino"], loss_key
+    )
     new, metrics = run.train_step(state, aux, parallel.host_to_global(batch, run.mesh))
     assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-5)
     decay = float(config.optim.ema_decay)
@@ -185,8 +206,12 @@ def test_semvae_loss_weights_other_than_the_defaults():
     terms = sv.losses(*(jnp.asarray(a, jnp.float32) for a in (recon, tokens, mu, logvar)), weights=w)
     err = recon - tokens
     cos = np.sum(recon * tokens, -1) / (np.linalg.norm(recon, axis=-1) * np.linalg.norm(tokens, axis=-1))
-    want = {"mse": np.mean(err ** 2), "l1": np.mean(np.abs(err)), "cos": 1 - np.mean(cos),
-            "kl": np.mean(0.5 * np.sum(mu ** 2 + np.exp(logvar) - 1 - logvar, axis=(1, 2)))}
+    want = {
+        "mse": np.mean(err**2),
+        "l1": np.mean(np.abs(err)),
+        "cos": 1 - np.mean(cos),
+        "kl": np.mean(0.5 * np.sum(mu**2 + np.exp(logvar) - 1 - logvar, axis=(1, 2))),
+    }
     for k, v in want.items():
         assert float(terms[k]) == pytest.approx(v, rel=1e-5), k
     total = 0.7 * want["mse"] + 0.3 * want["l1"] + 0.5 * want["cos"] + 0.01 * want["kl"]

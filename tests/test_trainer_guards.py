@@ -1,6 +1,7 @@
 """The loop every trainer shares (sfd_jax.train.skeleton), driven through the DiT, SemVAE and texture-VAE trainers
 alike: a NaN step between log steps, SIGTERM/SIGINT mid-run, resume == uninterrupted; and the guards: a non-finite
 *updated state*, the workdir lock, a failed asynchronous save, honest metrics windows after a resume."""
+
 import errno
 import json
 import os
@@ -72,8 +73,11 @@ def _last_state(workdir, name):
     ckpt = checkpoint_lib.Checkpoints(str(workdir), keep_last=100)
     try:
         step = ckpt.latest_step()
-        return step, jax.device_get(ckpt.manager.restore(step, args=checkpoint_lib.ocp.args.Composite(
-            state=checkpoint_lib.ocp.args.StandardRestore())).state)
+        return step, jax.device_get(
+            ckpt.manager.restore(
+                step, args=checkpoint_lib.ocp.args.Composite(state=checkpoint_lib.ocp.args.StandardRestore())
+            ).state
+        )
     finally:
         ckpt.close()
 
@@ -91,8 +95,10 @@ class _NaNStep:
             def make_data(start, state):
                 data = inner(start, state)
                 return _Poison(data, start, bad)
+
             task.make_data = make_data
             return real(task, config, workdir)
+
         monkeypatch.setattr(skeleton, "run", patched)
 
 
@@ -136,6 +142,7 @@ def _nan_images_at(real, call):
             if count["n"] == call:
                 return np.full(out.shape, np.nan, np.float32)
         return out
+
     return load
 
 
@@ -148,8 +155,7 @@ def test_nan_skip_drops_only_that_step(name, tmp_path, monkeypatch):
     _run(name, tmp_path, nonfinite="skip")
     step, state = _last_state(tmp_path, name)
     assert step == STEPS
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype,
-                                                                                      np.floating))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.floating))
     lines = {r["step"]: r for r in read_metrics(tmp_path) if "nonfinite_steps" in r}
     assert (lines[3]["nonfinite_steps"], lines[6]["nonfinite_steps"]) == (0, 1)
     assert lines[3]["window_steps"] == lines[6]["window_steps"] == 3
@@ -167,6 +173,7 @@ def test_signal_saves_exits_and_resume_equals_uninterrupted(name, tmp_path, monk
         real(self, step, metrics)
         if step == 3:
             os.kill(os.getpid(), sig)
+
     monkeypatch.setattr(skeleton.Window, "add", add)
     out = _run(name, tmp_path / "resumed")
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2", "3"]
@@ -190,6 +197,7 @@ def test_resumed_window_is_labelled_with_its_length(tmp_path, monkeypatch):
         real(self, step, metrics)
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
+
     monkeypatch.setattr(skeleton.Window, "add", add)
     _run("dit", tmp_path)
     monkeypatch.setattr(skeleton.Window, "add", real)
@@ -204,8 +212,9 @@ def test_resumed_window_is_labelled_with_its_length(tmp_path, monkeypatch):
 def test_infinite_lr_with_finite_loss_and_gradient_is_not_kept():
     params = {"w": np.ones((3,), np.float32)}
     tx = optax.sgd(float("inf"))
-    state = TrainState(params=params, ema_params=params, opt_state=tx.init(params), step=np.int32(0),
-                       rng=jax.random.PRNGKey(0))
+    state = TrainState(
+        params=params, ema_params=params, opt_state=tx.init(params), step=np.int32(0), rng=jax.random.PRNGKey(0)
+    )
     grads = {"w": np.full((3,), 0.5, np.float32)}
     new, guard = jax.jit(lambda s, g: guarded_update(s, tx, g, np.float32(1.0), 0.5))(state, grads)
     assert np.isfinite(float(guard["grad_norm"]))  # loss and gradient are finite ...
@@ -216,8 +225,7 @@ def test_infinite_lr_with_finite_loss_and_gradient_is_not_kept():
 
 
 @pytest.mark.parametrize("name", sorted(TRAINERS))
-@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("lr", float("nan")),
-                                          ("weight_decay", float("inf"))])
+@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("inf"))])
 def test_non_finite_optimizer_settings_are_refused(name, field, value, tmp_path):
     config = _settings(TRAINERS[name][0]())
     config.optim[field] = value
@@ -239,8 +247,13 @@ def test_stop_mode_never_writes_a_nan_checkpoint(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 def _write_lock(workdir, **fields):
     now = time.time()
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": lock_lib._process_start(os.getpid()),
-              "started": now, "heartbeat": now}
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": lock_lib._process_start(os.getpid()),
+        "started": now,
+        "heartbeat": now,
+    }
     holder.update(fields)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / lock_lib.LOCK_NAME).write_text(json.dumps(holder))
@@ -249,8 +262,11 @@ def _write_lock(workdir, **fields):
 
 def test_a_live_lock_refuses_a_second_run_naming_the_holder(tmp_path):
     _write_lock(tmp_path, pid=os.getppid(), pid_start=lock_lib._process_start(os.getppid()))
-    with pytest.raises(lock_lib.WorkdirLocked, match=rf"in use by another run \(host '{socket.gethostname()}', "
-                                                       rf"pid {os.getppid()}, started \d{{4}}-"):
+    with pytest.raises(
+        lock_lib.WorkdirLocked,
+        match=rf"in use by another run \(host '{socket.gethostname()}', "
+        rf"pid {os.getppid()}, started \d{{4}}-",
+    ):
         _run("texture_vae", tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
@@ -288,12 +304,14 @@ def test_a_failed_async_save_stops_at_the_next_step_with_one_line(tmp_path, monk
     """The save of step 4 fails in the background with ENOSPC: the run stops before step 6 with the path, the OS
     error and the last good checkpoint (2), not at the next save."""
     from orbax.checkpoint import checkpoint_manager as cm
+
     real = cm.CheckpointManager._finalize_checkpoint
 
     def finalize(self, step):
         if step == 4:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoints" / "4"))
         return real(self, step)
+
     monkeypatch.setattr(cm.CheckpointManager, "_finalize_checkpoint", finalize)
     seen = []
     real_add = skeleton.Window.add

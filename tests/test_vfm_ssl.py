@@ -1,5 +1,6 @@
 """The demo encoder's self-supervised pretraining (sfd_jax.train.vfm_ssl): the NT-Xent loss against a direct
 computation, the augmentations, the linear probe, and a resumed pretraining equal to an uninterrupted one."""
+
 import numpy as np
 import pytest
 
@@ -8,6 +9,7 @@ def test_nt_xent_matches_a_direct_computation():
     import jax.numpy as jnp
 
     from sfd_jax.train.vfm_ssl import nt_xent
+
     rng = np.random.default_rng(0)
     z1, z2 = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
     loss, acc = nt_xent(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), 0.5)
@@ -28,6 +30,7 @@ def test_augment_keeps_shape_and_range_and_differs_per_key():
     import jax
 
     from sfd_jax.train.vfm_ssl import SSLConfig, augment
+
     x = np.zeros((32, 32), np.float32)
     x[8:24, 10:22] = 0.8
     cfg = SSLConfig()
@@ -38,6 +41,7 @@ def test_augment_keeps_shape_and_range_and_differs_per_key():
 
 def test_linear_probe_separates_separable_features():
     from sfd_jax.train.vfm_ssl import linear_probe
+
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(10, 8)) * 4
     y = rng.integers(0, 10, 2000)
@@ -54,8 +58,10 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tmp_path):
 
     from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
     from sfd_jax.train.vfm_ssl import SSLConfig, train
-    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32,
-                       num_register_tokens=1)
+
+    cfg = Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32, num_register_tokens=1
+    )
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32)).astype(np.uint8)
     ssl = SSLConfig(steps=4, batch_size=8, warmup_steps=1, proj_hidden=8, proj_dim=4, ckpt_every=2, log_every=1)
     whole, info = train(Dinov2(cfg, rngs=nnx.Rngs(0)), images, ssl, str(tmp_path / "a"))
@@ -66,5 +72,6 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tmp_path):
     a, b = nnx.state(whole, nnx.Param), nnx.state(resumed, nnx.Param)
     for (path, x), (_, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
         np.testing.assert_allclose(np.asarray(y[...]), np.asarray(x[...]), rtol=1e-6, atol=1e-7, err_msg=str(path))
-    assert not np.allclose(np.asarray(whole.patch_embed.kernel[...]),
-                           np.asarray(Dinov2(cfg, rngs=nnx.Rngs(0)).patch_embed.kernel[...]))
+    assert not np.allclose(
+        np.asarray(whole.patch_embed.kernel[...]), np.asarray(Dinov2(cfg, rngs=nnx.Rngs(0)).patch_embed.kernel[...])
+    )

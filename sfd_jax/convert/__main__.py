@@ -8,6 +8,7 @@ Each converter module `sfd_jax.convert.<name>` listed in CONVERTERS registers it
 and a `--overwrite` flag, adds its own arguments and `set_defaults(func=handler)`; `handler(args)` returns an exit
 code (0 or None on success). The refusal to write into a non-empty `output_dir` without `--overwrite` is here, once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ CONVERTERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sfd_jax.convert",
-                                     description="Convert reference (PyTorch) checkpoints into sfd_jax weights.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sfd_jax.convert", description="Convert reference (PyTorch) checkpoints into sfd_jax weights."
+    )
     subparsers = parser.add_subparsers(dest="model", metavar="MODEL", required=True)
     for module_name in CONVERTERS.values():
         importlib.import_module(module_name).add_cli(subparsers)
@@ -36,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import sfd_jax  # noqa: F401  (switches off flax eager sharding before any model is built)
+
     args = build_parser().parse_args(argv)
     from sfd_jax import paths
+
     if paths.isdir(args.output_dir) and paths.listdir(args.output_dir) and not args.overwrite:
         raise SystemExit(f"error: {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     from sfd_jax.errors import InputError
+
     try:
         return int(args.func(args) or 0)
     except (InputError, FileNotFoundError) as e:  # names the file and what is wrong: no traceback needed

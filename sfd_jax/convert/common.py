@@ -7,6 +7,7 @@
   `ConversionError` listing every missing key, unexpected key and shape mismatch.
 - `assign_params` writes `{nnx path: array}` into a model, refusing partial or mis-shaped assignments.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ class ConversionError(InputError):
         if self.unexpected:
             lines.append(f"  unexpected keys ({len(self.unexpected)}): " + _clip(self.unexpected))
         if self.mismatched:
-            lines.append(f"  shape mismatches ({len(self.mismatched)}): " + _clip(
-                [f"{k}: got {tuple(g)}, expected {tuple(e)}" for k, g, e in self.mismatched]))
+            lines.append(
+                f"  shape mismatches ({len(self.mismatched)}): "
+                + _clip([f"{k}: got {tuple(g)}, expected {tuple(e)}" for k, g, e in self.mismatched])
+            )
         if hint:
             lines.append("  " + hint)
         super().__init__("\n".join(lines))
@@ -50,20 +53,25 @@ def _torch_load(path: str):
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             f"reading {path} needs PyTorch: pip install 'sfd_jax[torch]' (or -r requirements-torch.txt: "
-            "torch==2.13.0 exactly, plus omegaconf for training checkpoints)") from e
+            "torch==2.13.0 exactly, plus omegaconf for training checkpoints)"
+        ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
-        raise ImportError(f"{path} pickles objects from module {e.name!r}; install it (the 'sfd_jax[torch]' extra "
-                          "and requirements-torch.txt have omegaconf for reference training checkpoints)") from e
+        raise ImportError(
+            f"{path} pickles objects from module {e.name!r}; install it (the 'sfd_jax[torch]' extra "
+            "and requirements-torch.txt have omegaconf for reference training checkpoints)"
+        ) from e
     except Exception as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """Load the raw object stored at `path` (a dict for every format the reference uses)."""
     from sfd_jax import paths
+
     path = os.fspath(path)
     if paths.is_remote(path):
         if not paths.exists(path):
@@ -80,6 +88,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
+
         try:
             return load_file(path)
         except Exception as e:
@@ -107,7 +116,7 @@ def to_numpy(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarr
             if str(value.dtype) == "torch.bfloat16":
                 value = value.float()
             value = value.numpy()
-        out[key[len(prefix):]] = np.asarray(value)
+        out[key[len(prefix) :]] = np.asarray(value)
     return out
 
 
@@ -122,26 +131,45 @@ def low_precision_dtypes(mapping: Mapping[str, Any]) -> list[str]:
 def check_finite(state_dict: Mapping[str, np.ndarray], *, what: str, source: str, allow: bool = False) -> list[str]:
     """Names of the tensors holding NaN/Inf; raises a ConversionError naming them unless `allow`. Weights that
     are not finite give NaN images with exit code 0, so a conversion never passes them on silently."""
-    bad = [k for k, v in state_dict.items()
-           if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))]
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))
+    ]
     if bad and not allow:
-        counts = [f"{k} ({int(np.size(state_dict[k]) - np.isfinite(state_dict[k]).sum())} non-finite)"
-                  for k in sorted(bad)]
-        raise ConversionError(what, source, hint=(
-            f"{len(bad)} tensor(s) hold NaN/Inf, e.g. {_clip(counts, 6)}; the checkpoint is damaged or was saved "
-            "after training diverged (pass --allow-nonfinite to convert it anyway)"))
+        counts = [
+            f"{k} ({int(np.size(state_dict[k]) - np.isfinite(state_dict[k]).sum())} non-finite)" for k in sorted(bad)
+        ]
+        raise ConversionError(
+            what,
+            source,
+            hint=(
+                f"{len(bad)} tensor(s) hold NaN/Inf, e.g. {_clip(counts, 6)}; the checkpoint is damaged or was saved "
+                "after training diverged (pass --allow-nonfinite to convert it anyway)"
+            ),
+        )
     return sorted(bad)
 
 
-def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], *, what: str,
-                     source: str, ignore_prefixes: Iterable[str] = (), hint: str = "") -> None:
+def check_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple],
+    *,
+    what: str,
+    source: str,
+    ignore_prefixes: Iterable[str] = (),
+    hint: str = "",
+) -> None:
     """Raise one ConversionError naming every missing / unexpected / mis-shaped key."""
     ignore_prefixes = tuple(ignore_prefixes)
     present = {k for k in state_dict if not k.startswith(ignore_prefixes)} if ignore_prefixes else set(state_dict)
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
-    mismatched = sorted((k, tuple(np.shape(state_dict[k])), tuple(expected[k]))
-                        for k in set(expected) & present if tuple(np.shape(state_dict[k])) != tuple(expected[k]))
+    mismatched = sorted(
+        (k, tuple(np.shape(state_dict[k])), tuple(expected[k]))
+        for k in set(expected) & present
+        if tuple(np.shape(state_dict[k])) != tuple(expected[k])
+    )
     if missing or unexpected or mismatched:
         raise ConversionError(what, source, missing, unexpected, mismatched, hint)
 
@@ -152,8 +180,11 @@ def assign_params(model: nnx.Module, values: Mapping[tuple, np.ndarray], *, what
     shapes = {path: tuple(var.shape) for path, var in flat}
     missing = sorted(map(_fmt_path, set(shapes) - set(values)))
     unexpected = sorted(map(_fmt_path, set(values) - set(shapes)))
-    mismatched = sorted((_fmt_path(p), tuple(np.shape(values[p])), shapes[p])
-                        for p in set(shapes) & set(values) if tuple(np.shape(values[p])) != shapes[p])
+    mismatched = sorted(
+        (_fmt_path(p), tuple(np.shape(values[p])), shapes[p])
+        for p in set(shapes) & set(values)
+        if tuple(np.shape(values[p])) != shapes[p]
+    )
     if missing or unexpected or mismatched:
         raise ConversionError(what, "converted parameters (converter bug)", missing, unexpected, mismatched)
     new = [(path, var.replace(np.asarray(values[path], dtype=var.dtype))) for path, var in flat]
@@ -168,12 +199,14 @@ def _fmt_path(path: tuple) -> str:
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
-def write_weights_dir(directory: str | os.PathLike, config: dict, arrays: Mapping[str, np.ndarray], *,
-                      meta: dict | None = None) -> str:
+def write_weights_dir(
+    directory: str | os.PathLike, config: dict, arrays: Mapping[str, np.ndarray], *, meta: dict | None = None
+) -> str:
     """Writes `config` as config.json, `arrays` (reference names and layouts) as model.safetensors and `meta` as
     meta.json; returns the directory."""
     from safetensors.numpy import save
     from sfd_jax import paths
+
     directory = os.fspath(directory)  # a local path or a gs:// URL
     paths.makedirs(directory)
     paths.write_atomic(paths.join(directory, CONFIG_NAME), json.dumps(config, indent=2))

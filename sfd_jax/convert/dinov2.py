@@ -11,6 +11,7 @@ Accepted sources:
   extraction loads.
 Everything is first normalised to transformers-5 names, then mapped by one table.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,13 @@ _HUB_TOP = {
     "norm.bias": "layernorm.bias",
 }
 _HUB_BLOCK = {
-    "norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2", "mlp.w3": "mlp.down_proj", "ls1.gamma": "layer_scale1.lambda1",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attn.proj": "attention.o_proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.w3": "mlp.down_proj",
+    "ls1.gamma": "layer_scale1.lambda1",
     "ls2.gamma": "layer_scale2.lambda1",
 }
 
@@ -63,7 +69,7 @@ def normalise_keys(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Any supported spelling → transformers-5 names (fused tensors are split the way transformers splits them)."""
     sd = dict(sd)
     for prefix in _BACKBONE_PREFIXES:
-        inside = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        inside = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if inside and any(k.startswith(("embeddings.", "encoder.", "blocks.")) for k in inside):
             sd = inside  # drops heads such as `classifier.*` that sit beside the backbone
     out = {}
@@ -114,30 +120,39 @@ def _table(cfg: Dinov2Config) -> list[tuple[str, tuple, str, tuple]]:
         ("embeddings.cls_token", ("cls_token",), "copy", (1, 1, d)),
         ("embeddings.mask_token", ("mask_token",), "copy", (1, d)),
         ("embeddings.register_tokens", ("register_tokens",), "copy", (1, cfg.num_register_tokens, d)),
-        ("embeddings.position_embeddings", ("position_embeddings",), "copy", (1, 1 + cfg.grid_size ** 2, d)),
+        ("embeddings.position_embeddings", ("position_embeddings",), "copy", (1, 1 + cfg.grid_size**2, d)),
         ("embeddings.patch_embeddings.projection.weight", ("patch_embed", "kernel"), "conv", (d, c, p, p)),
         ("embeddings.patch_embeddings.projection.bias", ("patch_embed", "bias"), "copy", (d,)),
         ("layernorm.weight", ("norm", "scale"), "copy", (d,)),
         ("layernorm.bias", ("norm", "bias"), "copy", (d,)),
     ]
-    mlp = [("gate_proj", d, h), ("up_proj", d, h), ("down_proj", h, d)] if cfg.use_swiglu_ffn \
+    mlp = (
+        [("gate_proj", d, h), ("up_proj", d, h), ("down_proj", h, d)]
+        if cfg.use_swiglu_ffn
         else [("fc1", d, h), ("fc2", h, d)]
+    )
     for i in range(cfg.num_hidden_layers):
         k, at = f"encoder.layer.{i}.", ("blocks", i)
         for norm in ("norm1", "norm2"):
-            rows += [(f"{k}{norm}.weight", at + (norm, "scale"), "copy", (d,)),
-                     (f"{k}{norm}.bias", at + (norm, "bias"), "copy", (d,))]
+            rows += [
+                (f"{k}{norm}.weight", at + (norm, "scale"), "copy", (d,)),
+                (f"{k}{norm}.bias", at + (norm, "bias"), "copy", (d,)),
+            ]
         for part in "qkv":
             rows.append((f"{k}attention.{part}_proj.weight", at + ("attn", "qkv", "kernel"), f"qkv_{part}", (d, d)))
             if cfg.qkv_bias:
                 rows.append((f"{k}attention.{part}_proj.bias", at + ("attn", "qkv", "bias"), f"qkv_{part}", (d,)))
-        rows += [(f"{k}attention.o_proj.weight", at + ("attn", "proj", "kernel"), "linear", (d, d)),
-                 (f"{k}attention.o_proj.bias", at + ("attn", "proj", "bias"), "copy", (d,)),
-                 (f"{k}layer_scale1.lambda1", at + ("ls1", "lambda1"), "copy", (d,)),
-                 (f"{k}layer_scale2.lambda1", at + ("ls2", "lambda1"), "copy", (d,))]
+        rows += [
+            (f"{k}attention.o_proj.weight", at + ("attn", "proj", "kernel"), "linear", (d, d)),
+            (f"{k}attention.o_proj.bias", at + ("attn", "proj", "bias"), "copy", (d,)),
+            (f"{k}layer_scale1.lambda1", at + ("ls1", "lambda1"), "copy", (d,)),
+            (f"{k}layer_scale2.lambda1", at + ("ls2", "lambda1"), "copy", (d,)),
+        ]
         for name, din, dout in mlp:
-            rows += [(f"{k}mlp.{name}.weight", at + ("mlp", name, "kernel"), "linear", (dout, din)),
-                     (f"{k}mlp.{name}.bias", at + ("mlp", name, "bias"), "copy", (dout,))]
+            rows += [
+                (f"{k}mlp.{name}.weight", at + ("mlp", name, "kernel"), "linear", (dout, din)),
+                (f"{k}mlp.{name}.bias", at + ("mlp", name, "bias"), "copy", (dout,)),
+            ]
     return rows
 
 
@@ -149,26 +164,43 @@ def infer_config(sd: Mapping[str, np.ndarray], **overrides) -> Dinov2Config:
         num_pos = int(np.shape(sd["embeddings.position_embeddings"])[1]) - 1
         registers = int(np.shape(sd["embeddings.register_tokens"])[1])
     except KeyError as e:
-        raise ConversionError("DINOv2-with-registers", "the given weights", missing=[e.args[0]],
-                              hint="not a DINOv2-with-registers state dict") from None
-    grid = int(round(num_pos ** 0.5))
+        raise ConversionError(
+            "DINOv2-with-registers",
+            "the given weights",
+            missing=[e.args[0]],
+            hint="not a DINOv2-with-registers state dict",
+        ) from None
+    grid = int(round(num_pos**0.5))
     if grid * grid != num_pos:
-        raise ConversionError("DINOv2-with-registers", "the given weights",
-                              hint=f"position_embeddings hold {num_pos} patch positions, not a square grid")
+        raise ConversionError(
+            "DINOv2-with-registers",
+            "the given weights",
+            hint=f"position_embeddings hold {num_pos} patch positions, not a square grid",
+        )
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
     swiglu = "encoder.layer.0.mlp.gate_proj.weight" in sd
     hidden = int(np.shape(sd["encoder.layer.0.mlp." + ("gate_proj" if swiglu else "fc1") + ".weight"])[0])
     mlp_ratio = hidden / d
     if swiglu:  # invert transformers' rounding for the usual ratio 4
         mlp_ratio = 4 if (int(4 * d * 2 / 3) + 7) // 8 * 8 == hidden else hidden * 1.5 / d
-    kwargs = dict(hidden_size=d, num_hidden_layers=len(layers), num_attention_heads=max(d // 64, 1),
-                  mlp_ratio=int(mlp_ratio) if float(mlp_ratio).is_integer() else mlp_ratio, patch_size=int(p),
-                  image_size=grid * int(p), num_channels=int(c), num_register_tokens=registers,
-                  qkv_bias="encoder.layer.0.attention.q_proj.bias" in sd, use_swiglu_ffn=swiglu)
+    kwargs = dict(
+        hidden_size=d,
+        num_hidden_layers=len(layers),
+        num_attention_heads=max(d // 64, 1),
+        mlp_ratio=int(mlp_ratio) if float(mlp_ratio).is_integer() else mlp_ratio,
+        patch_size=int(p),
+        image_size=grid * int(p),
+        num_channels=int(c),
+        num_register_tokens=registers,
+        qkv_bias="encoder.layer.0.attention.q_proj.bias" in sd,
+        use_swiglu_ffn=swiglu,
+    )
     kwargs.update(overrides)
     if "num_attention_heads" not in overrides:
-        log.warning("DINOv2: no config given; assuming num_attention_heads = hidden_size / 64 = %d",
-                    kwargs["num_attention_heads"])
+        log.warning(
+            "DINOv2: no config given; assuming num_attention_heads = hidden_size / 64 = %d",
+            kwargs["num_attention_heads"],
+        )
     return Dinov2Config(**kwargs)
 
 
@@ -181,6 +213,7 @@ def _read_directory(path: str) -> tuple[dict, dict | None]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         from safetensors.numpy import load_file
+
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         sd = {}
@@ -190,8 +223,9 @@ def _read_directory(path: str) -> tuple[dict, dict | None]:
     return read_checkpoint(path), config
 
 
-def load_dinov2(path_or_state_dict, config: Mapping[str, Any] | Dinov2Config | None = None, *,
-                dtype: str = "float32") -> tuple[Dinov2Config, Dinov2]:
+def load_dinov2(
+    path_or_state_dict, config: Mapping[str, Any] | Dinov2Config | None = None, *, dtype: str = "float32"
+) -> tuple[Dinov2Config, Dinov2]:
     """Load DINOv2-with-registers weights; returns (cfg, model) with fp32 params and compute `dtype`.
 
     `path_or_state_dict`: a `save_pretrained` directory, a weights file (.safetensors, .npz, .pt/.pth), or a
@@ -207,8 +241,9 @@ def load_dinov2(path_or_state_dict, config: Mapping[str, Any] | Dinov2Config | N
     else:
         source, obj = "the given state dict", path_or_state_dict
     if not isinstance(obj, Mapping):
-        raise ConversionError("DINOv2-with-registers", source,
-                              hint=f"expected a mapping of tensors, got {type(obj).__name__}")
+        raise ConversionError(
+            "DINOv2-with-registers", source, hint=f"expected a mapping of tensors, got {type(obj).__name__}"
+        )
     for wrapper in ("state_dict", "model"):  # torch checkpoints that nest the weights
         if wrapper in obj and isinstance(obj[wrapper], Mapping) and len(obj) < 8:
             obj = obj[wrapper]
@@ -220,8 +255,9 @@ def load_dinov2(path_or_state_dict, config: Mapping[str, Any] | Dinov2Config | N
         cfg = Dinov2Config.from_hf(config, dtype=dtype)
     else:
         cfg = infer_config(sd, dtype=dtype)
-    check_state_dict(sd, {row[0]: row[3] for row in _table(cfg)}, what="DINOv2-with-registers", source=source,
-                     hint=f"config: {cfg}")
+    check_state_dict(
+        sd, {row[0]: row[3] for row in _table(cfg)}, what="DINOv2-with-registers", source=source, hint=f"config: {cfg}"
+    )
     values: dict[tuple, np.ndarray] = {}
     qkv: dict[tuple, dict[str, np.ndarray]] = {}
     for key, path, kind, _ in _table(cfg):
@@ -245,8 +281,7 @@ def load_dinov2(path_or_state_dict, config: Mapping[str, Any] | Dinov2Config | N
 def export_dinov2(model: Dinov2) -> dict[str, np.ndarray]:
     """transformers-5 state dict ({key: float32 array}) that `Dinov2WithRegistersModel` loads strict."""
     cfg = model.cfg
-    flat = {path: np.asarray(var[...], np.float32)
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = {path: np.asarray(var[...], np.float32) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     d = cfg.hidden_size
     out = {}
     for key, path, kind, _ in _table(cfg):
@@ -257,7 +292,7 @@ def export_dinov2(model: Dinov2) -> dict[str, np.ndarray]:
             value = value.transpose(3, 2, 0, 1)
         elif kind.startswith("qkv_"):
             i = "qkv".index(kind[-1])
-            value = value[..., i * d:(i + 1) * d]
+            value = value[..., i * d : (i + 1) * d]
             value = value.T if value.ndim == 2 else value
         out[key] = np.ascontiguousarray(value)
     return out
@@ -267,6 +302,7 @@ def save_pretrained(model: Dinov2, directory: str | os.PathLike) -> None:
     """Write config.json + model.safetensors that `Dinov2WithRegistersModel.from_pretrained` and `load_dinov2`
     both read."""
     from safetensors.numpy import save_file
+
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model.cfg.to_hf(), f, indent=2)
@@ -275,15 +311,21 @@ def save_pretrained(model: Dinov2, directory: str | os.PathLike) -> None:
 
 # CLI: python -m sfd_jax.convert dinov2 IN OUT_DIR [--config config.json]
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("dinov2", help="DINOv2-with-registers weights → transformers-style directory",
-                              description="Convert DINOv2-with-registers weights (a transformers directory, or a "
-                                          "torch.hub checkpoint such as dinov2_vitb14_reg4_pretrain.pth) into a "
-                                          "torch-free directory (config.json + model.safetensors, transformers-5 "
-                                          "names) that load_dinov2 and transformers both read.")
+    p = subparsers.add_parser(
+        "dinov2",
+        help="DINOv2-with-registers weights → transformers-style directory",
+        description="Convert DINOv2-with-registers weights (a transformers directory, or a "
+        "torch.hub checkpoint such as dinov2_vitb14_reg4_pretrain.pth) into a "
+        "torch-free directory (config.json + model.safetensors, transformers-5 "
+        "names) that load_dinov2 and transformers both read.",
+    )
     p.add_argument("input", help="save_pretrained directory, .safetensors, .pth/.pt or .npz")
     p.add_argument("output_dir")
-    p.add_argument("--config", help="transformers config.json (default: the input directory's, else inferred "
-                                    "from the shapes with hidden_size / 64 heads)")
+    p.add_argument(
+        "--config",
+        help="transformers config.json (default: the input directory's, else inferred "
+        "from the shapes with hidden_size / 64 heads)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     p.set_defaults(func=_cli_main)
 
@@ -295,9 +337,11 @@ def _cli_main(args) -> int:
             config = json.load(f)
     cfg, model = load_dinov2(args.input, config)
     n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"found: DINOv2 D={cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
-          f"patch {cfg.patch_size}, {cfg.grid_size}x{cfg.grid_size} position grid, {cfg.num_register_tokens} "
-          f"registers; {n:,} params")
+    print(
+        f"found: DINOv2 D={cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
+        f"patch {cfg.patch_size}, {cfg.grid_size}x{cfg.grid_size} position grid, {cfg.num_register_tokens} "
+        f"registers; {n:,} params"
+    )
     save_pretrained(model, args.output_dir)
     print(f"wrote {os.path.abspath(args.output_dir)}")
     return 0

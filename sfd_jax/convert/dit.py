@@ -12,6 +12,7 @@ the same t into both is one MLP with stacked first and block-diagonal second lay
 representable and is refused. The REPA depth is not
 visible in the weights: it comes from the checkpoint's config (`model.repa_feat_depth`) when present, else 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,23 +29,39 @@ from etils import epath
 from flax import nnx
 
 from sfd_jax import paths
-from sfd_jax.convert.common import (ConversionError, check_finite, check_state_dict, low_precision_dtypes,
-                                    read_checkpoint, to_numpy)
+from sfd_jax.convert.common import (
+    ConversionError,
+    check_finite,
+    check_state_dict,
+    low_precision_dtypes,
+    read_checkpoint,
+    to_numpy,
+)
 from sfd_jax.models.lightningdit import DiTConfig, LightningDiT, abstract_model, count_params, fixed_tables
 
 WHAT = "LightningDiT"
 _BUFFERS = ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
 # Keys whose shapes determine the architecture.
-_SHAPE_KEYS = ("x_embedder.proj.weight", "pos_embed", "feat_rope.freqs_cos", "y_embedder.embedding_table.weight",
-               "blocks.0.mlp.w12.weight")
+_SHAPE_KEYS = (
+    "x_embedder.proj.weight",
+    "pos_embed",
+    "feat_rope.freqs_cos",
+    "y_embedder.embedding_table.weight",
+    "blocks.0.mlp.w12.weight",
+)
 # nnx module name ↔ reference module name where they differ.
-_MODULE_TO_REF = {"x_embedder": "x_embedder.proj", "fc1": "mlp.0", "fc2": "mlp.2",
-                  "adaLN_modulation": "adaLN_modulation.1"}
+_MODULE_TO_REF = {
+    "x_embedder": "x_embedder.proj",
+    "fc1": "mlp.0",
+    "fc2": "mlp.2",
+    "adaLN_modulation": "adaLN_modulation.1",
+}
 _REPA_TO_REF = {"fc1": "0", "fc2": "2", "fc3": "4"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names and layouts
+
 
 def _ref_key(path: tuple) -> str:
     """nnx Param path → reference state_dict key."""
@@ -84,8 +101,10 @@ def _ref_shape(path: tuple, shape: tuple) -> tuple:
 def expected_shapes(cfg: DiTConfig) -> dict[str, tuple]:
     """{reference key: torch shape} for `cfg`, buffers included — computed without allocating parameters."""
     model = abstract_model(cfg)
-    out = {_ref_key(path): _ref_shape(path, tuple(var.shape))
-           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {
+        _ref_key(path): _ref_shape(path, tuple(var.shape))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     out["pos_embed"] = (1, cfg.num_tokens, cfg.hidden_size)
     out["feat_rope.freqs_cos"] = out["feat_rope.freqs_sin"] = (cfg.num_tokens, cfg.head_dim)
     return out
@@ -94,9 +113,11 @@ def expected_shapes(cfg: DiTConfig) -> dict[str, tuple]:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
+
 @dataclasses.dataclass
 class DiTSource:
     """What `read_dit_state_dict` found: the chosen state dict and where it came from."""
+
     state_dict: dict[str, np.ndarray]
     source: str  # file name or "<mapping>"
     weights: str  # "ema", "model" (raw training weights) or "state_dict" (a bare state dict: EMA unknown)
@@ -112,14 +133,18 @@ def _plain_config(config: Any) -> dict | None:
         return dict(config)
     try:  # OmegaConf DictConfig, without importing omegaconf when absent
         from omegaconf import OmegaConf
+
         return OmegaConf.to_container(config, resolve=True)
     except Exception:
         return None
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and (hasattr(v, "shape") and hasattr(v, "dtype")) for k, v in obj.items())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and (hasattr(v, "shape") and hasattr(v, "dtype")) for k, v in obj.items())
+    )
 
 
 def read_dit_state_dict(path_or_state_dict, *, use_ema: bool = True) -> DiTSource:
@@ -140,9 +165,15 @@ def read_dit_state_dict(path_or_state_dict, *, use_ema: bool = True) -> DiTSourc
     if "ema" in raw or "model" in raw:
         which = "ema" if use_ema else "model"
         if which not in raw:
-            raise ConversionError(WHAT, source, missing=[which], hint=(
-                f"training checkpoint has entries {sorted(map(str, raw))}; "
-                + ("pass use_ema=False for the raw 'model' weights" if use_ema else "")))
+            raise ConversionError(
+                WHAT,
+                source,
+                missing=[which],
+                hint=(
+                    f"training checkpoint has entries {sorted(map(str, raw))}; "
+                    + ("pass use_ema=False for the raw 'model' weights" if use_ema else "")
+                ),
+            )
         ckpt_config = _plain_config(raw.get("config"))
         sd, weights = raw[which], which
     elif _is_tensor_mapping(raw):
@@ -156,12 +187,17 @@ def read_dit_state_dict(path_or_state_dict, *, use_ema: bool = True) -> DiTSourc
     sd = to_numpy(sd)
     for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return DiTSource(sd, source, weights, step, ckpt_config, stored)
 
 
-def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "<mapping>",
-                 ckpt_config: Mapping | None = None, dtype: str = "float32") -> DiTConfig:
+def infer_config(
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    source: str = "<mapping>",
+    ckpt_config: Mapping | None = None,
+    dtype: str = "float32",
+) -> DiTConfig:
     """The DiTConfig whose shapes the state dict has (heads = D / head_dim with head_dim from the RoPE table)."""
     absent = [k for k in _SHAPE_KEYS if k not in state_dict]
     if absent:
@@ -182,15 +218,28 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "<mappin
     except (ValueError, IndexError) as e:
         raise ConversionError(WHAT, source, hint=f"cannot read the architecture from the shapes: {e}") from e
     if head_dim <= 0 or d % head_dim or input_size * input_size != tokens:
-        raise ConversionError(WHAT, source, mismatched=[
-            ("feat_rope.freqs_cos", state_dict["feat_rope.freqs_cos"].shape, (tokens, f"divisor of {d}")),
-            ("pos_embed", state_dict["pos_embed"].shape, (1, "square number", d))])
+        raise ConversionError(
+            WHAT,
+            source,
+            mismatched=[
+                ("feat_rope.freqs_cos", state_dict["feat_rope.freqs_cos"].shape, (tokens, f"divisor of {d}")),
+                ("pos_embed", state_dict["pos_embed"].shape, (1, "square number", d)),
+            ],
+        )
     model_cfg = (ckpt_config or {}).get("model", {}) if isinstance(ckpt_config, Mapping) else {}
     use_repa = "repa_projector.0.weight" in state_dict
-    kwargs = dict(depth=depth, hidden_size=int(d), num_heads=int(d // head_dim), input_size=input_size,
-                  in_channels=int(in_channels), num_classes=int(num_classes), use_repa=use_repa, dtype=dtype,
-                  mlp_ratio=_mlp_ratio(int(d), int(mlp_hidden)),
-                  dual_timestep="t_embedder.mlp.0.weight" not in state_dict)
+    kwargs = dict(
+        depth=depth,
+        hidden_size=int(d),
+        num_heads=int(d // head_dim),
+        input_size=input_size,
+        in_channels=int(in_channels),
+        num_classes=int(num_classes),
+        use_repa=use_repa,
+        dtype=dtype,
+        mlp_ratio=_mlp_ratio(int(d), int(mlp_hidden)),
+        dual_timestep="t_embedder.mlp.0.weight" not in state_dict,
+    )
     if "semantic_chans" in model_cfg:
         kwargs["semantic_chans"] = int(model_cfg["semantic_chans"])
     if use_repa:
@@ -199,9 +248,14 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "<mappin
             kwargs["repa_dim"] = int(state_dict["repa_projector.4.weight"].shape[0])
         kwargs["repa_depth"] = int(model_cfg.get("repa_feat_depth", 2))
     if "num_heads" in model_cfg and int(model_cfg["num_heads"]) != kwargs["num_heads"]:
-        raise ConversionError(WHAT, source, hint=(
-            f"the checkpoint config says num_heads={model_cfg['num_heads']} but its RoPE table has head_dim "
-            f"{head_dim}, i.e. {kwargs['num_heads']} heads"))
+        raise ConversionError(
+            WHAT,
+            source,
+            hint=(
+                f"the checkpoint config says num_heads={model_cfg['num_heads']} but its RoPE table has head_dim "
+                f"{head_dim}, i.e. {kwargs['num_heads']} heads"
+            ),
+        )
     try:
         return DiTConfig(**kwargs)
     except ValueError as e:
@@ -225,8 +279,8 @@ def join_timestep_embedders(state_dict: Mapping[str, np.ndarray]) -> dict[str, n
     out[_JOINT_PREFIX + "0.bias"] = np.concatenate([f(sem + "0.bias"), f(tex + "0.bias")])
     w_sem, w_tex = f(sem + "2.weight"), f(tex + "2.weight")
     w = np.zeros((w_sem.shape[0] + w_tex.shape[0], w_sem.shape[1] + w_tex.shape[1]), np.float32)
-    w[:w_sem.shape[0], :w_sem.shape[1]] = w_sem
-    w[w_sem.shape[0]:, w_sem.shape[1]:] = w_tex
+    w[: w_sem.shape[0], : w_sem.shape[1]] = w_sem
+    w[w_sem.shape[0] :, w_sem.shape[1] :] = w_tex
     out[_JOINT_PREFIX + "2.weight"] = w
     out[_JOINT_PREFIX + "2.bias"] = np.concatenate([f(sem + "2.bias"), f(tex + "2.bias")])
     return out
@@ -240,16 +294,26 @@ def _mlp_ratio(d: int, hidden: int) -> float:
 
 
 def _looks_like_dit_key(key: str) -> bool:
-    return key.split(".")[0] in {"x_embedder", "pos_embed", "t_embedder_sem", "t_embedder_tex", "t_embedder",
-                                 "y_embedder",
-                                 "feat_rope", "blocks", "final_layer", "repa_projector"}
+    return key.split(".")[0] in {
+        "x_embedder",
+        "pos_embed",
+        "t_embedder_sem",
+        "t_embedder_tex",
+        "t_embedder",
+        "y_embedder",
+        "feat_rope",
+        "blocks",
+        "final_layer",
+        "repa_projector",
+    }
 
 
-def _check_buffers(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str,
-                   stored_dtypes: tuple = ()) -> None:
+def _check_buffers(
+    state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str, stored_dtypes: tuple = ()
+) -> None:
     # Tables stored in 16 bits were rounded: allow the rounding of their format (bf16 keeps 8 significant bits,
     # fp16 11) relative to each value; another layout differs by O(1).
-    rel = 2.0 ** -8 if any("bfloat16" in d for d in stored_dtypes) else 2.0 ** -11 if stored_dtypes else 0.0
+    rel = 2.0**-8 if any("bfloat16" in d for d in stored_dtypes) else 2.0**-11 if stored_dtypes else 0.0
     pos_embed, (rope_cos, rope_sin) = fixed_tables(cfg)
     computed = {"pos_embed": pos_embed[None], "feat_rope.freqs_cos": rope_cos, "feat_rope.freqs_sin": rope_sin}
     wrong = []
@@ -260,16 +324,26 @@ def _check_buffers(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
         if not np.all(diff <= 1e-5 + rel * np.abs(value)):
             wrong.append(f"{key} (max abs difference {err:.3g})")
     if wrong:
-        raise ConversionError(WHAT, source, hint=(
-            "fixed tables differ from the ones computed for " + _describe(cfg) + ": " + ", ".join(wrong)
-            + " — a different architecture (position-embedding or RoPE layout)"))
+        raise ConversionError(
+            WHAT,
+            source,
+            hint=(
+                "fixed tables differ from the ones computed for "
+                + _describe(cfg)
+                + ": "
+                + ", ".join(wrong)
+                + " — a different architecture (position-embedding or RoPE layout)"
+            ),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 
-def load_dit(path_or_state_dict, *, use_ema: bool = True, config: DiTConfig | None = None,
-             dtype: str | None = "float32") -> tuple[DiTConfig, LightningDiT]:
+
+def load_dit(
+    path_or_state_dict, *, use_ema: bool = True, config: DiTConfig | None = None, dtype: str | None = "float32"
+) -> tuple[DiTConfig, LightningDiT]:
     """Build a LightningDiT holding the weights of a reference checkpoint / state dict / mapping.
 
     `use_ema` picks "ema" (default, what sampling uses) or "model" from a training checkpoint. `config` skips shape
@@ -279,8 +353,9 @@ def load_dit(path_or_state_dict, *, use_ema: bool = True, config: DiTConfig | No
     return _build(found, config=config, dtype=dtype)
 
 
-def _build(found: DiTSource, *, config: DiTConfig | None, dtype: str | None,
-           allow_nonfinite: bool = False) -> tuple[DiTConfig, LightningDiT]:
+def _build(
+    found: DiTSource, *, config: DiTConfig | None, dtype: str | None, allow_nonfinite: bool = False
+) -> tuple[DiTConfig, LightningDiT]:
     sd, source = found.state_dict, found.source
     if config is None:
         cfg = infer_config(sd, source=source, ckpt_config=found.ckpt_config)
@@ -292,14 +367,18 @@ def _build(found: DiTSource, *, config: DiTConfig | None, dtype: str | None,
         sd = join_timestep_embedders(sd)
     hint = f"expected the keys and shapes of {_describe(cfg)}"
     if cfg.dual_timestep and _JOINT_PREFIX + "0.weight" in sd:
-        hint += (" -- these weights have the one D-wide timestep embedder of a Δt = 0 / no-semantic model, which two "
-                 "D/2 embedders cannot represent; build the model with dual_timestep=False")
+        hint += (
+            " -- these weights have the one D-wide timestep embedder of a Δt = 0 / no-semantic model, which two "
+            "D/2 embedders cannot represent; build the model with dual_timestep=False"
+        )
     check_state_dict(sd, expected_shapes(cfg), what=WHAT, source=source, hint=hint)
     _check_buffers(sd, cfg, source, found.stored_dtypes)
     check_finite(sd, what=WHAT, source=source, allow=allow_nonfinite)
     model = abstract_model(cfg)
-    params = {path: _from_ref(path, np.asarray(sd[_ref_key(path)], np.float32))
-              for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {
+        path: _from_ref(path, np.asarray(sd[_ref_key(path)], np.float32))
+        for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     return cfg, _materialise(model, params)
 
 
@@ -312,16 +391,21 @@ def _materialise(model: LightningDiT, params: Mapping[tuple, np.ndarray]) -> Lig
     for path, var in nnx.to_flat_state(state):
         value = params[path] if path in params else buffers[path]
         if tuple(value.shape) != tuple(var.shape):
-            raise ConversionError(WHAT, "converted parameters (converter bug)",
-                                  mismatched=[(".".join(map(str, path)), value.shape, var.shape)])
+            raise ConversionError(
+                WHAT,
+                "converted parameters (converter bug)",
+                mismatched=[(".".join(map(str, path)), value.shape, var.shape)],
+            )
         flat.append((path, var.replace(jnp.asarray(value, dtype=jnp.float32))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def export_dit(model: LightningDiT) -> dict[str, np.ndarray]:
     """{reference key: np.ndarray} in torch layouts, with the `pos_embed` and `feat_rope` buffers."""
-    out = {_ref_key(path): np.asarray(_to_ref(path, np.asarray(var[...], np.float32)))
-           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {
+        _ref_key(path): np.asarray(_to_ref(path, np.asarray(var[...], np.float32)))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     out["pos_embed"] = np.asarray(model.pos_embed[...], np.float32)[None]
     out["feat_rope.freqs_cos"] = np.asarray(model.rope_cos[...], np.float32)
     out["feat_rope.freqs_sin"] = np.asarray(model.rope_sin[...], np.float32)
@@ -337,10 +421,12 @@ def _describe(cfg: DiTConfig) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Weights directory: orbax params + config.json (+ meta.json)
 
+
 def save_dit(directory, cfg: DiTConfig, model: LightningDiT, *, meta: dict | None = None) -> epath.Path:
     """Write `params/` (orbax, Params only: the fixed tables are recomputed on restore), config.json, meta.json.
     `directory`: a local path or a gs:// URL."""
     import orbax.checkpoint as ocp
+
     directory = paths.path(paths.absolute(directory))
     directory.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -355,11 +441,14 @@ def save_dit(directory, cfg: DiTConfig, model: LightningDiT, *, meta: dict | Non
 def restore_dit(directory, *, dtype: str | None = None) -> tuple[DiTConfig, LightningDiT]:
     """Read a weights directory written by `save_dit` (or `python -m sfd_jax.convert dit`), local or gs://."""
     import orbax.checkpoint as ocp
+
     directory = paths.path(paths.absolute(directory))
     config_path = directory / "config.json"
     if not config_path.exists() or not (directory / "params").exists():
-        raise FileNotFoundError(f"{directory} is not a DiT weights directory (needs config.json and params/; "
-                                "make one with `python -m sfd_jax.convert dit IN.pt OUT_DIR`)")
+        raise FileNotFoundError(
+            f"{directory} is not a DiT weights directory (needs config.json and params/; "
+            "make one with `python -m sfd_jax.convert dit IN.pt OUT_DIR`)"
+        )
     cfg = DiTConfig.from_dict(json.loads(config_path.read_text()))
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
@@ -367,14 +456,18 @@ def restore_dit(directory, *, dtype: str | None = None) -> tuple[DiTConfig, Ligh
     # This process's own first device: with several processes jax.devices()[0] belongs to process 0, and restoring
     # onto it from another process makes orbax wait for a cross-process transfer that never comes.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
-                          _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    target = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
+        _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+    )
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(directory / "params", target)
         except Exception as e:
-            raise ValueError(f"{directory / 'params'} does not hold the parameters of {_describe(cfg)} "
-                             f"described by {config_path}: {type(e).__name__}: {e}") from e
+            raise ValueError(
+                f"{directory / 'params'} does not hold the parameters of {_describe(cfg)} "
+                f"described by {config_path}: {type(e).__name__}: {e}"
+            ) from e
     params = {tuple(_int_keys(p)): np.asarray(v) for p, v in _flatten(restored)}
     return cfg, _materialise(model, params)
 
@@ -398,17 +491,25 @@ def _int_keys(path):
 # ---------------------------------------------------------------------------------------------------------------
 # CLI: python -m sfd_jax.convert dit IN.pt OUT_DIR [--raw]
 
+
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("dit", help="reference LightningDiT checkpoint (.pt/.safetensors) → weights directory",
-                              description="Convert a reference SFD LightningDiT checkpoint into an sfd_jax weights "
-                                          "directory (orbax params + config.json + meta.json).")
-    p.add_argument("input", help="reference {step:07d}.pt training checkpoint, or a bare state dict "
-                                 "(.pt/.pth/.safetensors/.npz)")
+    p = subparsers.add_parser(
+        "dit",
+        help="reference LightningDiT checkpoint (.pt/.safetensors) → weights directory",
+        description="Convert a reference SFD LightningDiT checkpoint into an sfd_jax weights "
+        "directory (orbax params + config.json + meta.json).",
+    )
+    p.add_argument(
+        "input", help="reference {step:07d}.pt training checkpoint, or a bare state dict (.pt/.pth/.safetensors/.npz)"
+    )
     p.add_argument("output_dir", help="directory to write (params/, config.json, meta.json)")
     p.add_argument("--raw", action="store_true", help="take the raw training weights ('model') instead of 'ema'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights directory")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="convert even if tensors hold NaN/Inf (refused by default; their names are printed)")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert even if tensors hold NaN/Inf (refused by default; their names are printed)",
+    )
     p.set_defaults(func=_cli_main)
 
 
@@ -417,21 +518,32 @@ def _cli_main(args: argparse.Namespace) -> int:
     found = read_dit_state_dict(args.input, use_ema=not args.raw)
     cfg, model = _build(found, config=None, dtype="float32", allow_nonfinite=args.allow_nonfinite)
     if found.stored_dtypes:
-        print(f"note: {args.input} stores {', '.join(found.stored_dtypes)} tensors; converted to float32 "
-              "(exact: every 16-bit value is a float32 value)")
+        print(
+            f"note: {args.input} stores {', '.join(found.stored_dtypes)} tensors; converted to float32 "
+            "(exact: every 16-bit value is a float32 value)"
+        )
     bad = check_finite(found.state_dict, what=WHAT, source=found.source, allow=True)
     if bad:
         print(f"WARNING: converted with --allow-nonfinite; {len(bad)} tensor(s) hold NaN/Inf: {', '.join(bad[:12])}")
     n_params = count_params(cfg)
     n_repa = count_params(cfg, include_repa=True) - n_params
-    weights = {"ema": "EMA", "model": "raw (non-EMA training weights)",
-               "state_dict": "bare state dict (EMA or raw unknown)"}[found.weights]
+    weights = {
+        "ema": "EMA",
+        "model": "raw (non-EMA training weights)",
+        "state_dict": "bare state dict (EMA or raw unknown)",
+    }[found.weights]
     print(f"found: {_describe(cfg)}")
     print(f"  step: {found.step if found.step is not None else 'unknown'}")
     print(f"  weights: {weights}")
     print(f"  params: {n_params:,} ({n_params / 1e6:.2f}M; + REPA projector {n_repa:,})")
-    meta = {"source": paths.absolute(args.input), "step": found.step, "weights": found.weights,
-            "size": cfg.size_name(), "params": n_params, "repa_projector_params": n_repa}
+    meta = {
+        "source": paths.absolute(args.input),
+        "step": found.step,
+        "weights": found.weights,
+        "size": cfg.size_name(),
+        "params": n_params,
+        "repa_projector_params": n_repa,
+    }
     save_dit(out, cfg, model, meta=meta)
     print(f"wrote {out}")
     return 0

@@ -9,6 +9,7 @@ carry the torch names: `<m>.conv.weight` (out, in, kh, kw) → `<m>.conv.kernel`
 
     python -m sfd_jax.convert.inception pt_inception-2015-12-05-6726825d.pth fid_inception.npz   # torch needed once
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,9 @@ def _from_torch(value: np.ndarray, transform: str) -> np.ndarray:
     return value
 
 
-def load_into(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
-              what: str = "FID Inception") -> nnx.Module:
+def load_into(
+    module: nnx.Module, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict", what: str = "FID Inception"
+) -> nnx.Module:
     """Write a torch-named state dict into `module` (the full InceptionV3 or one of its blocks), in place.
 
     Every Param and BatchNorm statistic must be given exactly once with the right shape; all problems are
@@ -69,13 +71,20 @@ def load_into(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *, sourc
         key, transform = _torch_key(path)
         plan[key] = (path, var, transform)
     expected = {key: _to_torch_shape(tuple(var.shape), t) for key, (_, var, t) in plan.items()}
-    check_state_dict(state_dict, expected, what=what, source=source,
-                     hint="expected the pytorch-fid FID Inception state dict (pt_inception-2015-12-05-*.pth)")
+    check_state_dict(
+        state_dict,
+        expected,
+        what=what,
+        source=source,
+        hint="expected the pytorch-fid FID Inception state dict (pt_inception-2015-12-05-*.pth)",
+    )
     bad_dtype = sorted(k for k in plan if not np.issubdtype(state_dict[k].dtype, np.floating))
     if bad_dtype:
         raise ConversionError(what, source, hint=f"non-float tensors: {', '.join(bad_dtype[:8])}")
-    new = [(path, var.replace(jnp.asarray(_from_torch(state_dict[key], t), dtype=var.dtype)))
-           for key, (path, var, t) in plan.items()]
+    new = [
+        (path, var.replace(jnp.asarray(_from_torch(state_dict[key], t), dtype=var.dtype)))
+        for key, (path, var, t) in plan.items()
+    ]
     nnx.update(module, nnx.from_flat_state(new))
     return module
 
@@ -113,6 +122,7 @@ def main(argv=None) -> None:
     """`python -m sfd_jax.convert.inception IN.pth OUT.npz`: re-save the weights as npz so that evaluation
     hosts need no torch."""
     import sys
+
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or not args[1].endswith(".npz"):
         raise SystemExit("usage: python -m sfd_jax.convert.inception pt_inception-2015-12-05-6726825d.pth OUT.npz")

@@ -5,6 +5,7 @@ Reference layout: `encoder` / `decoder` are `nn.Sequential`s: index 0 the input 
 N+1 the LayerNorm, N+2 the output Linear. torch Linear weights are (out, in); flax kernels are (in, out).
 The head count cannot be read from the weights, so `load_semvae` takes it (6 for the reference checkpoint).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,16 @@ import numpy as np
 from flax import nnx
 
 from sfd_jax import paths
-from sfd_jax.convert.common import (CONFIG_NAME, WEIGHTS_NAME, ConversionError, assign_params, check_state_dict,
-                                    read_checkpoint, to_numpy, write_weights_dir)
+from sfd_jax.convert.common import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ConversionError,
+    assign_params,
+    check_state_dict,
+    read_checkpoint,
+    to_numpy,
+    write_weights_dir,
+)
 from sfd_jax.models.semvae import SemVAE, SemVAEConfig
 
 
@@ -34,6 +43,7 @@ def _table(cfg: SemVAEConfig) -> list[tuple[str, tuple, str]]:
     rows = []
     n = cfg.num_blocks
     for tower in ("encoder", "decoder"):
+
         def lin(key, path):
             rows.append((f"{key}.weight", path + ("kernel",), "linear"))
             rows.append((f"{key}.bias", path + ("bias",), "copy"))
@@ -60,17 +70,29 @@ def _table(cfg: SemVAEConfig) -> list[tuple[str, tuple, str]]:
 def _expected_shapes(cfg: SemVAEConfig) -> dict[str, tuple]:
     d, h = cfg.hidden_dim, cfg.mlp_hidden
     shapes = {}
-    for tower, din, dout in (("encoder", cfg.input_dim, 2 * cfg.bottleneck_dim),
-                             ("decoder", cfg.bottleneck_dim, cfg.input_dim)):
+    for tower, din, dout in (
+        ("encoder", cfg.input_dim, 2 * cfg.bottleneck_dim),
+        ("decoder", cfg.bottleneck_dim, cfg.input_dim),
+    ):
         shapes[f"{tower}.0.weight"], shapes[f"{tower}.0.bias"] = (d, din), (d,)
         for i in range(1, cfg.num_blocks + 1):
             k = f"{tower}.{i}"
-            shapes.update({f"{k}.norm1.weight": (d,), f"{k}.norm1.bias": (d,),
-                           f"{k}.attn.in_proj_weight": (3 * d, d), f"{k}.attn.in_proj_bias": (3 * d,),
-                           f"{k}.attn.out_proj.weight": (d, d), f"{k}.attn.out_proj.bias": (d,),
-                           f"{k}.norm2.weight": (d,), f"{k}.norm2.bias": (d,),
-                           f"{k}.mlp.0.weight": (h, d), f"{k}.mlp.0.bias": (h,),
-                           f"{k}.mlp.2.weight": (d, h), f"{k}.mlp.2.bias": (d,)})
+            shapes.update(
+                {
+                    f"{k}.norm1.weight": (d,),
+                    f"{k}.norm1.bias": (d,),
+                    f"{k}.attn.in_proj_weight": (3 * d, d),
+                    f"{k}.attn.in_proj_bias": (3 * d,),
+                    f"{k}.attn.out_proj.weight": (d, d),
+                    f"{k}.attn.out_proj.bias": (d,),
+                    f"{k}.norm2.weight": (d,),
+                    f"{k}.norm2.bias": (d,),
+                    f"{k}.mlp.0.weight": (h, d),
+                    f"{k}.mlp.0.bias": (h,),
+                    f"{k}.mlp.2.weight": (d, h),
+                    f"{k}.mlp.2.bias": (d,),
+                }
+            )
         k = cfg.num_blocks + 1
         shapes[f"{tower}.{k}.weight"], shapes[f"{tower}.{k}.bias"] = (d,), (d,)
         shapes[f"{tower}.{k + 1}.weight"], shapes[f"{tower}.{k + 1}.bias"] = (dout, d), (dout,)
@@ -85,13 +107,16 @@ def _state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
     sd = to_numpy(obj)
     for prefix in _WRAPPER_PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     if "encoder.0.weight" not in sd or "decoder.0.weight" not in sd:
-        raise ConversionError("SemVAE", source, missing=[k for k in ("encoder.0.weight", "decoder.0.weight")
-                                                        if k not in sd],
-                              hint="not a SemVAE state dict (expected the reference `semantic_ae_final.pt`: "
-                                   "{'model_state_dict': {'encoder.*', 'decoder.*'}}); "
-                                   f"top-level keys found: {sorted(obj)[:8]}")
+        raise ConversionError(
+            "SemVAE",
+            source,
+            missing=[k for k in ("encoder.0.weight", "decoder.0.weight") if k not in sd],
+            hint="not a SemVAE state dict (expected the reference `semantic_ae_final.pt`: "
+            "{'model_state_dict': {'encoder.*', 'decoder.*'}}); "
+            f"top-level keys found: {sorted(obj)[:8]}",
+        )
     return sd
 
 
@@ -102,12 +127,20 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int = 6, **overrides) 
     bottleneck = np.shape(sd["decoder.0.weight"])[1]
     mlp_key = "encoder.1.mlp.0.weight"
     mlp_ratio = np.shape(sd[mlp_key])[0] / hidden if mlp_key in sd else 4.0
-    return SemVAEConfig(input_dim=int(input_dim), hidden_dim=int(hidden), bottleneck_dim=int(bottleneck),
-                        num_heads=num_heads, num_blocks=len(blocks), mlp_ratio=mlp_ratio, **overrides)
+    return SemVAEConfig(
+        input_dim=int(input_dim),
+        hidden_dim=int(hidden),
+        bottleneck_dim=int(bottleneck),
+        num_heads=num_heads,
+        num_blocks=len(blocks),
+        mlp_ratio=mlp_ratio,
+        **overrides,
+    )
 
 
-def load_semvae(path_or_state_dict, num_heads: int | None = None, *,
-                dtype: str = "float32") -> tuple[SemVAEConfig, SemVAE]:
+def load_semvae(
+    path_or_state_dict, num_heads: int | None = None, *, dtype: str = "float32"
+) -> tuple[SemVAEConfig, SemVAE]:
     """Load SemVAE weights; returns (cfg, model) with fp32 params and compute `dtype`.
 
     `path_or_state_dict`: the reference `semantic_ae_final.pt` (needs torch), a weights directory written by
@@ -121,8 +154,10 @@ def load_semvae(path_or_state_dict, num_heads: int | None = None, *,
         if os.path.isdir(source):
             config_path = os.path.join(source, CONFIG_NAME)
             if not os.path.exists(config_path):
-                raise FileNotFoundError(f"{source} is not a SemVAE weights directory: no {CONFIG_NAME} "
-                                        "(write one with save_semvae or `python -m sfd_jax.convert semvae`)")
+                raise FileNotFoundError(
+                    f"{source} is not a SemVAE weights directory: no {CONFIG_NAME} "
+                    "(write one with save_semvae or `python -m sfd_jax.convert semvae`)"
+                )
             with open(config_path) as f:
                 saved_cfg = SemVAEConfig.from_dict(json.load(f))
             source = os.path.join(source, WEIGHTS_NAME)
@@ -132,8 +167,10 @@ def load_semvae(path_or_state_dict, num_heads: int | None = None, *,
     sd = _state_dict(obj, source)
     if saved_cfg is not None:
         if num_heads is not None and num_heads != saved_cfg.num_heads:
-            raise ValueError(f"num_heads={num_heads} disagrees with num_heads={saved_cfg.num_heads} in the "
-                             f"weights directory's {CONFIG_NAME}")
+            raise ValueError(
+                f"num_heads={num_heads} disagrees with num_heads={saved_cfg.num_heads} in the "
+                f"weights directory's {CONFIG_NAME}"
+            )
         cfg = dataclasses.replace(saved_cfg, dtype=dtype)
     else:
         cfg = infer_config(sd, num_heads=6 if num_heads is None else num_heads, dtype=dtype)
@@ -162,20 +199,30 @@ def export_semvae(model: SemVAE) -> dict[str, np.ndarray]:
 def save_semvae(directory: str | os.PathLike, model: SemVAE, *, meta: dict | None = None) -> str:
     """Weights directory: config.json (SemVAEConfig, including num_heads) + model.safetensors (reference key
     names, so the reference code can load it after `torch.from_numpy`) [+ meta.json]. `load_semvae` reads it."""
-    return write_weights_dir(directory, dataclasses.replace(model.cfg, dtype="float32").to_dict(),
-                             export_semvae(model), meta=meta)
+    return write_weights_dir(
+        directory, dataclasses.replace(model.cfg, dtype="float32").to_dict(), export_semvae(model), meta=meta
+    )
 
 
 # CLI: python -m sfd_jax.convert semvae semantic_ae_final.pt OUT_DIR [--num-heads 6]
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("semvae", help="reference SemVAE checkpoint (semantic_ae_final.pt) → weights directory",
-                              description="Convert the reference Semantic VAE checkpoint into a torch-free weights "
-                                          "directory (config.json + model.safetensors).")
-    p.add_argument("input", help="semantic_ae_final.pt ({'model_state_dict': ...}), or a bare state dict "
-                                 "(.pt/.pth/.safetensors/.npz)")
+    p = subparsers.add_parser(
+        "semvae",
+        help="reference SemVAE checkpoint (semantic_ae_final.pt) → weights directory",
+        description="Convert the reference Semantic VAE checkpoint into a torch-free weights "
+        "directory (config.json + model.safetensors).",
+    )
+    p.add_argument(
+        "input",
+        help="semantic_ae_final.pt ({'model_state_dict': ...}), or a bare state dict (.pt/.pth/.safetensors/.npz)",
+    )
     p.add_argument("output_dir")
-    p.add_argument("--num-heads", type=int, default=6,
-                   help="attention heads (not stored in the weights; the reference checkpoint uses 6)")
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=6,
+        help="attention heads (not stored in the weights; the reference checkpoint uses 6)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights directory")
     p.set_defaults(func=_cli_main)
 
@@ -183,8 +230,10 @@ def add_cli(subparsers) -> None:
 def _cli_main(args: argparse.Namespace) -> int:
     cfg, model = load_semvae(args.input, num_heads=args.num_heads)
     n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"found: SemVAE {cfg.input_dim} → {cfg.bottleneck_dim} (hidden {cfg.hidden_dim}, {cfg.num_blocks} blocks, "
-          f"{cfg.num_heads} heads), {n:,} params")
+    print(
+        f"found: SemVAE {cfg.input_dim} → {cfg.bottleneck_dim} (hidden {cfg.hidden_dim}, {cfg.num_blocks} blocks, "
+        f"{cfg.num_heads} heads), {n:,} params"
+    )
     save_semvae(args.output_dir, model, meta={"source": os.path.abspath(args.input), "params": n})
     print(f"wrote {os.path.abspath(args.output_dir)}")
     return 0

@@ -9,6 +9,7 @@ Unlike the reference loader (`load_state_dict(strict=False)`, which silently acc
 strict: every model key must be present with the right shape, and any key that is neither a model key nor a known
 training-only module is reported, all in one ConversionError.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,14 @@ import numpy as np
 from flax import nnx
 
 from sfd_jax import paths
-from sfd_jax.convert.common import (CONFIG_NAME, ConversionError, check_state_dict, read_checkpoint, to_numpy,
-                                    write_weights_dir)
+from sfd_jax.convert.common import (
+    CONFIG_NAME,
+    ConversionError,
+    check_state_dict,
+    read_checkpoint,
+    to_numpy,
+    write_weights_dir,
+)
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 
 # Training-only modules found in VA-VAE / LDM Lightning checkpoints: the LPIPS + discriminator loss, and VA-VAE's
@@ -77,8 +84,13 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, resolution: int | None
 
     `resolution` (not stored in the weights) defaults to INFERRED_LATENT_RESOLUTION × the downsample factor.
     """
-    anchors = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight",
-               "decoder.conv_out.weight", "post_quant_conv.weight")
+    anchors = (
+        "encoder.conv_in.weight",
+        "encoder.conv_out.weight",
+        "decoder.conv_in.weight",
+        "decoder.conv_out.weight",
+        "post_quant_conv.weight",
+    )
     if any(k not in state_dict for k in anchors):
         return None
     levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
@@ -96,11 +108,16 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, resolution: int | None
     if resolution is None:
         resolution = INFERRED_LATENT_RESOLUTION * 2 ** (len(levels) - 1)
     return TextureVAEConfig(
-        ch=int(ch_out), ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-        attn_resolutions=tuple(resolution // 2 ** i for i in attn_levels), resolution=resolution,
-        in_channels=int(in_channels), out_ch=int(np.shape(state_dict["decoder.conv_out.weight"])[0]),
+        ch=int(ch_out),
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(resolution // 2**i for i in attn_levels),
+        resolution=resolution,
+        in_channels=int(in_channels),
+        out_ch=int(np.shape(state_dict["decoder.conv_out.weight"])[0]),
         z_channels=int(np.shape(state_dict["decoder.conv_in.weight"])[1]),
-        embed_dim=int(np.shape(state_dict["post_quant_conv.weight"])[1]))
+        embed_dim=int(np.shape(state_dict["post_quant_conv.weight"])[1]),
+    )
 
 
 def _as_state_dict(path_or_mapping: Any) -> tuple[dict[str, np.ndarray], str, TextureVAEConfig | None]:
@@ -116,8 +133,9 @@ def _as_state_dict(path_or_mapping: Any) -> tuple[dict[str, np.ndarray], str, Te
     elif isinstance(path_or_mapping, Mapping):
         raw, source = path_or_mapping, "the given mapping"
     else:
-        raise TypeError(f"load_texture_vae expects a checkpoint path or a mapping of arrays, "
-                        f"got {type(path_or_mapping).__name__}")
+        raise TypeError(
+            f"load_texture_vae expects a checkpoint path or a mapping of arrays, got {type(path_or_mapping).__name__}"
+        )
     if not isinstance(raw, Mapping):
         raise ConversionError(_WHAT, source, hint=f"the file holds a {type(raw).__name__}, not a state dict")
     if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):  # Lightning checkpoint
@@ -126,8 +144,9 @@ def _as_state_dict(path_or_mapping: Any) -> tuple[dict[str, np.ndarray], str, Te
     return sd, source, stored_cfg
 
 
-def load_texture_vae(path_or_mapping: Any, cfg: TextureVAEConfig | None = None, *,
-                     dtype: str | None = None) -> tuple[TextureVAEConfig, TextureVAE]:
+def load_texture_vae(
+    path_or_mapping: Any, cfg: TextureVAEConfig | None = None, *, dtype: str | None = None
+) -> tuple[TextureVAEConfig, TextureVAE]:
     """Load a reference LDM autoencoder → (cfg, model).
 
     Accepts a Lightning `.ckpt` (its `state_dict`; `loss.*` dropped), a bare state dict file (.pt/.pth/
@@ -144,14 +163,20 @@ def load_texture_vae(path_or_mapping: Any, cfg: TextureVAEConfig | None = None, 
     if dtype is not None:
         cfg = TextureVAEConfig.from_dict({**cfg.to_dict(), "dtype": dtype})
     model = abstract_model(cfg)
-    check_state_dict(sd, expected_shapes(cfg, model), what=_WHAT, source=source,
-                     hint="expected a reference AutoencoderKL state_dict (encoder.*, decoder.*, quant_conv.*, "
-                          "post_quant_conv.*); training-only keys " + ", ".join(TRAINING_ONLY_PREFIXES)
-                          + "* are ignored")
+    check_state_dict(
+        sd,
+        expected_shapes(cfg, model),
+        what=_WHAT,
+        source=source,
+        hint="expected a reference AutoencoderKL state_dict (encoder.*, decoder.*, quant_conv.*, "
+        "post_quant_conv.*); training-only keys " + ", ".join(TRAINING_ONLY_PREFIXES) + "* are ignored",
+    )
     # Fill the abstract model directly: running the random initialisers first would cost more than the load.
     graphdef, state = nnx.split(model)
-    flat = [(path, var.replace(jnp.asarray(_from_reference(sd[reference_key(path)]), dtype=jnp.float32)))
-            for path, var in nnx.to_flat_state(state)]
+    flat = [
+        (path, var.replace(jnp.asarray(_from_reference(sd[reference_key(path)]), dtype=jnp.float32)))
+        for path, var in nnx.to_flat_state(state)
+    ]
     return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -163,21 +188,32 @@ def export_texture_vae(model: TextureVAE) -> dict[str, np.ndarray]:
 def save_texture_vae(directory: str | os.PathLike, model: TextureVAE, *, meta: dict | None = None) -> str:
     """Weights directory: config.json (TextureVAEConfig, float32 compute) + model.safetensors in reference names and
     layouts [+ meta.json]. `load_texture_vae(directory)` reads it back; no torch needed either way."""
-    return write_weights_dir(directory, {**model.cfg.to_dict(), "dtype": "float32"}, export_texture_vae(model),
-                             meta=meta)
+    return write_weights_dir(
+        directory, {**model.cfg.to_dict(), "dtype": "float32"}, export_texture_vae(model), meta=meta
+    )
 
 
 # CLI: python -m sfd_jax.convert texture_vae ldm-imagenet256-f16d32-50ep.ckpt OUT_DIR
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("texture_vae", help="reference LDM KL autoencoder (.ckpt) → weights directory",
-                              description="Convert the reference texture VAE (SD-VAE f16d32 Lightning checkpoint) "
-                                          "into a torch-free weights directory (config.json + model.safetensors).")
-    p.add_argument("input", help="ldm-imagenet256-f16d32-50ep.ckpt ({'state_dict': ...}), or a bare state dict "
-                                 "(.pt/.pth/.safetensors/.npz)")
+    p = subparsers.add_parser(
+        "texture_vae",
+        help="reference LDM KL autoencoder (.ckpt) → weights directory",
+        description="Convert the reference texture VAE (SD-VAE f16d32 Lightning checkpoint) "
+        "into a torch-free weights directory (config.json + model.safetensors).",
+    )
+    p.add_argument(
+        "input",
+        help="ldm-imagenet256-f16d32-50ep.ckpt ({'state_dict': ...}), or a bare state dict "
+        "(.pt/.pth/.safetensors/.npz)",
+    )
     p.add_argument("output_dir")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="training image size (not stored in the weights; default 16 × the downsample factor, "
-                        "256 for f16); only names the levels with attention")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training image size (not stored in the weights; default 16 × the downsample factor, "
+        "256 for f16); only names the levels with attention",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights directory")
     p.set_defaults(func=_cli_main)
 
@@ -190,10 +226,15 @@ def _cli_main(args: argparse.Namespace) -> int:
     cfg, model = load_texture_vae(args.input, cfg)
     n_enc = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model.encoder, nnx.Param)))
     n_dec = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model.decoder, nnx.Param)))
-    print(f"found: LDM KL autoencoder f{cfg.downsample_factor}d{cfg.embed_dim}, ch {cfg.ch}, ch_mult {cfg.ch_mult}, "
-          f"{cfg.num_res_blocks} res blocks, attention at {cfg.attn_resolutions or 'mid block only'}")
+    print(
+        f"found: LDM KL autoencoder f{cfg.downsample_factor}d{cfg.embed_dim}, ch {cfg.ch}, ch_mult {cfg.ch_mult}, "
+        f"{cfg.num_res_blocks} res blocks, attention at {cfg.attn_resolutions or 'mid block only'}"
+    )
     print(f"  params: encoder {n_enc:,}, decoder {n_dec:,}")
-    save_texture_vae(args.output_dir, model, meta={"source": os.path.abspath(args.input), "encoder_params": n_enc,
-                                                   "decoder_params": n_dec})
+    save_texture_vae(
+        args.output_dir,
+        model,
+        meta={"source": os.path.abspath(args.input), "encoder_params": n_enc, "decoder_params": n_dec},
+    )
     print(f"wrote {os.path.abspath(args.output_dir)}")
     return 0

@@ -13,6 +13,7 @@ and their horizontal flips:
 The noise of every image depends only on (seed, source index, flip), never on the batch or device layout, so a
 resumed or re-sharded extraction draws the same posterior samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ SEMANTIC_KINDS = ("semvae", "pca")
 @dataclasses.dataclass
 class PCA:
     """Semantic latents from the DINOv2 tokens: standardise per feature, project on the top-k components."""
+
     token_mean: np.ndarray  # (D,)
     token_std: np.ndarray  # (D,)
     components: np.ndarray  # (k, D), rows orthonormal, by decreasing explained variance
@@ -48,8 +50,13 @@ class PCA:
 
     def save(self, path: str) -> None:
         with paths.local_target(path, suffix=".npz") as tmp:
-            np.savez(tmp, token_mean=self.token_mean, token_std=self.token_std, components=self.components,
-                     explained_variance=self.explained_variance)
+            np.savez(
+                tmp,
+                token_mean=self.token_mean,
+                token_std=self.token_std,
+                components=self.components,
+                explained_variance=self.explained_variance,
+            )
 
     @classmethod
     def load(cls, path: str) -> "PCA":
@@ -57,8 +64,9 @@ class PCA:
             missing = {"token_mean", "token_std", "components", "explained_variance"} - set(z.files)
             if missing:
                 raise ValueError(f"PCA file {path} lacks {sorted(missing)}")
-            return cls(*(np.asarray(z[k], np.float32) for k in
-                         ("token_mean", "token_std", "components", "explained_variance")))
+            return cls(
+                *(np.asarray(z[k], np.float32) for k in ("token_mean", "token_std", "components", "explained_variance"))
+            )
 
 
 class TokenCovariance:
@@ -87,8 +95,9 @@ class TokenCovariance:
         comps = vectors[:, order].T
         # Fix each component's sign (largest-magnitude entry positive) so refits give identical latents.
         comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])[:, None]
-        return PCA(mean.astype(np.float32), std.astype(np.float32), comps.astype(np.float32),
-                   values[order].astype(np.float32))
+        return PCA(
+            mean.astype(np.float32), std.astype(np.float32), comps.astype(np.float32), values[order].astype(np.float32)
+        )
 
 
 @dataclasses.dataclass
@@ -115,10 +124,18 @@ class Encoders:
         out = {}
         for name, module in self.modules().items():
             cfg = getattr(module, "cfg", None)
-            cfg_d = cfg.to_dict() if hasattr(cfg, "to_dict") else (dataclasses.asdict(cfg) if
-                                                                    dataclasses.is_dataclass(cfg) else repr(cfg))
-            out[name] = {"class": type(module).__name__, "config": cfg_d, "params": param_count(module),
-                         "sha256": fingerprint(module), "source": self.sources.get(name, "in-memory")}
+            cfg_d = (
+                cfg.to_dict()
+                if hasattr(cfg, "to_dict")
+                else (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg))
+            )
+            out[name] = {
+                "class": type(module).__name__,
+                "config": cfg_d,
+                "params": param_count(module),
+                "sha256": fingerprint(module),
+                "source": self.sources.get(name, "in-memory"),
+            }
         if self.pca is not None:
             h = hashlib.sha256()
             for a in (self.pca.token_mean, self.pca.token_std, self.pca.components):
@@ -151,6 +168,7 @@ def _noise(seed: int, index: jax.Array, flip: int, part: int, shape: tuple) -> j
     def one(i):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), flip), part)
         return jax.random.normal(key, shape, jnp.float32)
+
     return jax.vmap(one)(index)
 
 
@@ -180,8 +198,9 @@ def _encode(state, pca_arrays, images, index, *, graphdef, seed, dino_size, feat
     return out
 
 
-def make_encode_fn(encoders: Encoders, *, seed: int, dino_size: int, feature_dtype, mesh: Mesh | None = None
-                   ) -> Callable[[np.ndarray, np.ndarray], dict[str, jax.Array]]:
+def make_encode_fn(
+    encoders: Encoders, *, seed: int, dino_size: int, feature_dtype, mesh: Mesh | None = None
+) -> Callable[[np.ndarray, np.ndarray], dict[str, jax.Array]]:
     """`(images uint8 (B, S, S, 3), indices (B,)) -> record fields` (device arrays), jitted.
 
     With `mesh` (1-D axis 'data'), the batch is split over its devices and the weights are replicated; B must then
@@ -189,10 +208,18 @@ def make_encode_fn(encoders: Encoders, *, seed: int, dino_size: int, feature_dty
     """
     graphdef, state = nnx.split(encoders.modules())
     pca = encoders.pca
-    pca_arrays = None if pca is None else tuple(jnp.asarray(a, jnp.float32) for a in
-                                                (pca.token_mean, pca.token_std, pca.components))
-    static = dict(graphdef=graphdef, seed=int(seed), dino_size=int(dino_size),
-                  feature_dtype=jnp.dtype(feature_dtype), semantic_kind=encoders.semantic_kind)
+    pca_arrays = (
+        None
+        if pca is None
+        else tuple(jnp.asarray(a, jnp.float32) for a in (pca.token_mean, pca.token_std, pca.components))
+    )
+    static = dict(
+        graphdef=graphdef,
+        seed=int(seed),
+        dino_size=int(dino_size),
+        feature_dtype=jnp.dtype(feature_dtype),
+        semantic_kind=encoders.semantic_kind,
+    )
     data = None
     if mesh is not None:
         rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -229,6 +256,7 @@ def load_encoders(cfg) -> Encoders:
     sources = {}
     if cfg.get("texture_vae_workdir"):
         from sfd_jax.train.texture_vae import load_trained
+
         _, texture_vae = load_trained(cfg.texture_vae_workdir)
         sources["texture_vae"] = f"workdir:{paths.absolute(cfg.texture_vae_workdir)}"
     elif cfg.get("texture_vae"):
@@ -246,8 +274,10 @@ def load_encoders(cfg) -> Encoders:
     semvae = pca = None
     if semantic == "semvae":
         if not cfg.get("semvae"):
-            raise ValueError("extract.semvae (semantic_ae_final.pt or a SemVAE weights directory) is required "
-                             "with extract.semantic='semvae'")
+            raise ValueError(
+                "extract.semvae (semantic_ae_final.pt or a SemVAE weights directory) is required "
+                "with extract.semantic='semvae'"
+            )
         _, semvae = load_semvae(cfg.semvae, num_heads=cfg.get("semvae_num_heads") or None, dtype=dtype)
         sources["semvae"] = paths.absolute(cfg.semvae)
     elif cfg.get("pca_path"):

@@ -11,13 +11,13 @@ under a temporary name and renamed, then its `.json` is written and renamed: a r
 redoing only shards without `.json`. After the last shard, process 0 merges the shards' partial moments into
 stats.json (per-channel mean and unbiased std over (N, H, W) of up to `stats_images` random non-flipped images).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -27,8 +27,16 @@ from jax.sharding import Mesh
 
 from sfd_jax import paths
 from sfd_jax.data import records
-from sfd_jax.data.encoders import (SEMANTIC_KINDS, Encoders, TokenCovariance, PCA, describe_source,
-                                   load_encoders, make_encode_fn, make_token_fn)
+from sfd_jax.data.encoders import (
+    SEMANTIC_KINDS,
+    Encoders,
+    TokenCovariance,
+    PCA,
+    describe_source,
+    load_encoders,
+    make_encode_fn,
+    make_token_fn,
+)
 from sfd_jax.data.preprocess import adm_center_crop
 from sfd_jax.data.sources import BadImageError, make_source
 from sfd_jax.preemption import NoPreemption, Preemption
@@ -58,8 +66,16 @@ class ExtractOptions:
     def __post_init__(self):
         if self.semantic not in SEMANTIC_KINDS:
             raise ValueError(f"extract.semantic={self.semantic!r}; choose one of {', '.join(SEMANTIC_KINDS)}")
-        for name in ("image_size", "dino_size", "batch_size_per_device", "shard_size", "pca_components",
-                     "pca_fit_images", "stats_images", "num_workers"):
+        for name in (
+            "image_size",
+            "dino_size",
+            "batch_size_per_device",
+            "shard_size",
+            "pca_components",
+            "pca_fit_images",
+            "stats_images",
+            "num_workers",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"extract.{name} must be a positive integer, got {getattr(self, name)}")
         records._dtype(self.latent_dtype, "extract.latent_dtype")
@@ -67,8 +83,18 @@ class ExtractOptions:
 
     def identity(self) -> dict:
         """The options that decide the bytes of the records (a resumed run must use the same)."""
-        keep = ("image_size", "dino_size", "shard_size", "seed", "semantic", "latent_dtype", "feature_dtype",
-                "stats_images", "skip_bad_images", "prefix")
+        keep = (
+            "image_size",
+            "dino_size",
+            "shard_size",
+            "seed",
+            "semantic",
+            "latent_dtype",
+            "feature_dtype",
+            "stats_images",
+            "skip_bad_images",
+            "prefix",
+        )
         out = {k: getattr(self, k) for k in keep}
         if self.semantic == "pca":
             out.update(pca_components=self.pca_components, pca_fit_images=self.pca_fit_images)
@@ -81,6 +107,7 @@ class _Barrier:
     def __call__(self, name: str) -> None:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(name)
 
 
@@ -116,7 +143,7 @@ def _fit_pca(source, encoders: Encoders, options: ExtractOptions, pool) -> PCA:
     subset = records.stats_selection(len(source), options.pca_fit_images, options.seed + 1)
     token_fn = make_token_fn(encoders, dino_size=options.dino_size)
     batch = options.batch_size_per_device
-    chunks = [subset[k:k + batch] for k in range(0, len(subset), batch)]
+    chunks = [subset[k : k + batch] for k in range(0, len(subset), batch)]
     cov = None
     pending = _submit(pool, source, chunks[0], options)
     for k in range(len(chunks)):
@@ -127,7 +154,7 @@ def _fit_pca(source, encoders: Encoders, options: ExtractOptions, pool) -> PCA:
         if good:
             images = np.stack([crop for crop, _ in good])
             padded = np.concatenate([images, np.repeat(images[-1:], batch - len(good), axis=0)])
-            tokens = np.asarray(token_fn(padded))[:len(good)]
+            tokens = np.asarray(token_fn(padded))[: len(good)]
             if cov is None:
                 cov = TokenCovariance(tokens.shape[-1])
             cov.add(tokens)
@@ -138,15 +165,18 @@ def _fit_pca(source, encoders: Encoders, options: ExtractOptions, pool) -> PCA:
 
 def _probe_layout(encoders: Encoders, options: ExtractOptions) -> records.RecordLayout:
     """Record shapes from one abstract evaluation of the encode function (no compute)."""
-    fn = make_encode_fn(encoders, seed=options.seed, dino_size=options.dino_size,
-                        feature_dtype=records.DTYPES[options.feature_dtype])
+    fn = make_encode_fn(
+        encoders, seed=options.seed, dino_size=options.dino_size, feature_dtype=records.DTYPES[options.feature_dtype]
+    )
     images = jax.ShapeDtypeStruct((1, options.image_size, options.image_size, 3), np.uint8)
     shapes = jax.eval_shape(fn, images, jax.ShapeDtypeStruct((1,), np.int32))
     tex, sem, dino = (tuple(shapes[k].shape[1:]) for k in ("texture", "semantic", "dino"))
     if tex[:2] != sem[:2]:
-        raise ValueError(f"texture latents are {tex[0]}x{tex[1]} but semantic latents {sem[0]}x{sem[1]}: the "
-                         f"composite latent needs one grid (image_size={options.image_size} / texture VAE factor must "
-                         f"equal dino_size={options.dino_size} / DINOv2 patch size)")
+        raise ValueError(
+            f"texture latents are {tex[0]}x{tex[1]} but semantic latents {sem[0]}x{sem[1]}: the "
+            f"composite latent needs one grid (image_size={options.image_size} / texture VAE factor must "
+            f"equal dino_size={options.dino_size} / DINOv2 patch size)"
+        )
     return records.RecordLayout(tex, sem, dino, options.latent_dtype, options.feature_dtype)
 
 
@@ -156,20 +186,35 @@ def _check_or_write_dataset_json(out_dir: str, meta: dict, is_writer: bool) -> N
         old = records.read_json(path, "dataset description")
         for key in ("format", "layout", "shards", "num_source_images", "extraction", "source"):
             if old.get(key) != meta.get(key):
-                raise ValueError(f"{out_dir} holds a dataset made with different {key}: existing "
-                                 f"{old.get(key)!r}, this run {meta.get(key)!r}; use a new output directory")
+                raise ValueError(
+                    f"{out_dir} holds a dataset made with different {key}: existing "
+                    f"{old.get(key)!r}, this run {meta.get(key)!r}; use a new output directory"
+                )
         old_models = {k: v.get("sha256") for k, v in old.get("made_by", {}).items()}
         new_models = {k: v.get("sha256") for k, v in meta.get("made_by", {}).items()}
         if old_models != new_models:
-            raise ValueError(f"{out_dir} was extracted with other encoder weights (sha256 {old_models} vs "
-                             f"{new_models}); use a new output directory")
+            raise ValueError(
+                f"{out_dir} was extracted with other encoder weights (sha256 {old_models} vs "
+                f"{new_models}); use a new output directory"
+            )
     elif is_writer:
         records.write_json_atomic(path, meta)
 
 
-def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | None = None, *,
-            process_index: int | None = None, process_count: int | None = None, progress: bool = True,
-            mesh: Mesh | None = None, preemption=None, profile_config=None, profile_workdir: str = "") -> dict:
+def extract(
+    source,
+    out_dir: str,
+    encoders: Encoders,
+    options: ExtractOptions | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    progress: bool = True,
+    mesh: Mesh | None = None,
+    preemption=None,
+    profile_config=None,
+    profile_workdir: str = "",
+) -> dict:
     """Extract `source` into `out_dir` (local or gs://), resuming finished shards. Returns a summary dict.
 
     preemption: stops after the shard in progress once `preemption.reached(k)` (summary 'preempted': True).
@@ -182,8 +227,10 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
     if not 0 <= pi < pc:
         raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
     if (encoders.semvae is None) != (options.semantic == "pca"):
-        raise ValueError(f"extract.semantic={options.semantic!r} but the encoders "
-                         f"{'have' if encoders.semvae is not None else 'lack'} a SemVAE")
+        raise ValueError(
+            f"extract.semantic={options.semantic!r} but the encoders "
+            f"{'have' if encoders.semvae is not None else 'lack'} a SemVAE"
+        )
     barrier = _Barrier()
     paths.makedirs(out_dir)
     num_images = len(source)
@@ -196,26 +243,38 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
             if not paths.exists(pca_path) and pi == 0:
                 _fit_pca(source, encoders, options, pool).save(pca_path)
             barrier("sfd_extract_pca")
-            encoders = dataclasses.replace(encoders, pca=PCA.load(pca_path),
-                                           sources={**encoders.sources, "pca": f"fitted:{pca_path}"})
+            encoders = dataclasses.replace(
+                encoders, pca=PCA.load(pca_path), sources={**encoders.sources, "pca": f"fitted:{pca_path}"}
+            )
         layout = _probe_layout(encoders, options)
         num_shards = math.ceil(num_images / options.shard_size)
         names = [records.shard_name(options.prefix, s, num_shards) for s in range(num_shards)]
         made_by = encoders.describe()
-        meta = {"format": records.FORMAT, "layout": layout.to_json(), "shards": names,
-                "num_source_images": num_images, "extraction": options.identity(),
-                "source": describe_source(source), "made_by": made_by,
-                "record_fields": "see sfd_jax/data/records.py and docs/data.md"}
+        meta = {
+            "format": records.FORMAT,
+            "layout": layout.to_json(),
+            "shards": names,
+            "num_source_images": num_images,
+            "extraction": options.identity(),
+            "source": describe_source(source),
+            "made_by": made_by,
+            "record_fields": "see sfd_jax/data/records.py and docs/data.md",
+        }
         _check_or_write_dataset_json(out_dir, meta, pi == 0)
         selection = records.stats_selection(num_images, options.stats_images, options.seed)
         mine = [s for s in range(num_shards) if s % pc == pi]
         todo = [s for s in mine if not records.shard_done(out_dir, names[s])]
         if options.max_shards is not None:
-            todo = todo[:options.max_shards]
+            todo = todo[: options.max_shards]
         done_images = sum(len(_shard_range(s, options.shard_size, num_images)) for s in mine if s not in todo)
         mesh = mesh or _local_mesh()
-        encode = make_encode_fn(encoders, seed=options.seed, dino_size=options.dino_size,
-                                feature_dtype=records.DTYPES[options.feature_dtype], mesh=mesh)
+        encode = make_encode_fn(
+            encoders,
+            seed=options.seed,
+            dino_size=options.dino_size,
+            feature_dtype=records.DTYPES[options.feature_dtype],
+            mesh=mesh,
+        )
         batch = options.batch_size_per_device * mesh.size
         total = sum(len(_shard_range(s, options.shard_size, num_images)) for s in mine)
         bar = _progress(total, done_images, progress)
@@ -223,8 +282,19 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
         try:
             for k, s in enumerate(todo):
                 profile(k)
-                processed += _extract_shard(source, out_dir, names[s], _shard_range(s, options.shard_size,
-                                            num_images), encode, layout, batch, selection, options, pool, bar)
+                processed += _extract_shard(
+                    source,
+                    out_dir,
+                    names[s],
+                    _shard_range(s, options.shard_size, num_images),
+                    encode,
+                    layout,
+                    batch,
+                    selection,
+                    options,
+                    pool,
+                    bar,
+                )
                 written += 1
                 if preemption.reached(k) and k + 1 < len(todo):
                     log.warning("preempted: %d shards written this run, the rest is left to the rerun", k + 1)
@@ -234,18 +304,31 @@ def extract(source, out_dir: str, encoders: Encoders, options: ExtractOptions | 
             bar.close()
             profile.close()
         remaining = [s for s in mine if not records.shard_done(out_dir, names[s])]
-        summary = {"out_dir": out_dir, "num_shards": num_shards, "shards_written": written,
-                   "images_processed": processed, "seconds": time.time() - t0,
-                   "images_per_second": processed / max(time.time() - t0, 1e-9), "complete": False,
-                   "preempted": preempted}
+        summary = {
+            "out_dir": out_dir,
+            "num_shards": num_shards,
+            "shards_written": written,
+            "images_processed": processed,
+            "seconds": time.time() - t0,
+            "images_per_second": processed / max(time.time() - t0, 1e-9),
+            "complete": False,
+            "preempted": preempted,
+        }
         if remaining:  # stopped early by max_shards or SIGTERM: no stats until every shard exists
             return summary
         barrier("sfd_extract_shards")
         if pi == 0:
             summary["stats"] = records.finalize_stats(
-                out_dir, names, made_by=made_by,
-                selection={"seed": options.seed, "max_images": options.stats_images, "flipped": False,
-                           "requested": int(len(selection))})
+                out_dir,
+                names,
+                made_by=made_by,
+                selection={
+                    "seed": options.seed,
+                    "max_images": options.stats_images,
+                    "flipped": False,
+                    "requested": int(len(selection)),
+                },
+            )
         barrier("sfd_extract_stats")
         summary["complete"] = True
         return summary
@@ -269,11 +352,23 @@ def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
+
     return tqdm(total=total, initial=initial, unit="img", desc="extract", smoothing=0.1, dynamic_ncols=True)
 
 
-def _extract_shard(source, out_dir, name, indices: range, encode, layout: records.RecordLayout, batch: int,
-                   selection: np.ndarray, options: ExtractOptions, pool, bar) -> int:
+def _extract_shard(
+    source,
+    out_dir,
+    name,
+    indices: range,
+    encode,
+    layout: records.RecordLayout,
+    batch: int,
+    selection: np.ndarray,
+    options: ExtractOptions,
+    pool,
+    bar,
+) -> int:
     """Encode one shard batch by batch, streaming records into a temporary file renamed at the end.
 
     Three stages overlap: the thread pool decodes batch k + 1, the devices encode batch k (dispatch is
@@ -281,7 +376,7 @@ def _extract_shard(source, out_dir, name, indices: range, encode, layout: record
     the shard is padded with copies of its last image, so every call runs the one compiled shape; the padding rows
     are dropped.
     """
-    chunks = [indices[k:k + batch] for k in range(0, len(indices), batch)]
+    chunks = [indices[k : k + batch] for k in range(0, len(indices), batch)]
     writer = records.ShardWriter(paths.join(out_dir, name))
     skipped, tex_sel, sem_sel = [], [], []
     try:
@@ -301,18 +396,27 @@ def _extract_shard(source, out_dir, name, indices: range, encode, layout: record
         if in_flight is not None:
             writer.write(_finish(in_flight, layout, selection, tex_sel, sem_sel))
         if writer.count == 0:
-            raise ValueError(f"shard {name}: every image in source indices [{indices.start}, {indices.stop}) was "
-                             "unreadable")
+            raise ValueError(
+                f"shard {name}: every image in source indices [{indices.start}, {indices.stop}) was unreadable"
+            )
         writer.commit()
     except BaseException:
         writer.abort()
         raise
     tex_m = records.Moments.of(np.concatenate(tex_sel)) if tex_sel else records.Moments()
     sem_m = records.Moments.of(np.concatenate(sem_sel)) if sem_sel else records.Moments()
-    shard_meta = {"num_records": writer.count, "num_images": writer.count // 2, "first_index": indices.start,
-                  "stop_index": indices.stop, "skipped": [{"index": i, "error": err} for i, err in skipped],
-                  "moments": {"images": int(sum(len(t) for t in tex_sel)), "texture": tex_m.to_json(),
-                              "semantic": sem_m.to_json()}}
+    shard_meta = {
+        "num_records": writer.count,
+        "num_images": writer.count // 2,
+        "first_index": indices.start,
+        "stop_index": indices.stop,
+        "skipped": [{"index": i, "error": err} for i, err in skipped],
+        "moments": {
+            "images": int(sum(len(t) for t in tex_sel)),
+            "texture": tex_m.to_json(),
+            "semantic": sem_m.to_json(),
+        },
+    }
     records.write_json_atomic(paths.join(out_dir, name + ".json"), shard_meta)
     if skipped:
         log.warning("shard %s: skipped %d unreadable images, e.g. %s", name, len(skipped), skipped[0][1])
@@ -338,8 +442,9 @@ def _finish(dispatched, layout: records.RecordLayout, selection, tex_sel, sem_se
     for k, v in out.items():
         finite = np.isfinite(v.astype(np.float32)).reshape(n, -1).all(axis=1)
         if not finite.all():
-            raise FloatingPointError(f"non-finite {k} (stored as {layout.field_spec(k)[0]}) for source images "
-                                     f"{idx[~finite][:8].tolist()}")
+            raise FloatingPointError(
+                f"non-finite {k} (stored as {layout.field_spec(k)[0]}) for source images {idx[~finite][:8].tolist()}"
+            )
     chosen = np.isin(idx, selection)
     if chosen.any():
         # Statistics of the stored values (after the cast to the storage dtype): what the reader will normalise.
@@ -366,8 +471,15 @@ def run(config, workdir: str) -> dict:
     encoders = load_encoders(cfg)
     # Shards are independent per process, so each process stops on its own signal (no sync point).
     with Preemption(sync=False) as preemption:
-        summary = extract(source, out_dir, encoders, options_from_config(cfg),
-                          progress=bool(cfg.get("progress", True)), preemption=preemption,
-                          profile_config=config.get("profile"), profile_workdir=workdir)
+        summary = extract(
+            source,
+            out_dir,
+            encoders,
+            options_from_config(cfg),
+            progress=bool(cfg.get("progress", True)),
+            preemption=preemption,
+            profile_config=config.get("profile"),
+            profile_workdir=workdir,
+        )
     log.info("extraction: %s", {k: v for k, v in summary.items() if k != "stats"})
     return summary

@@ -1,4 +1,5 @@
-"""Grain reader of an extracted latent dataset: the training batches (docs/data.md#4-training-reader-datasourcearrayrecord).
+"""Grain reader of an extracted latent dataset: the training batches
+(docs/data.md#4-training-reader-datasourcearrayrecord).
 
 Order of operations (index arithmetic only, so the state of the whole pipeline is one integer):
 
@@ -16,13 +17,15 @@ Global batch k is positions [k·B, (k+1)·B) of the epoch sequence (B = batch_si
 number of processes, so a checkpoint restores onto another process count with the same global batch. The collate
 step builds x1 = concat(texture, semantic) normalised per channel with stats.json, times
 `latent_multiplier`, as the reference does per latent kind: the texture latent is always standardised, a SemVAE
-latent too, but PCA channels of the DINOv2 tokens are used as extracted (`semantic_is_normalised`); y (int32 labels) and dino (the stored dtype, fp16 by default; the loss casts to float32).
-Reading only the chosen view halves the bytes read per sample. Records are fetched one by one: `__getitems__` of
-ArrayRecordDataSource measured 3× slower here for 0.4 MB records.
+latent too, but PCA channels of the DINOv2 tokens are used as extracted (`semantic_is_normalised`); y (int32 labels)
+and dino (the stored dtype, fp16 by default; the loss casts to float32). Reading only the chosen view halves the bytes
+read per sample. Records are fetched one by one: `__getitems__` of ArrayRecordDataSource measured 3× slower here for
+0.4 MB records.
 
 Config (`data` block): source='arrayrecord', path=<dataset dir>, latent_multiplier=1.0, random_flip=True,
 read_threads=8, prefetch_batches=8. See docs/data.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,6 +61,7 @@ class _NamedShards:
 
     def __init__(self, paths: list[str]):
         from array_record.python.array_record_module import ArrayRecordReader
+
         counts = []
         for path in paths:  # opening reads the shard's footer and index: a cut or emptied file fails here
             try:
@@ -87,8 +91,10 @@ class _NamedShards:
 
 def _corrupt(path: str, error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return (f"latent shard {path} is corrupt or truncated ({type(error).__name__}: {first[:200]}); re-extract it: "
-            f"delete it and its .json, then rerun --mode=extract with the same --workdir")
+    return (
+        f"latent shard {path} is corrupt or truncated ({type(error).__name__}: {first[:200]}); re-extract it: "
+        f"delete it and its .json, then rerun --mode=extract with the same --workdir"
+    )
 
 
 def _check_layout(path: str, layout: records.RecordLayout, channels) -> None:
@@ -99,9 +105,11 @@ def _check_layout(path: str, layout: records.RecordLayout, channels) -> None:
     tex, sem = (int(c) for c in channels)
     have_tex, have_sem = layout.texture_shape[-1], layout.semantic_shape[-1]
     if have_tex != tex or (sem and have_sem != sem):
-        raise DataError(f"{path}/dataset.json: the records hold {have_tex} texture + {have_sem} semantic channels, "
-                        f"the model needs {tex} texture + {sem or 'any'} semantic; extract the latents with the "
-                        "encoders this model was configured for (or fix diffusion.semantic_chans)")
+        raise DataError(
+            f"{path}/dataset.json: the records hold {have_tex} texture + {have_sem} semantic channels, "
+            f"the model needs {tex} texture + {sem or 'any'} semantic; extract the latents with the "
+            "encoders this model was configured for (or fix diffusion.semantic_chans)"
+        )
 
 
 def _check_label_ranges(path: str, shard_names, num_classes) -> None:
@@ -113,16 +121,25 @@ def _check_label_ranges(path: str, shard_names, num_classes) -> None:
         meta = records.read_json(os.path.join(path, name + ".json"), "shard metadata")
         lo_hi = meta.get("label_range") if isinstance(meta, dict) else None
         if lo_hi and not (0 <= int(lo_hi[0]) and int(lo_hi[1]) < num_classes):
-            raise DataError(f"{os.path.join(path, name)}: labels span [{lo_hi[0]}, {lo_hi[1]}], the model has "
-                            f"data.num_classes={num_classes} (valid labels 0..{num_classes - 1}; {num_classes} is the "
-                            "null label); extract with the right label mapping or set data.num_classes")
+            raise DataError(
+                f"{os.path.join(path, name)}: labels span [{lo_hi[0]}, {lo_hi[1]}], the model has "
+                f"data.num_classes={num_classes} (valid labels 0..{num_classes - 1}; {num_classes} is the "
+                "null label); extract with the right label mapping or set data.num_classes"
+            )
 
 
 class _ReadAndCollate:
     """Record indices → the training batch dict (one copy from each record into the batch arrays)."""
 
-    def __init__(self, source, layout: records.RecordLayout, stats: Mapping[str, np.ndarray], multiplier: float,
-                 with_meta: bool, num_classes: int | None = None):
+    def __init__(
+        self,
+        source,
+        layout: records.RecordLayout,
+        stats: Mapping[str, np.ndarray],
+        multiplier: float,
+        with_meta: bool,
+        num_classes: int | None = None,
+    ):
         self.source = source
         self.num_classes = num_classes
         self.layout = layout
@@ -157,19 +174,23 @@ class _ReadAndCollate:
             layout.check(record, f"latent record {rid}")
             index[i], y[i], views[i] = layout.header(record)
             if views[i] != rid % 2:
-                raise ValueError(f"latent record {rid} holds view {views[i]}, expected {rid % 2}: the shards do not "
-                                 "store (image, flip) pairs in order (records.py)")
-            x1[i, ..., :self.c_tex] = self._field(record, "texture")
-            x1[i, ..., self.c_tex:] = self._field(record, "semantic")
+                raise ValueError(
+                    f"latent record {rid} holds view {views[i]}, expected {rid % 2}: the shards do not "
+                    "store (image, flip) pairs in order (records.py)"
+                )
+            x1[i, ..., : self.c_tex] = self._field(record, "texture")
+            x1[i, ..., self.c_tex :] = self._field(record, "semantic")
             dino[i] = self._field(record, "dino")
         if self.num_classes is not None:  # one vectorised compare per batch; a bad label trains silently otherwise
             bad = np.flatnonzero((y < 0) | (y >= self.num_classes))
             if bad.size:
                 rid = int(record_ids[bad[0]])
-                raise DataError(f"latent shard {self.source.shard_of(rid)}: record {rid} has label {int(y[bad[0]])}, "
-                                f"outside 0..{self.num_classes - 1} (data.num_classes={self.num_classes}; "
-                                f"{self.num_classes} is the null label); re-extract with the right labels or set "
-                                "data.num_classes")
+                raise DataError(
+                    f"latent shard {self.source.shard_of(rid)}: record {rid} has label {int(y[bad[0]])}, "
+                    f"outside 0..{self.num_classes - 1} (data.num_classes={self.num_classes}; "
+                    f"{self.num_classes} is the null label); re-extract with the right labels or set "
+                    "data.num_classes"
+                )
         x1 -= self.mean
         x1 *= self.scale
         batch = {"x1": x1, "y": y, "dino": dino}
@@ -199,8 +220,17 @@ class _ChooseView:
 class LatentIterator:
     """Endless host-local batch iterator with a JSON-serialisable, restorable position."""
 
-    def __init__(self, data_config, *, batch_size: int, process_index: int, process_count: int, seed: int,
-                 with_meta: bool = False, channels: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        data_config,
+        *,
+        batch_size: int,
+        process_index: int,
+        process_count: int,
+        seed: int,
+        with_meta: bool = False,
+        channels: tuple[int, int] | None = None,
+    ):
         source = _field(data_config, "source", "arrayrecord")
         if source != "arrayrecord":
             raise ValueError(f"data.source={source!r}: the latent pipeline reads 'arrayrecord' datasets only")
@@ -219,10 +249,14 @@ class LatentIterator:
         _check_label_ranges(self.path, meta["shards"], num_classes)
         stats = records.load_stats(self.path, layout)
         self.semantic_normalised = semantic_is_normalised(
-            meta, records.read_json(os.path.join(self.path, "stats.json"), "latent statistics"))
+            meta, records.read_json(os.path.join(self.path, "stats.json"), "latent statistics")
+        )
         if not self.semantic_normalised:
-            stats = dict(stats, semantic_mean=np.zeros_like(stats["semantic_mean"]),
-                         semantic_std=np.ones_like(stats["semantic_std"]))
+            stats = dict(
+                stats,
+                semantic_mean=np.zeros_like(stats["semantic_mean"]),
+                semantic_std=np.ones_like(stats["semantic_std"]),
+            )
         self.layout = layout
         self.dataset_meta = meta
         self.batch_size = int(batch_size)
@@ -241,20 +275,31 @@ class LatentIterator:
         # so global batch k is the same set of samples for any process count with this global batch.
         per_epoch = self.num_images - self.num_images % self.global_batch
         if per_epoch == 0:
-            raise ValueError(f"{self.path} holds {self.num_images} images, fewer than the global batch "
-                             f"{self.global_batch} (batch_size={self.batch_size} x process_count={process_count})")
+            raise ValueError(
+                f"{self.path} holds {self.num_images} images, fewer than the global batch "
+                f"{self.global_batch} (batch_size={self.batch_size} x process_count={process_count})"
+            )
         shuffle_seed, flip_seed = derive_seeds(seed)
         ds = grain.MapDataset.range(self.num_images).shuffle(seed=shuffle_seed)
         ds = ds.random_map(_ChooseView(random_flip), seed=flip_seed)
         ds = ds[:per_epoch][process_index::process_count].repeat()
-        ds = ds.batch(self.batch_size, drop_remainder=True,
-                      batch_fn=_ReadAndCollate(source_ds, layout, stats, multiplier, with_meta, num_classes))
+        ds = ds.batch(
+            self.batch_size,
+            drop_remainder=True,
+            batch_fn=_ReadAndCollate(source_ds, layout, stats, multiplier, with_meta, num_classes),
+        )
         options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 1))
         self._iter = ds.to_iter_dataset(options).__iter__()
-        self._identity = {"path": paths.absolute(self.path), "num_images": self.num_images,
-                          "global_batch": self.global_batch, "seed": self.seed, "random_flip": random_flip,
-                          "batch_size": self.batch_size, "process_index": self.process_index,
-                          "process_count": self.process_count}
+        self._identity = {
+            "path": paths.absolute(self.path),
+            "num_images": self.num_images,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "random_flip": random_flip,
+            "batch_size": self.batch_size,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+        }
 
     def __iter__(self):
         return self
@@ -274,13 +319,23 @@ class LatentIterator:
         # built from the same inputs. The process layout may change (batch_size x process_count stays fixed).
         for key in ("num_images", "global_batch", "seed", "random_flip"):
             if state.get(key) != self._identity[key]:
-                raise ValueError(f"cannot restore the data iterator: saved {key}={state.get(key)!r}, this run has "
-                                 f"{self._identity[key]!r} (the data order would not continue)")
+                raise ValueError(
+                    f"cannot restore the data iterator: saved {key}={state.get(key)!r}, this run has "
+                    f"{self._identity[key]!r} (the data order would not continue)"
+                )
         self._iter.set_state(dict(state["grain"]))
 
 
-def make_iterator(data_config, *, batch_size: int, process_index: int, process_count: int, seed: int,
-                  with_meta: bool = False, channels: tuple[int, int] | None = None) -> LatentIterator:
+def make_iterator(
+    data_config,
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    with_meta: bool = False,
+    channels: tuple[int, int] | None = None,
+) -> LatentIterator:
     """The training-batch iterator for this process. `batch_size` is the per-process (host-local) batch.
 
     Batches: {x1 float32 (b, H, W, C_tex + C_sem), y int32 (b,), dino (b, T, D) in the stored dtype}; with
@@ -288,5 +343,12 @@ def make_iterator(data_config, *, batch_size: int, process_index: int, process_c
     (texture, semantic) channel counts, checked against the records (0 semantic: any); `data.num_classes`, when
     set, bounds the labels.
     """
-    return LatentIterator(data_config, batch_size=batch_size, process_index=process_index,
-                          process_count=process_count, seed=seed, with_meta=with_meta, channels=channels)
+    return LatentIterator(
+        data_config,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        with_meta=with_meta,
+        channels=channels,
+    )

@@ -10,6 +10,7 @@
   numpy on the host (`torch_bicubic_resize_np`) or inside jit (`torch_bicubic_resize`).
 - `semvae_train_transform`: the SemVAE-training input (torchvision Resize(256, BICUBIC) + CenterCrop(224)).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,7 +43,7 @@ def adm_center_crop(image_uint8_hwc, size: int = 256) -> np.ndarray:
     arr = np.asarray(pil)
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[top:top + size, left:left + size])
+    return np.ascontiguousarray(arr[top : top + size, left : left + size])
 
 
 def to_unit_range(image_uint8) -> np.ndarray:
@@ -158,5 +159,5 @@ def semvae_train_transform(image_uint8_hwc, resize: int = 256, crop: int = 224) 
     arr = np.asarray(pil)
     top = int(round((new_h - crop) / 2.0))
     left = int(round((new_w - crop) / 2.0))
-    arr = arr[top:top + crop, left:left + crop]
+    arr = arr[top : top + crop, left : left + crop]
     return imagenet_normalize(arr.astype(np.float32) / np.float32(255.0)).astype(np.float32)

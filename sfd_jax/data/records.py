@@ -20,6 +20,7 @@ targets; bf16 would add a 0.4 % relative error to every target) and DINOv2 token
 needs their direction; fp16 keeps 11 significant bits where bf16 keeps 8, and layer-normed tokens are far below
 fp16's 65504 limit). Both are configurable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ STATS_FORMAT = "sfd_jax.latent_stats.v1"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 _ALIGN = 16
 _HEADER = 16
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 BLOCK_FIELDS = ("texture", "semantic", "dino")
 
 
@@ -67,8 +67,10 @@ class RecordLayout:
                 raise ValueError(f"RecordLayout.{name} must be positive, got {shape}")
             object.__setattr__(self, name, shape)
         if len(self.texture_shape) != 3 or len(self.semantic_shape) != 3 or len(self.dino_shape) != 2:
-            raise ValueError(f"RecordLayout: texture/semantic shapes must be (H, W, C) and dino (T, D); got "
-                             f"{self.texture_shape}, {self.semantic_shape}, {self.dino_shape}")
+            raise ValueError(
+                f"RecordLayout: texture/semantic shapes must be (H, W, C) and dino (T, D); got "
+                f"{self.texture_shape}, {self.semantic_shape}, {self.dino_shape}"
+            )
         _dtype(self.latent_dtype, "latent_dtype")
         _dtype(self.feature_dtype, "feature_dtype")
 
@@ -130,10 +132,12 @@ class RecordLayout:
                 dtype, shape = self.field_spec(name)
                 value = np.asarray(arrays[name + suffix])
                 if value.shape != (b, *shape):
-                    raise ValueError(f"RecordLayout.pack_pairs: field {name + suffix} has shape {value.shape}, "
-                                     f"expected {(b, *shape)}")
+                    raise ValueError(
+                        f"RecordLayout.pack_pairs: field {name + suffix} has shape {value.shape}, "
+                        f"expected {(b, *shape)}"
+                    )
                 nbytes = dtype.itemsize * math.prod(shape)
-                dest = buf[:, view, offsets[name]:offsets[name] + nbytes].view(dtype).reshape(b, *shape)
+                dest = buf[:, view, offsets[name] : offsets[name] + nbytes].view(dtype).reshape(b, *shape)
                 dest[...] = value.astype(dtype)
         return [row.tobytes() for row in buf.reshape(2 * b, self.size)]
 
@@ -156,28 +160,42 @@ class RecordLayout:
         """The two records of one image → {index, label, texture, ..., dino_flip}."""
         (index, label, v0), (index1, _, v1) = self.header(view0), self.header(view1)
         if (v0, v1) != (0, 1) or index != index1:
-            raise ValueError(f"records are not the two views of one image: (index, view) = ({index}, {v0}) and "
-                             f"({index1}, {v1})")
+            raise ValueError(
+                f"records are not the two views of one image: (index, view) = ({index}, {v0}) and ({index1}, {v1})"
+            )
         out = {name: self.field(view0, name) for name in self.fields}
         out.update({name + "_flip": self.field(view1, name) for name in self.fields})
         out.update(index=index, label=label)
         return out
 
     def to_json(self) -> dict:
-        return {"texture_shape": list(self.texture_shape), "semantic_shape": list(self.semantic_shape),
-                "dino_shape": list(self.dino_shape), "latent_dtype": self.latent_dtype,
-                "feature_dtype": self.feature_dtype, "record_bytes": self.size, "views_per_image": 2,
-                "offsets": self.offsets, "header": {"index": [0, "int64"], "label": [8, "int32"],
-                                                    "view": [12, "int32"]},
-                "byte_order": "little"}
+        return {
+            "texture_shape": list(self.texture_shape),
+            "semantic_shape": list(self.semantic_shape),
+            "dino_shape": list(self.dino_shape),
+            "latent_dtype": self.latent_dtype,
+            "feature_dtype": self.feature_dtype,
+            "record_bytes": self.size,
+            "views_per_image": 2,
+            "offsets": self.offsets,
+            "header": {"index": [0, "int64"], "label": [8, "int32"], "view": [12, "int32"]},
+            "byte_order": "little",
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "RecordLayout":
-        layout = cls(tuple(d["texture_shape"]), tuple(d["semantic_shape"]), tuple(d["dino_shape"]),
-                     d["latent_dtype"], d["feature_dtype"])
+        layout = cls(
+            tuple(d["texture_shape"]),
+            tuple(d["semantic_shape"]),
+            tuple(d["dino_shape"]),
+            d["latent_dtype"],
+            d["feature_dtype"],
+        )
         if "record_bytes" in d and int(d["record_bytes"]) != layout.size:
-            raise ValueError(f"dataset.json layout says {d['record_bytes']} bytes per record, this version of "
-                             f"sfd_jax computes {layout.size} for the same fields: incompatible format")
+            raise ValueError(
+                f"dataset.json layout says {d['record_bytes']} bytes per record, this version of "
+                f"sfd_jax computes {layout.size} for the same fields: incompatible format"
+            )
         return layout
 
 
@@ -186,6 +204,7 @@ class RecordLayout:
 class Moments:
     """Per-channel count, mean and sum of squared deviations (float64), mergeable in any grouping (Chan et al.),
     so partial moments saved per shard combine into the same statistics whether or not the run was resumed."""
+
     count: int = 0
     mean: np.ndarray | None = None
     m2: np.ndarray | None = None
@@ -209,7 +228,7 @@ class Moments:
         n = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
         return Moments(n, mean, m2)
 
     def std(self) -> np.ndarray:
@@ -292,8 +311,9 @@ def shard_done(directory: str, name: str) -> bool:
     return paths.exists(paths.join(directory, name)) and paths.exists(paths.join(directory, name + ".json"))
 
 
-def finalize_stats(directory: str, shard_names: Sequence[str], *, made_by: Mapping[str, Any],
-                   selection: Mapping[str, Any]) -> dict:
+def finalize_stats(
+    directory: str, shard_names: Sequence[str], *, made_by: Mapping[str, Any], selection: Mapping[str, Any]
+) -> dict:
     """Merge the shards' partial moments (in shard order) into stats.json and return it."""
     tex, sem, images, skipped = Moments(), Moments(), 0, 0
     for name in shard_names:
@@ -304,11 +324,16 @@ def finalize_stats(directory: str, shard_names: Sequence[str], *, made_by: Mappi
         skipped += len(meta.get("skipped", []))
     if images < 2:
         raise ValueError(f"{directory}: only {images} images were selected for the statistics; need at least 2")
-    stats = {"format": STATS_FORMAT,
-             "texture": {"mean": tex.mean.tolist(), "std": tex.std().tolist(), "channels": len(tex.mean)},
-             "semantic": {"mean": sem.mean.tolist(), "std": sem.std().tolist(), "channels": len(sem.mean)},
-             "num_images": images, "values_per_channel": {"texture": tex.count, "semantic": sem.count},
-             "selection": dict(selection), "skipped_images_in_dataset": skipped, "made_by": dict(made_by)}
+    stats = {
+        "format": STATS_FORMAT,
+        "texture": {"mean": tex.mean.tolist(), "std": tex.std().tolist(), "channels": len(tex.mean)},
+        "semantic": {"mean": sem.mean.tolist(), "std": sem.std().tolist(), "channels": len(sem.mean)},
+        "num_images": images,
+        "values_per_channel": {"texture": tex.count, "semantic": sem.count},
+        "selection": dict(selection),
+        "skipped_images_in_dataset": skipped,
+        "made_by": dict(made_by),
+    }
     write_json_atomic(paths.join(directory, "stats.json"), stats)
     return stats
 
@@ -319,27 +344,33 @@ def load_dataset(directory: str, *, local: bool = False) -> tuple[dict, RecordLa
     local: the shard paths are local files ArrayRecord can open: for a gs:// dataset, copies staged under
     `paths.staging_dir()` (each checked against the object's size and MD5; a rerun keeps the verified ones)."""
     from sfd_jax.errors import DataError
+
     path = paths.join(directory, "dataset.json")
     try:
         meta = read_json(path, "dataset description")
     except ValueError as e:
         raise DataError(f"{e}; rerun --mode=extract into this directory to rewrite it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                        f"expected {FORMAT!r}")
+        raise DataError(
+            f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}"
+        )
     absent = [k for k in ("layout", "shards") if k not in meta]
     if absent or not isinstance(meta["shards"], list) or not meta["shards"]:
-        raise DataError(f"{path} lacks {absent or ['a non-empty shards list']} (it holds {sorted(meta)}): the file "
-                        "is damaged; rerun --mode=extract into this directory to rewrite it (finished shards are "
-                        "kept)")
+        raise DataError(
+            f"{path} lacks {absent or ['a non-empty shards list']} (it holds {sorted(meta)}): the file "
+            "is damaged; rerun --mode=extract into this directory to rewrite it (finished shards are "
+            "kept)"
+        )
     try:
         layout = RecordLayout.from_json(meta["layout"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: unreadable layout ({type(e).__name__}: {e}); rerun --mode=extract") from None
     missing = [n for n in meta["shards"] if not shard_done(directory, n)]
     if missing:
-        raise FileNotFoundError(f"{directory}: {len(missing)} of {len(meta['shards'])} shards are missing or "
-                                f"unfinished (e.g. {missing[0]}); rerun the extraction to complete them")
+        raise FileNotFoundError(
+            f"{directory}: {len(missing)} of {len(meta['shards'])} shards are missing or "
+            f"unfinished (e.g. {missing[0]}); rerun the extraction to complete them"
+        )
     shards = [paths.join(directory, n) for n in meta["shards"]]
     if local:
         shards = [paths.local_copy(p) for p in shards]
@@ -350,6 +381,7 @@ def read_images(directory: str) -> tuple[dict, RecordLayout, list[dict[str, Any]
     """(dataset.json, layout, every image's unpacked pair of records in shard order): for inspecting a dataset and
     for tests; training reads through `sfd_jax.data.pipeline`."""
     from array_record.python.array_record_module import ArrayRecordReader
+
     meta, layout, shards = load_dataset(directory, local=True)
     images = []
     for path in shards:
@@ -366,19 +398,25 @@ def check_stats_vector(path: str, name: str, value, channels: int | None, why: s
     """One mean/std vector of stats.json as float64, refused unless finite (std also > 0) with the right length:
     an inf std would zero a channel and a NaN mean would poison every loss, both without an error."""
     from sfd_jax.errors import DataError
+
     try:
         value = np.asarray(value, np.float64)
     except (TypeError, ValueError):
-        raise DataError(f"{path}: {name} is not a list of numbers; re-run the extraction (or its stats step) to "
-                        "rewrite stats.json") from None
+        raise DataError(
+            f"{path}: {name} is not a list of numbers; re-run the extraction (or its stats step) to rewrite stats.json"
+        ) from None
     if value.ndim != 1 or value.size == 0 or (channels is not None and value.shape != (channels,)):
-        raise DataError(f"{path}: {name} has shape {value.shape}, expected ({channels if channels else 'C'},) "
-                        f"({why or 'one entry per latent channel'})")
+        raise DataError(
+            f"{path}: {name} has shape {value.shape}, expected ({channels if channels else 'C'},) "
+            f"({why or 'one entry per latent channel'})"
+        )
     bad = np.flatnonzero(~np.isfinite(value) | ((value <= 0) if name.endswith("std") else False))
     if bad.size:
         need = "finite and > 0" if name.endswith("std") else "finite"
-        raise DataError(f"{path}: {name} must be {need}; channel(s) {bad[:8].tolist()} hold "
-                        f"{value[bad[:8]].tolist()}; recompute stats.json (rerun --mode=extract after deleting it)")
+        raise DataError(
+            f"{path}: {name} must be {need}; channel(s) {bad[:8].tolist()} hold "
+            f"{value[bad[:8]].tolist()}; recompute stats.json (rerun --mode=extract after deleting it)"
+        )
     return value
 
 
@@ -386,16 +424,24 @@ def load_stats(directory: str, layout: RecordLayout) -> dict[str, np.ndarray]:
     """stats.json as float32 arrays, checked against the record layout's channel counts."""
     path = paths.join(directory, "stats.json")
     if not paths.exists(path):
-        raise FileNotFoundError(f"latent statistics missing: {path}; the extraction writes it after its last shard "
-                                "(rerun `--mode=extract`, or convert the reference stats with reference_latents)")
+        raise FileNotFoundError(
+            f"latent statistics missing: {path}; the extraction writes it after its last shard "
+            "(rerun `--mode=extract`, or convert the reference stats with reference_latents)"
+        )
     stats = read_json(path, "latent statistics")
     if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
         from sfd_jax.errors import DataError
+
         raise DataError(f"{path} has format {stats.get('format')!r}, expected {STATS_FORMAT!r}")
     out = {}
     for part, shape in (("texture", layout.texture_shape), ("semantic", layout.semantic_shape)):
         for key in ("mean", "std"):
-            value = check_stats_vector(path, f"{part}.{key}", stats.get(part, {}).get(key, []), shape[-1],
-                                       f"the records hold {part} latents of shape {shape}")
+            value = check_stats_vector(
+                path,
+                f"{part}.{key}",
+                stats.get(part, {}).get(key, []),
+                shape[-1],
+                f"the records hold {part} latents of shape {shape}",
+            )
             out[f"{part}_{key}"] = value.astype(np.float32)
     return out

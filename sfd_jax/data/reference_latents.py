@@ -14,6 +14,7 @@ index = running position over those files. Stats come from the reference .pt fil
 needs torch), else they are computed like extraction does (`stats_images` seeded random non-flipped records).
 `semantic_key='latents_dino'` converts the reference's PCA variant instead of the SemVAE latents.
 """
+
 from __future__ import annotations
 
 import glob
@@ -38,8 +39,10 @@ def _read_file(path: str, semantic_key: str) -> dict[str, np.ndarray]:
             keys = set(f.keys())
             missing = [k for k in wanted if k not in keys]
             if missing:
-                raise ValueError(f"{path}: missing keys {missing}; present: {sorted(keys)} (REPA targets "
-                                 "feats_dino* are required; pass semantic_key='latents_dino' for the PCA variant)")
+                raise ValueError(
+                    f"{path}: missing keys {missing}; present: {sorted(keys)} (REPA targets "
+                    "feats_dino* are required; pass semantic_key='latents_dino' for the PCA variant)"
+                )
             arrays = {k: f.get_tensor(k) for k in wanted}
     except (OSError, RuntimeError) as e:  # safetensors raises these on truncated / non-safetensors files
         raise ValueError(f"cannot read reference latents {path}: {type(e).__name__}: {e}") from e
@@ -52,22 +55,37 @@ def _read_file(path: str, semantic_key: str) -> dict[str, np.ndarray]:
         if arrays[a].shape != arrays[b].shape:
             raise ValueError(f"{path}: {b} has shape {arrays[b].shape}, {a} has {arrays[a].shape}")
     if arrays[semantic_key].shape[2:] != arrays["latents"].shape[2:]:
-        raise ValueError(f"{path}: {semantic_key} grid {arrays[semantic_key].shape[2:]} differs from the texture "
-                         f"latents' {arrays['latents'].shape[2:]}")
+        raise ValueError(
+            f"{path}: {semantic_key} grid {arrays[semantic_key].shape[2:]} differs from the texture "
+            f"latents' {arrays['latents'].shape[2:]}"
+        )
     return arrays
 
 
 def _to_records(arrays: dict[str, np.ndarray], semantic_key: str) -> dict[str, np.ndarray]:
     nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731
     tokens = lambda a: nhwc(a).reshape(a.shape[0], a.shape[2] * a.shape[3], a.shape[1])  # noqa: E731
-    return {"texture": nhwc(arrays["latents"]), "texture_flip": nhwc(arrays["latents_flip"]),
-            "semantic": nhwc(arrays[semantic_key]), "semantic_flip": nhwc(arrays[semantic_key + "_flip"]),
-            "dino": tokens(arrays["feats_dino"]), "dino_flip": tokens(arrays["feats_dino_flip"])}
+    return {
+        "texture": nhwc(arrays["latents"]),
+        "texture_flip": nhwc(arrays["latents_flip"]),
+        "semantic": nhwc(arrays[semantic_key]),
+        "semantic_flip": nhwc(arrays[semantic_key + "_flip"]),
+        "dino": tokens(arrays["feats_dino"]),
+        "dino_flip": tokens(arrays["feats_dino_flip"]),
+    }
 
 
-def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str = "auto",
-            latent_dtype: str = "float32", feature_dtype: str = "float16", stats_images: int = 10000,
-            seed: int = 0) -> dict:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    semantic_key: str = "latents_sv",
+    stats: str = "auto",
+    latent_dtype: str = "float32",
+    feature_dtype: str = "float16",
+    stats_images: int = 10000,
+    seed: int = 0,
+) -> dict:
     """Convert every `*.safetensors` in `src` into a dataset in `dst` (resumable: finished shards are kept).
 
     `stats`: 'auto' (reference .pt files when both exist, else computed), 'reference' (require them), or 'compute'.
@@ -88,28 +106,46 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
     total = sum(counts)
     first = _read_file(files[0], semantic_key)
     sample = _to_records({k: v[:1] for k, v in first.items()}, semantic_key)
-    layout = records.RecordLayout(sample["texture"].shape[1:], sample["semantic"].shape[1:],
-                                  sample["dino"].shape[1:], latent_dtype, feature_dtype)
+    layout = records.RecordLayout(
+        sample["texture"].shape[1:], sample["semantic"].shape[1:], sample["dino"].shape[1:], latent_dtype, feature_dtype
+    )
     names = [records.shard_name("latents", s, len(files)) for s in range(len(files))]
     # The PCA channels (latents_dino) are not normalised by the reference, so only the texture file is needed then.
     ref_stats = [os.path.join(src, "latents_stats.pt")]
     if semantic_key == "latents_sv":
         ref_stats.append(os.path.join(src, "latents_sv_stats.pt"))
     use_reference = stats == "reference" or (stats == "auto" and all(map(os.path.exists, ref_stats)))
-    made_by = {"reference_latents": {"src": os.path.abspath(src), "files": [os.path.basename(f) for f in files],
-                                     "semantic_key": semantic_key,
-                                     "stats": "reference .pt files" if use_reference else "computed"}}
-    meta = {"format": records.FORMAT, "layout": layout.to_json(), "shards": names, "num_source_images": total,
-            "extraction": {"converted_from": "SFD reference safetensors", "semantic_key": semantic_key,
-                           "latent_dtype": latent_dtype, "feature_dtype": feature_dtype, "seed": seed,
-                           "stats_images": stats_images},
-            "source": {"kind": "reference_latents", "src": os.path.abspath(src)}, "made_by": made_by}
+    made_by = {
+        "reference_latents": {
+            "src": os.path.abspath(src),
+            "files": [os.path.basename(f) for f in files],
+            "semantic_key": semantic_key,
+            "stats": "reference .pt files" if use_reference else "computed",
+        }
+    }
+    meta = {
+        "format": records.FORMAT,
+        "layout": layout.to_json(),
+        "shards": names,
+        "num_source_images": total,
+        "extraction": {
+            "converted_from": "SFD reference safetensors",
+            "semantic_key": semantic_key,
+            "latent_dtype": latent_dtype,
+            "feature_dtype": feature_dtype,
+            "seed": seed,
+            "stats_images": stats_images,
+        },
+        "source": {"kind": "reference_latents", "src": os.path.abspath(src)},
+        "made_by": made_by,
+    }
     os.makedirs(dst, exist_ok=True)
     meta_path = os.path.join(dst, "dataset.json")
     if os.path.exists(meta_path):
         old = records.read_json(meta_path, "dataset description")
-        if {k: old.get(k) for k in ("layout", "shards", "num_source_images")} != \
-                {k: meta[k] for k in ("layout", "shards", "num_source_images")}:
+        if {k: old.get(k) for k in ("layout", "shards", "num_source_images")} != {
+            k: meta[k] for k in ("layout", "shards", "num_source_images")
+        }:
             raise ValueError(f"{dst} already holds a different dataset; use a new directory")
     else:
         records.write_json_atomic(meta_path, meta)
@@ -131,13 +167,20 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
                 raise
             chosen = np.isin(index, selection)
             stored = {k: fields[k][chosen].astype(layout.field_spec(k)[0]) for k in ("texture", "semantic")}
-            shard_meta = {"num_records": 2 * n, "num_images": n, "first_index": start, "stop_index": start + n,
-                          "skipped": [],
-                          "label_range": [int(np.min(arrays["labels"])), int(np.max(arrays["labels"]))],
-                          "source_file": os.path.basename(path),
-                          "moments": {"images": int(chosen.sum()),
-                                      "texture": records.Moments.of(stored["texture"]).to_json(),
-                                      "semantic": records.Moments.of(stored["semantic"]).to_json()}}
+            shard_meta = {
+                "num_records": 2 * n,
+                "num_images": n,
+                "first_index": start,
+                "stop_index": start + n,
+                "skipped": [],
+                "label_range": [int(np.min(arrays["labels"])), int(np.max(arrays["labels"]))],
+                "source_file": os.path.basename(path),
+                "moments": {
+                    "images": int(chosen.sum()),
+                    "texture": records.Moments.of(stored["texture"]).to_json(),
+                    "semantic": records.Moments.of(stored["semantic"]).to_json(),
+                },
+            }
             records.write_json_atomic(os.path.join(dst, names[s] + ".json"), shard_meta)
         start += n
     selection_info = {"seed": seed, "max_images": stats_images, "flipped": False, "requested": int(len(selection))}
@@ -147,12 +190,18 @@ def convert(src: str, dst: str, *, semantic_key: str = "latents_sv", stats: str 
     if missing:
         raise FileNotFoundError(f"stats='reference' but {missing} do not exist")
     from sfd_jax.data.reference_stats import convert_reference_stats
-    doc = convert_reference_stats(ref_stats[0], ref_stats[1] if len(ref_stats) > 1 else None,
-                                  semantic_channels=layout.semantic_shape[-1],
-                                  texture_channels=layout.texture_shape[-1])
+
+    doc = convert_reference_stats(
+        ref_stats[0],
+        ref_stats[1] if len(ref_stats) > 1 else None,
+        semantic_channels=layout.semantic_shape[-1],
+        texture_channels=layout.texture_shape[-1],
+    )
     if doc["semantic"]["channels"] != layout.semantic_shape[-1]:
-        raise ValueError(f"{ref_stats[1]}: mean has {doc['semantic']['channels']} entries, the {semantic_key} "
-                         f"latents have {layout.semantic_shape[-1]} channels")
+        raise ValueError(
+            f"{ref_stats[1]}: mean has {doc['semantic']['channels']} entries, the {semantic_key} "
+            f"latents have {layout.semantic_shape[-1]} channels"
+        )
     doc["made_by"] = made_by
     records.write_json_atomic(os.path.join(dst, "stats.json"), doc)
     return doc
@@ -171,8 +220,16 @@ def _main(argv: Sequence[str]) -> None:
     p.add_argument("--stats_images", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    stats = convert(a.src, a.dst, semantic_key=a.semantic_key, stats=a.stats, latent_dtype=a.latent_dtype,
-                    feature_dtype=a.feature_dtype, stats_images=a.stats_images, seed=a.seed)
+    stats = convert(
+        a.src,
+        a.dst,
+        semantic_key=a.semantic_key,
+        stats=a.stats,
+        latent_dtype=a.latent_dtype,
+        feature_dtype=a.feature_dtype,
+        stats_images=a.stats_images,
+        seed=a.seed,
+    )
     print({k: stats[k] for k in ("texture", "semantic")})
 
 

@@ -13,6 +13,7 @@ the semantic entry is written as identity (mean 0, std 1, `normalise: false`) fo
 `convert_reference_stats(texture, semantic=None, *, semantic_channels=16, out=None)` is the importable form (the
 model-bundle converter calls it); `read_reference_stats(path_or_obj, channels=None)` reads one file.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def read_reference_stats(src, channels: int | None = None, *, what: str = "stats
     name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else what
     if isinstance(src, (str, os.PathLike)):
         from sfd_jax.convert.common import read_checkpoint
+
         src = read_checkpoint(src)
     if not isinstance(src, dict):
         raise ValueError(f"{name}: expected a dict with 'mean' and 'std' tensors, got {type(src).__name__}")
@@ -49,8 +51,10 @@ def read_reference_stats(src, channels: int | None = None, *, what: str = "stats
             raise ValueError(f"{name}: expected a dict with 'mean' and 'std', got keys {sorted(src)}")
         value = _as_numpy(src[key])
         if sum(s != 1 for s in value.shape) > 1:
-            raise ValueError(f"{name}: {key} has shape {tuple(value.shape)}; expected per-channel values, e.g. the "
-                             "reference's (1, C, 1, 1)")
+            raise ValueError(
+                f"{name}: {key} has shape {tuple(value.shape)}; expected per-channel values, e.g. the "
+                "reference's (1, C, 1, 1)"
+            )
         value = value.reshape(-1)
         if channels is not None and value.size != channels:
             raise ValueError(f"{name}: {key} has {value.size} channels, expected {channels}")
@@ -65,8 +69,14 @@ def read_reference_stats(src, channels: int | None = None, *, what: str = "stats
     return mean, std
 
 
-def convert_reference_stats(texture, semantic=None, *, semantic_channels: int = 16, texture_channels: int = 32,
-                            out: str | os.PathLike | None = None) -> dict:
+def convert_reference_stats(
+    texture,
+    semantic=None,
+    *,
+    semantic_channels: int = 16,
+    texture_channels: int = 32,
+    out: str | os.PathLike | None = None,
+) -> dict:
     """Our stats.json document from the reference files; written atomically to `out` (a directory or a .json path)
     when given. `texture` / `semantic`: paths or loaded dicts; `semantic=None` = un-normalised semantic channels."""
     tex_mean, tex_std = read_reference_stats(texture, texture_channels, what="texture stats")
@@ -80,12 +90,15 @@ def convert_reference_stats(texture, semantic=None, *, semantic_channels: int = 
         sem_mean, sem_std = read_reference_stats(semantic, None, what="semantic stats")
         sources["semantic"] = os.path.abspath(semantic) if isinstance(semantic, (str, os.PathLike)) else "in-memory"
         semantic_block = {}
-    doc = {"format": records.STATS_FORMAT,
-           "texture": {"mean": tex_mean.tolist(), "std": tex_std.tolist(), "channels": len(tex_mean)},
-           "semantic": {"mean": sem_mean.tolist(), "std": sem_std.tolist(), "channels": len(sem_mean),
-                        **semantic_block},
-           "num_images": None, "selection": {"from": "reference stats files", "files": sources},
-           "skipped_images_in_dataset": 0, "made_by": {"reference_stats": sources}}
+    doc = {
+        "format": records.STATS_FORMAT,
+        "texture": {"mean": tex_mean.tolist(), "std": tex_std.tolist(), "channels": len(tex_mean)},
+        "semantic": {"mean": sem_mean.tolist(), "std": sem_std.tolist(), "channels": len(sem_mean), **semantic_block},
+        "num_images": None,
+        "selection": {"from": "reference stats files", "files": sources},
+        "skipped_images_in_dataset": 0,
+        "made_by": {"reference_stats": sources},
+    }
     if out is not None:
         path = os.fspath(out)
         if not path.endswith(".json"):
@@ -96,22 +109,35 @@ def convert_reference_stats(texture, semantic=None, *, semantic_channels: int = 
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("stats", help="reference latents_stats.pt (+ latents_sv_stats.pt) -> stats.json",
-                              description=__doc__.split("\n\n")[1])
+    p = subparsers.add_parser(
+        "stats",
+        help="reference latents_stats.pt (+ latents_sv_stats.pt) -> stats.json",
+        description=__doc__.split("\n\n")[1],
+    )
     p.add_argument("input", help="the reference's latents_stats.pt (texture latent statistics)")
     p.add_argument("output_dir", help="directory to write stats.json into")
-    p.add_argument("--semantic", default=None,
-                   help="latents_sv_stats.pt (SemVAE latent statistics); omit for un-normalised (PCA) channels")
-    p.add_argument("--semantic-channels", type=int, default=16,
-                   help="semantic channel count when --semantic is omitted (the reference's PCA variant: 8)")
+    p.add_argument(
+        "--semantic",
+        default=None,
+        help="latents_sv_stats.pt (SemVAE latent statistics); omit for un-normalised (PCA) channels",
+    )
+    p.add_argument(
+        "--semantic-channels",
+        type=int,
+        default=16,
+        help="semantic channel count when --semantic is omitted (the reference's PCA variant: 8)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    doc = convert_reference_stats(args.input, args.semantic, semantic_channels=args.semantic_channels,
-                                  out=args.output_dir)
-    print(f"wrote {os.path.join(args.output_dir, 'stats.json')}: texture {doc['texture']['channels']} channels, "
-          f"semantic {doc['semantic']['channels']} channels"
-          f"{'' if doc['semantic'].get('normalise', True) else ' (un-normalised)'}")
+    doc = convert_reference_stats(
+        args.input, args.semantic, semantic_channels=args.semantic_channels, out=args.output_dir
+    )
+    print(
+        f"wrote {os.path.join(args.output_dir, 'stats.json')}: texture {doc['texture']['channels']} channels, "
+        f"semantic {doc['semantic']['channels']} channels"
+        f"{'' if doc['semantic'].get('normalise', True) else ' (un-normalised)'}"
+    )
     return 0

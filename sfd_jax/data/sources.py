@@ -12,6 +12,7 @@ Every decoder converts grayscale / palette / alpha / CMYK pictures to RGB with P
 `ImageFolder`'s loader does). A file that cannot be read or decoded raises `BadImageError` naming it; the
 extraction either stops on it or, with `skip_bad_images`, skips and lists it.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,8 +27,18 @@ from PIL import Image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 class BadImageError(ValueError):
@@ -93,8 +104,10 @@ class ImageFolderSource:
             if len(files) == before:
                 empty.append(name)
         if empty:
-            raise ValueError(f"image folder {self.root}: class folders without images ({', '.join(empty[:10])}); "
-                             f"accepted extensions: {', '.join(extensions)}")
+            raise ValueError(
+                f"image folder {self.root}: class folders without images ({', '.join(empty[:10])}); "
+                f"accepted extensions: {', '.join(extensions)}"
+            )
         self.files = files
         self.labels = np.asarray(labels, np.int64)
         self.num_classes = len(self.class_names)
@@ -113,8 +126,12 @@ class ImageFolderSource:
         return decode_image(data, path), int(self.labels[index])
 
     def describe(self) -> dict:
-        return {"kind": "folder", "root": os.path.abspath(self.root), "num_images": len(self),
-                "num_classes": self.num_classes}
+        return {
+            "kind": "folder",
+            "root": os.path.abspath(self.root),
+            "num_images": len(self),
+            "num_classes": self.num_classes,
+        }
 
 
 # --------------------------------------------------------------------------------------------------------- TFDS
@@ -126,12 +143,15 @@ def _tfds():
     except ImportError:
         import importlib.resources
         import importlib.resources.abc  # noqa: F401
+
         sys.modules.setdefault("importlib_resources", importlib.resources)
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ImportError("TFDS sources need tensorflow-datasets: pip install 'sfd_jax[tfds]' "
-                          "(tensorflow-datasets==4.9.10; TensorFlow itself is not needed)") from e
+        raise ImportError(
+            "TFDS sources need tensorflow-datasets: pip install 'sfd_jax[tfds]' "
+            "(tensorflow-datasets==4.9.10; TensorFlow itself is not needed)"
+        ) from e
     return tfds
 
 
@@ -142,8 +162,14 @@ class TFDSSource:
     raises BadImageError with its `file_name` instead of failing inside TFDS.
     """
 
-    def __init__(self, name: str = "imagenet2012", split: str = "train", data_dir: str | None = None,
-                 image_key: str = "image", label_key: str = "label"):
+    def __init__(
+        self,
+        name: str = "imagenet2012",
+        split: str = "train",
+        data_dir: str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ):
         tfds = _tfds()
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.label_key = image_key, label_key
@@ -154,15 +180,19 @@ class TFDSSource:
         if not builder.is_prepared():
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared under {builder.data_dir}; for ImageNet run "
-                "`python -m sfd_jax.data.sources prepare-imagenet --manual_dir=... --data_dir=...`")
+                "`python -m sfd_jax.data.sources prepare-imagenet --manual_dir=... --data_dir=...`"
+            )
         fmt = builder.info.file_format
         if fmt is None or "array_record" not in str(fmt).lower():
-            raise ValueError(f"TFDS dataset {name!r} at {builder.data_dir} is stored as {fmt}; random access needs "
-                             "file_format='array_record' (re-prepare it, e.g. with prepare_imagenet2012)")
+            raise ValueError(
+                f"TFDS dataset {name!r} at {builder.data_dir} is stored as {fmt}; random access needs "
+                "file_format='array_record' (re-prepare it, e.g. with prepare_imagenet2012)"
+            )
         features = builder.info.features
         if image_key not in features or label_key not in features:
-            raise ValueError(f"TFDS dataset {name!r} has features {list(features)}; expected {image_key!r} and "
-                             f"{label_key!r}")
+            raise ValueError(
+                f"TFDS dataset {name!r} has features {list(features)}; expected {image_key!r} and {label_key!r}"
+            )
         self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
         self.num_classes = int(features[label_key].num_classes)
         self._builder_dir = str(builder.data_dir)
@@ -179,8 +209,14 @@ class TFDSSource:
         return decode_image(record[self.image_key], where), int(record[self.label_key])
 
     def describe(self) -> dict:
-        return {"kind": "tfds", "name": self.name, "split": self.split, "data_dir": self._builder_dir,
-                "num_images": len(self), "num_classes": self.num_classes}
+        return {
+            "kind": "tfds",
+            "name": self.name,
+            "split": self.split,
+            "data_dir": self._builder_dir,
+            "num_images": len(self),
+            "num_classes": self.num_classes,
+        }
 
 
 def prepare_imagenet2012(manual_dir: str, data_dir: str, splits: Sequence[str] = ("train", "validation")) -> str:
@@ -231,8 +267,10 @@ def _imagenet_builder_class():
             for split in self._wanted:
                 path = os.path.join(manual, paths[split])
                 if not os.path.exists(path):
-                    raise FileNotFoundError(f"prepare_imagenet2012: {path} not found (manual_dir must hold "
-                                            f"{', '.join(paths[s] for s in self._wanted)})")
+                    raise FileNotFoundError(
+                        f"prepare_imagenet2012: {path} not found (manual_dir must hold "
+                        f"{', '.join(paths[s] for s in self._wanted)})"
+                    )
                 gens.append(tfds.core.SplitGenerator(name=split, gen_kwargs={"path": path, "split": split}))
             return gens
 
@@ -251,8 +289,14 @@ def _imagenet_builder_class():
                 with tarfile.open(path, "r|") as tar:
                     for member in tar:
                         if member.isfile():
-                            yield member.name, {"file_name": member.name, "label": by_name[member.name],
-                                                "image": tar.extractfile(member).read()}
+                            yield (
+                                member.name,
+                                {
+                                    "file_name": member.name,
+                                    "label": by_name[member.name],
+                                    "image": tar.extractfile(member).read(),
+                                },
+                            )
                 return
             with tarfile.open(path, "r|") as outer:
                 for class_tar in outer:
@@ -289,8 +333,7 @@ def _read_idx(path: str) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     count = int(np.prod(shape))
     if len(data) - header != count:
-        raise ValueError(f"IDX file {path}: header says shape {shape} ({count} bytes), file holds "
-                         f"{len(data) - header}")
+        raise ValueError(f"IDX file {path}: header says shape {shape} ({count} bytes), file holds {len(data) - header}")
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
@@ -299,16 +342,18 @@ def _find_idx(root: str, stem: str) -> str:
         path = os.path.join(root, candidate)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root} "
-                            "(Debian: apt-get install dataset-fashion-mnist)")
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {root} (Debian: apt-get install dataset-fashion-mnist)"
+    )
 
 
 class FashionMNISTSource:
     """Fashion-MNIST from IDX files (gzipped or plain). `pad_to` centres the 28×28 image on a black square;
     `rgb` repeats the gray channel three times (otherwise images are (H, W, 1))."""
 
-    def __init__(self, root: str = FASHION_MNIST_DIR, split: str = "train", pad_to: int | None = None,
-                 rgb: bool = True):
+    def __init__(
+        self, root: str = FASHION_MNIST_DIR, split: str = "train", pad_to: int | None = None, rgb: bool = True
+    ):
         prefix = {"train": "train", "test": "t10k"}.get(split)
         if prefix is None:
             raise ValueError(f"FashionMNISTSource: split={split!r}; choose 'train' or 'test'")
@@ -316,8 +361,10 @@ class FashionMNISTSource:
         images = _read_idx(_find_idx(self.root, f"{prefix}-images-idx3-ubyte"))
         labels = _read_idx(_find_idx(self.root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"Fashion-MNIST in {self.root}: images {images.shape} and labels {labels.shape} do not "
-                             "pair up (expected (N, 28, 28) and (N,))")
+            raise ValueError(
+                f"Fashion-MNIST in {self.root}: images {images.shape} and labels {labels.shape} do not "
+                "pair up (expected (N, 28, 28) and (N,))"
+            )
         if pad_to is not None and pad_to < max(images.shape[1:]):
             raise ValueError(f"FashionMNISTSource: pad_to={pad_to} is smaller than the images {images.shape[1:]}")
         self.images, self.labels = images, labels.astype(np.int64)
@@ -338,8 +385,15 @@ class FashionMNISTSource:
         return image, int(self.labels[index])
 
     def describe(self) -> dict:
-        return {"kind": "fashion_mnist", "root": os.path.abspath(self.root), "split": self.split,
-                "pad_to": self.pad_to, "rgb": self.rgb, "num_images": len(self), "num_classes": self.num_classes}
+        return {
+            "kind": "fashion_mnist",
+            "root": os.path.abspath(self.root),
+            "split": self.split,
+            "pad_to": self.pad_to,
+            "rgb": self.rgb,
+            "num_images": len(self),
+            "num_classes": self.num_classes,
+        }
 
 
 # ------------------------------------------------------------------------------------------------- from config
@@ -354,11 +408,16 @@ def make_source(cfg) -> ImageSource:
             raise ValueError("source.path is required for source.kind='folder'")
         return ImageFolderSource(cfg["path"])
     if kind == "tfds":
-        return TFDSSource(cfg.get("name") or "imagenet2012", split=cfg.get("split") or "train",
-                          data_dir=cfg.get("path") or None)
+        return TFDSSource(
+            cfg.get("name") or "imagenet2012", split=cfg.get("split") or "train", data_dir=cfg.get("path") or None
+        )
     if kind == "fashion_mnist":
-        return FashionMNISTSource(cfg.get("path") or FASHION_MNIST_DIR, split=cfg.get("split") or "train",
-                                  pad_to=cfg.get("pad_to") or None, rgb=True)
+        return FashionMNISTSource(
+            cfg.get("path") or FASHION_MNIST_DIR,
+            split=cfg.get("split") or "train",
+            pad_to=cfg.get("pad_to") or None,
+            rgb=True,
+        )
     raise ValueError(f"source.kind={kind!r} is not a source; valid kinds: {', '.join(SOURCE_KINDS)}")
 
 

@@ -13,6 +13,7 @@ the same for any process count, and `get_state()` / `set_state()` only need the 
 Format (the training-batch format all sources share): x1 float32 (b, 16, 16, C) with C = 48 ([texture 0:32 |
 semantic 32:48]), y int32 (b,) in [0, num_classes), dino (b, T, 768) in `dino_dtype` (float32 or bfloat16).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,21 @@ _TABLE_STREAM = 0x5FD  # separates the fixed tables' random stream from the per-
 class SyntheticLatents:
     """Implements the loop's data-iterator protocol: `next()`, `get_state()`, `set_state()`."""
 
-    def __init__(self, *, batch_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
-                 num_classes: int = 1000, size: int = 16, channels: int = 48, tokens: int = 256, dino_dim: int = 768,
-                 noise_scale: float = 0.5, dino_dtype: str = "float32"):
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        seed: int = 0,
+        num_classes: int = 1000,
+        size: int = 16,
+        channels: int = 48,
+        tokens: int = 256,
+        dino_dim: int = 768,
+        noise_scale: float = 0.5,
+        dino_dtype: str = "float32",
+    ):
         if batch_size <= 0:
             raise ValueError(f"synthetic data: batch_size={batch_size} must be positive")
         if not 0 <= process_index < process_count:
@@ -40,6 +53,7 @@ class SyntheticLatents:
         self.shape = (size, size, channels)
         if dino_dtype == "bfloat16":
             import ml_dtypes
+
             self.dino_dtype = np.dtype(ml_dtypes.bfloat16)
         else:
             self.dino_dtype = np.dtype(dino_dtype)
@@ -54,8 +68,11 @@ class SyntheticLatents:
     def _row(self, step: int, row: int):
         rng = np.random.default_rng([self.seed, step, row])
         y = int(rng.integers(self.num_classes))
-        x1 = self.pattern * self.class_scale[y] + self.class_mean[y] + \
-            self.noise_scale * rng.standard_normal(self.shape, dtype=np.float32)
+        x1 = (
+            self.pattern * self.class_scale[y]
+            + self.class_mean[y]
+            + self.noise_scale * rng.standard_normal(self.shape, dtype=np.float32)
+        )
         return x1, y
 
     def __iter__(self):
@@ -81,7 +98,12 @@ class SyntheticLatents:
 
 def make_iterator(data_config, *, batch_size: int, process_index: int, process_count: int, seed: int):
     """Same signature as `sfd_jax.data.pipeline.make_iterator`; batch_size is the per-process batch."""
-    return SyntheticLatents(batch_size=batch_size, process_index=process_index, process_count=process_count,
-                            seed=seed, num_classes=int(data_config.get("num_classes", 1000)),
-                            noise_scale=float(data_config.get("noise_scale", 0.5)),
-                            dino_dtype=str(data_config.get("dino_dtype", "float32")))
+    return SyntheticLatents(
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        num_classes=int(data_config.get("num_classes", 1000)),
+        noise_scale=float(data_config.get("noise_scale", 0.5)),
+        dino_dtype=str(data_config.get("dino_dtype", "float32")),
+    )

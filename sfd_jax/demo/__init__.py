@@ -20,5 +20,6 @@ A finished stage leaves `stages/<name>.json` (its result and wall time) and is s
 resume from their own checkpoints, so a run killed inside a stage continues from the last checkpoint (the DiT
 checkpoints every `dit.train.ckpt_every` steps together with its data-iterator position).
 """
+
 from sfd_jax.demo.pipeline import Stages, run  # noqa: F401
 from sfd_jax.demo.data import check_data, padded_split, UnitRangeImages, unit_range  # noqa: F401

@@ -13,6 +13,7 @@ Data stages come from the demo's pipeline (`pipeline.prepare`, cached in `<workd
 a finished run leaves `result.json` and is skipped. Runs go seed by seed (every setting's seed 0 first), so a
 partial ablation covers every setting.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,17 +58,31 @@ def _run(config, workdir: str) -> dict:
             log.info("[ablation] stopping after %d runs (ablation.max_runs); re-run to continue", limit)
             break
         latents = _latents(config, p, setting)
-        log.info("[ablation] run %s seed %d (%d of %d finished)", setting["name"], seed, _count_done(workdir, runs),
-                 len(runs))
+        log.info(
+            "[ablation] run %s seed %d (%d of %d finished)",
+            setting["name"],
+            seed,
+            _count_done(workdir, runs),
+            len(runs),
+        )
         _train_and_score(config, p, clf["weights"], setting, seed, latents, out)
         ran.append(f"{setting['name']}/seed{seed}")
     summary = ablation_report.collect(workdir, settings, [int(s) for s in a.seeds])
-    summary.update({"ran_in_this_invocation": ran, "this_invocation_wall_s": time.perf_counter() - t0,
-                    "machine": p["machine"], "demo_workdir": p["workdir"],
-                    "budget": {"steps": int(a.num_steps), "batch_size": int(config.dit.train.batch_size),
-                               "eval_fractions": list(a.eval_fractions),
-                               "samples_per_class": int(a.samples_per_class)},
-                    "linear_probe": (p["vfm"] or {}).get("probe")})
+    summary.update(
+        {
+            "ran_in_this_invocation": ran,
+            "this_invocation_wall_s": time.perf_counter() - t0,
+            "machine": p["machine"],
+            "demo_workdir": p["workdir"],
+            "budget": {
+                "steps": int(a.num_steps),
+                "batch_size": int(config.dit.train.batch_size),
+                "eval_fractions": list(a.eval_fractions),
+                "samples_per_class": int(a.samples_per_class),
+            },
+            "linear_probe": (p["vfm"] or {}).get("probe"),
+        }
+    )
     write_json(os.path.join(workdir, "ablation.json"), summary)
     ablation_report.plots(workdir, summary)
     ablation_report.log_table(summary)
@@ -80,6 +95,7 @@ def _count_done(workdir: str, runs) -> int:
 
 def _classifier(config, workdir: str) -> dict:
     from sfd_jax.demo import eval_stages
+
     return eval_stages.classifier(config, workdir)
 
 
@@ -88,11 +104,22 @@ def _latents(config, p: dict, setting: dict) -> str:
     if setting.get("encoder", "pretrained") == "pretrained":
         return os.path.join(p["workdir"], "latents")
     if p["sv_random"] is None:
-        raise ValueError(f"setting {setting['name']} needs the random encoder's SemVAE: the demo config must pretrain "
-                         "its DINOv2 (dino.ssl.steps > 0) with demo.semvae_random = True")
-    p["stages"].run("extract_random", lambda: train_stages.extract(
-        config, p["workdir"], p["tv"]["weights"], p["vfm"]["random_directory"], p["sv_random"]["weights"],
-        p["dino_size"], out="latents_random"))
+        raise ValueError(
+            f"setting {setting['name']} needs the random encoder's SemVAE: the demo config must pretrain "
+            "its DINOv2 (dino.ssl.steps > 0) with demo.semvae_random = True"
+        )
+    p["stages"].run(
+        "extract_random",
+        lambda: train_stages.extract(
+            config,
+            p["workdir"],
+            p["tv"]["weights"],
+            p["vfm"]["random_directory"],
+            p["sv_random"]["weights"],
+            p["dino_size"],
+            out="latents_random",
+        ),
+    )
     return os.path.join(p["workdir"], "latents_random")
 
 
@@ -116,6 +143,7 @@ def run_config(config, p: dict, setting: dict, seed: int, latents: str):
 
 def _train_and_score(config, p: dict, judge_dir: str, setting: dict, seed: int, latents: str, out: str) -> None:
     from sfd_jax.train import loop
+
     cfg, score_steps = run_config(config, p, setting, seed, latents)
     scorer = Scorer(config, judge_dir, p["tv"]["weights"], latents, float(cfg.diffusion.delta_t))
     os.makedirs(os.path.join(out, "scores"), exist_ok=True)
@@ -127,11 +155,18 @@ def _train_and_score(config, p: dict, judge_dir: str, setting: dict, seed: int, 
             result = {"step": ctx.step, **scorer(ctx.model(ema=True))}
             result["seconds"] = time.perf_counter() - t0
             write_json(path, result)
-            log.info("[ablation] %s seed %d step %d: FID %.2f, class consistency %.1f%%", setting["name"], seed,
-                     ctx.step, result["fid"], 100 * result["class_consistency"])
+            log.info(
+                "[ablation] %s seed %d step %d: FID %.2f, class consistency %.1f%%",
+                setting["name"],
+                seed,
+                ctx.step,
+                result["fid"],
+                100 * result["class_consistency"],
+            )
         return {}
 
     from sfd_jax.checkpoint import Checkpoints
+
     ckpt = Checkpoints(out, keep_last=10**9)  # only read here; the loop manages its own
     start = ckpt.latest_step() or 0
     ckpt.close()
@@ -146,10 +181,18 @@ def _train_and_score(config, p: dict, judge_dir: str, setting: dict, seed: int, 
         with open(os.path.join(out, "scores", f"step_{step}.json")) as f:
             scores[str(step)] = json.load(f)
     last = result.get("last_metrics") or {}
-    write_json(os.path.join(out, "result.json"), {
-        "setting": setting, "seed": seed, "scores": scores, "steps": result["step"], "resumed_from_step": start,
-        "wall_s_this_invocation": time.perf_counter() - t0,
-        "final_train_metrics": {k: float(v) for k, v in last.items() if isinstance(v, (int, float))}})
+    write_json(
+        os.path.join(out, "result.json"),
+        {
+            "setting": setting,
+            "seed": seed,
+            "scores": scores,
+            "steps": result["step"],
+            "resumed_from_step": start,
+            "wall_s_this_invocation": time.perf_counter() - t0,
+            "final_train_metrics": {k: float(v) for k, v in last.items() if isinstance(v, (int, float))},
+        },
+    )
 
 
 _REFERENCE_STATS: dict = {}  # judge-feature statistics of the test split, computed once per process
@@ -167,13 +210,25 @@ class Scorer:
             TextureDecoder,
             read_latent_stats,
         )
+
         s = config.sample
         _, vae = load_texture_vae(tv_dir)
         mean, std = read_latent_stats(os.path.join(latents, "stats.json"), vae.cfg.embed_dim)
-        settings = SamplerSettings(solver=s.solver, rtol=float(s.rtol), atol=float(s.atol), delta_t=delta_t,
-                                   step_control=s.step_control, phase_mode=s.phase_mode, max_steps=int(s.max_steps))
-        self.gen = ImageGenerator(TextureDecoder(vae, mean, std), settings=settings, seed=int(s.seed),
-                                  per_device_batch=int(s.per_device_batch))
+        settings = SamplerSettings(
+            solver=s.solver,
+            rtol=float(s.rtol),
+            atol=float(s.atol),
+            delta_t=delta_t,
+            step_control=s.step_control,
+            phase_mode=s.phase_mode,
+            max_steps=int(s.max_steps),
+        )
+        self.gen = ImageGenerator(
+            TextureDecoder(vae, mean, std),
+            settings=settings,
+            seed=int(s.seed),
+            per_device_batch=int(s.per_device_batch),
+        )
         self.judge = load_classifier(judge_dir)
         self.num_classes = int(config.dit.data.num_classes)
         self.n = self.num_classes * int(config.ablation.samples_per_class)
@@ -186,6 +241,7 @@ class Scorer:
         from sfd_jax.demo.data import UnitRangeImages, padded_split
         from sfd_jax.eval.classifier import apply_batched
         from sfd_jax.eval.metrics import statistics
+
         test_x, _ = padded_split(config.demo.data_dir, "test")
         n_ref = min(int(config.demo.fid_test_images), len(test_x))
         return statistics(apply_batched(self.judge, UnitRangeImages(test_x[:n_ref]))[1])
@@ -195,10 +251,14 @@ class Scorer:
         from sfd_jax.eval.classifier import apply_batched
         from sfd_jax.eval.generator import class_labels
         from sfd_jax.eval.metrics import frechet_distance, statistics
+
         indices = np.arange(self.n)
         labels = class_labels(indices, num_images=self.n, num_classes=self.num_classes)
         images, stats = self.gen(model, indices, labels)
         logits, features = apply_batched(self.judge, UnitRangeImages(images))
-        return {"fid": float(frechet_distance(*statistics(features), *self.ref)),
-                "class_consistency": float((logits.argmax(-1) == labels).mean()),
-                "nfe_per_image": float(np.mean([st.nfe_per_image for st in stats])), "num_images": int(self.n)}
+        return {
+            "fid": float(frechet_distance(*statistics(features), *self.ref)),
+            "class_consistency": float((logits.argmax(-1) == labels).mean()),
+            "nfe_per_image": float(np.mean([st.nfe_per_image for st in stats])),
+            "num_images": int(self.n),
+        }

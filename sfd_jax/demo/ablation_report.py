@@ -1,5 +1,6 @@
 """What `--mode=ablation` leaves: ablation.json (per run and mean ± std per setting and checkpoint), the FID-vs-Δt
 plot and the FID-vs-steps plot."""
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,31 @@ def collect(workdir: str, settings: list[dict], seeds: list[int]) -> dict:
             row = {}
             for metric in ("fid", "class_consistency"):
                 v = np.array([r["scores"][str(step)][metric] for r in runs.values() if str(step) in r["scores"]])
-                row[metric] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                               "n": len(v), "values": v.tolist()}
+                row[metric] = {
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "n": len(v),
+                    "values": v.tolist(),
+                }
             curve[str(step)] = row
-        out[s["name"]] = {"setting": s, "finished_seeds": sorted(int(k) for k in runs), "by_step": curve,
-                          "final": curve[str(steps[-1])] if steps else None,
-                          "runs": {k: {"scores": r["scores"], "final_train_metrics": r.get("final_train_metrics")}
-                                   for k, r in runs.items()}}
+        out[s["name"]] = {
+            "setting": s,
+            "finished_seeds": sorted(int(k) for k in runs),
+            "by_step": curve,
+            "final": curve[str(steps[-1])] if steps else None,
+            "runs": {
+                k: {"scores": r["scores"], "final_train_metrics": r.get("final_train_metrics")} for k, r in runs.items()
+            },
+        }
     total = len(settings) * len(seeds)
-    return {"settings": out, "finished_runs": finished, "total_runs": total, "complete": finished == total,
-            "seeds": seeds, "std_note": "sample standard deviation (ddof 1) over the finished seeds"}
+    return {
+        "settings": out,
+        "finished_runs": finished,
+        "total_runs": total,
+        "complete": finished == total,
+        "seeds": seeds,
+        "std_note": "sample standard deviation (ddof 1) over the finished seeds",
+    }
 
 
 def _final(entry):
@@ -47,20 +63,32 @@ def _final(entry):
 
 def plots(workdir: str, summary: dict) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     settings = summary["settings"]
     paths = []
     tag = "" if summary["complete"] else f" (partial: {summary['finished_runs']}/{summary['total_runs']} runs)"
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
-    sfd = sorted((e["setting"]["delta_t"], _final(e)) for e in settings.values()
-                 if e["setting"].get("semantic", True) and e["setting"].get("encoder", "pretrained") == "pretrained"
-                 and _final(e))
+    sfd = sorted(
+        (e["setting"]["delta_t"], _final(e))
+        for e in settings.values()
+        if e["setting"].get("semantic", True)
+        and e["setting"].get("encoder", "pretrained") == "pretrained"
+        and _final(e)
+    )
     if sfd:
         x = [d for d, _ in sfd]
-        ax.errorbar(x, [f[0] for _, f in sfd], yerr=[f[1] for _, f in sfd], marker="o", capsize=4,
-                    label="SFD, pretrained DINOv2")
+        ax.errorbar(
+            x,
+            [f[0] for _, f in sfd],
+            yerr=[f[1] for _, f in sfd],
+            marker="o",
+            capsize=4,
+            label="SFD, pretrained DINOv2",
+        )
     colours = iter(["tab:gray", "tab:orange", "tab:purple"])
     for e in settings.values():
         f, s = _final(e), e["setting"]
@@ -71,8 +99,16 @@ def plots(workdir: str, summary: dict) -> list[str]:
             ax.axhspan(f[0] - f[1], f[0] + f[1], color=c, alpha=0.25)
             ax.axhline(f[0], color=c, lw=1, label=f"{s['name']} (mean ± std)")
         elif s.get("encoder", "pretrained") != "pretrained":
-            ax.errorbar([s["delta_t"] + 0.01], [f[0]], yerr=[f[1]], marker="s", capsize=4, ls="none",
-                        color="tab:red", label="SFD, random DINOv2")
+            ax.errorbar(
+                [s["delta_t"] + 0.01],
+                [f[0]],
+                yerr=[f[1]],
+                marker="s",
+                capsize=4,
+                ls="none",
+                color="tab:red",
+                label="SFD, random DINOv2",
+            )
     ax.set_xlabel("Δt (semantic lead)")
     ax.set_ylabel("FID (judge features), unguided")
     ax.set_title("FID at the end of the budget" + tag, fontsize=8)
@@ -116,7 +152,11 @@ def table(summary: dict) -> str:
             r = e["by_step"].get(str(s))
             cells.append("–" if r is None else f"{r['fid']['mean']:.2f} ± {r['fid']['std']:.2f}")
         f = e["final"]
-        cc = "–" if f is None else f"{100 * f['class_consistency']['mean']:.1f} ± {100 * f['class_consistency']['std']:.1f}%"
+        cc = (
+            "–"
+            if f is None
+            else f"{100 * f['class_consistency']['mean']:.1f} ± {100 * f['class_consistency']['std']:.1f}%"
+        )
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {cc} | {len(e['finished_seeds'])} |")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 """Fashion-MNIST as the demo's stages need it: a training subset, whole padded splits, the [-1, 1] view."""
+
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 import numpy as np
 
 from sfd_jax.data.sources import FashionMNISTSource
+
 
 class Subset:
     """The first `n` images of a source (same interface: len, [i] -> (image, label), describe)."""
@@ -36,8 +38,10 @@ def check_data(data_dir: str) -> None:
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST is not in {data_dir} (missing {', '.join(missing)}). Install the Debian package "
-            "(sudo apt-get install dataset-fashion-mnist) or put the four IDX files (" + ", ".join(
-                f + ".gz" for f in IDX_FILES) + ") in a directory and pass --config.demo.data_dir=DIR")
+            "(sudo apt-get install dataset-fashion-mnist) or put the four IDX files ("
+            + ", ".join(f + ".gz" for f in IDX_FILES)
+            + ") in a directory and pass --config.demo.data_dir=DIR"
+        )
 
 
 def fashion_mnist(data_dir: str, split: str) -> FashionMNISTSource:

@@ -1,4 +1,5 @@
 """The demo's driver: stage bookkeeping in the workdir, the order of the stages, and the outputs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,10 @@ def _check_workdir_config(workdir: str, config) -> None:
             saved = json.load(f)
         changed = sorted(_diff(saved, current))
         if changed:
-            raise ValueError(f"{workdir} holds a demo run with other settings ({', '.join(changed[:8])}); pass "
-                             "another --workdir (or delete this one) to run with the new config")
+            raise ValueError(
+                f"{workdir} holds a demo run with other settings ({', '.join(changed[:8])}); pass "
+                "another --workdir (or delete this one) to run with the new config"
+            )
     else:
         write_json(path, current)
 
@@ -75,6 +78,7 @@ def machine_rate(n: int = 2048, repeats: int = 5) -> dict:
     beside every timing so that runs on different or busy machines can be compared."""
     import jax
     import jax.numpy as jnp
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -83,8 +87,10 @@ def machine_rate(n: int = 2048, repeats: int = 5) -> dict:
         t0 = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return {"matmul_2048_fp32_gflops": round(2 * n ** 3 / best / 1e9, 1),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "matmul_2048_fp32_gflops": round(2 * n**3 / best / 1e9, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 # ================================================================================================================
@@ -100,6 +106,7 @@ def run(config, workdir: str) -> dict:
 @contextlib.contextmanager
 def _quiet_orbax():
     """orbax logs every checkpoint step at INFO through absl; the demo's console keeps to the stages' progress."""
+
     def keep(record) -> bool:
         return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
@@ -119,8 +126,12 @@ def prepare(config, workdir: str) -> dict:
     check_data(config.demo.data_dir)
     _check_workdir_config(workdir, config)
     machine = machine_rate()
-    log.info("[demo] this machine: 2048² fp32 matmul %.0f GFLOP/s, load average %s (stage times scale roughly "
-             "with 1 / this rate)", machine["matmul_2048_fp32_gflops"], machine["load_average"])
+    log.info(
+        "[demo] this machine: 2048² fp32 matmul %.0f GFLOP/s, load average %s (stage times scale roughly "
+        "with 1 / this rate)",
+        machine["matmul_2048_fp32_gflops"],
+        machine["load_average"],
+    )
     stages = Stages(workdir)
     vfm = None
     if train_stages.pretrains_dinov2(config):
@@ -138,12 +149,29 @@ def prepare(config, workdir: str) -> dict:
     sv_random = None
     if vfm is not None and config.demo.semvae_random:
         # The same SemVAE on the random encoder's tokens: how much of the reconstruction quality is the encoder's.
-        sv_random = stages.run("semvae_random", lambda: train_stages.semvae(
-            config, workdir, vfm["random_directory"], dino_size, width, name="semvae_random"))
-    stages.run("extract", lambda: train_stages.extract(config, workdir, tv["weights"], dino_dir, sv["weights"],
-                                                       dino_size))
-    return dict(workdir=workdir, machine=machine, stages=stages, vfm=vfm, dino_dir=dino_dir, random_vfm=random_vfm,
-                grid=grid, dino_size=dino_size, width=width, tv=tv, sv=sv, sv_random=sv_random)
+        sv_random = stages.run(
+            "semvae_random",
+            lambda: train_stages.semvae(
+                config, workdir, vfm["random_directory"], dino_size, width, name="semvae_random"
+            ),
+        )
+    stages.run(
+        "extract", lambda: train_stages.extract(config, workdir, tv["weights"], dino_dir, sv["weights"], dino_size)
+    )
+    return dict(
+        workdir=workdir,
+        machine=machine,
+        stages=stages,
+        vfm=vfm,
+        dino_dir=dino_dir,
+        random_vfm=random_vfm,
+        grid=grid,
+        dino_size=dino_size,
+        width=width,
+        tv=tv,
+        sv=sv,
+        sv_random=sv_random,
+    )
 
 
 def _run(config, workdir: str, t_run: float) -> dict:
@@ -152,16 +180,21 @@ def _run(config, workdir: str, t_run: float) -> dict:
     random_vfm, dino_size, machine = p["random_vfm"], p["dino_size"], p["machine"]
     dit = stages.run("dit", lambda: train_stages.dit(config, workdir, grid, width))
     clf = stages.run("classifier", lambda: eval_stages.classifier(config, workdir))
-    samples = {mode: stages.run(f"sample_{mode}", lambda m=mode: eval_stages.sample(config, workdir, m, tv["weights"],
-                                                                                   dit))
-               for mode in eval_stages.MODES}
-    ev = stages.run("evaluate", lambda: eval_stages.evaluate(config, workdir, clf["weights"], tv["weights"],
-                                                             samples))
+    samples = {
+        mode: stages.run(f"sample_{mode}", lambda m=mode: eval_stages.sample(config, workdir, m, tv["weights"], dit))
+        for mode in eval_stages.MODES
+    }
+    ev = stages.run("evaluate", lambda: eval_stages.evaluate(config, workdir, clf["weights"], tv["weights"], samples))
 
-    report = outputs.write_report(config, workdir, stages.records, random_vfm=random_vfm,
-                                  geometry={"latent": [grid, grid, 48], "tokens": grid * grid,
-                                            "dino_size": dino_size, "dino_width": width},
-                                  run_wall_s=time.perf_counter() - t_run, machine=machine)
+    report = outputs.write_report(
+        config,
+        workdir,
+        stages.records,
+        random_vfm=random_vfm,
+        geometry={"latent": [grid, grid, 48], "tokens": grid * grid, "dino_size": dino_size, "dino_width": width},
+        run_wall_s=time.perf_counter() - t_run,
+        machine=machine,
+    )
     outputs.samples_png(workdir, samples, float(config.demo.guidance_scale), int(config.demo.grid_columns), ev)
     outputs.loss_png(workdir)
     outputs.log_summary(report)

@@ -1,4 +1,5 @@
-"""The SFD training objective (docs/diffusion.md#the-objective): β-weighted velocity MSE + velocity cosine loss + REPA alignment.
+"""The SFD training objective (docs/diffusion.md#the-objective): β-weighted velocity MSE + velocity cosine loss + REPA
+alignment.
 
 Per sample, with e = pred − u and u = x1 − x0 on all channels:
 
@@ -11,6 +12,7 @@ Clamped parts (t_tex = 0 or t_sem = 1) are not masked, as in the reference. Arra
 (B, H, W, C) with texture channels first; dino and the projector output are (B, T, 768). Everything here is float32
 whatever the model's compute dtype.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,11 +32,11 @@ COSINE_EPS = 1e-8
 class LossConfig:
     delta_t: float = 0.3
     semantic_chans: int = 16
-    semantic_weight: float = 2.0          # β on the semantic channels of the MSE
+    semantic_weight: float = 2.0  # β on the semantic channels of the MSE
     use_cosine_loss: bool = True
-    repa_weight: float = 1.0              # λ; 0 switches REPA off (the model's projector output is then ignored)
-    repa_mode: str = "cos"                # 'cos' | 'mse' | 'cos_mse'
-    time_dist: str = "lognorm"            # 'lognorm' | 'uniform'
+    repa_weight: float = 1.0  # λ; 0 switches REPA off (the model's projector output is then ignored)
+    repa_mode: str = "cos"  # 'cos' | 'mse' | 'cos_mse'
+    time_dist: str = "lognorm"  # 'lognorm' | 'uniform'
 
     def __post_init__(self):
         schedule.check_delta_t(self.delta_t)
@@ -43,11 +45,14 @@ class LossConfig:
         if self.time_dist not in schedule.TIME_DISTS:
             raise ValueError(f"LossConfig.time_dist must be one of {schedule.TIME_DISTS}, got {self.time_dist!r}")
         if self.repa_weight < 0 or self.semantic_weight < 0:
-            raise ValueError("LossConfig.repa_weight and semantic_weight must be >= 0, got "
-                             f"{self.repa_weight}, {self.semantic_weight}")
+            raise ValueError(
+                "LossConfig.repa_weight and semantic_weight must be >= 0, got "
+                f"{self.repa_weight}, {self.semantic_weight}"
+            )
         if self.semantic_chans < 0:
-            raise ValueError(f"LossConfig.semantic_chans must be >= 0 (0: texture-only latent), "
-                             f"got {self.semantic_chans}")
+            raise ValueError(
+                f"LossConfig.semantic_chans must be >= 0 (0: texture-only latent), got {self.semantic_chans}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,8 +111,10 @@ def repa_loss(proj, dino, mode: str = "cos") -> jax.Array:
     proj = jnp.asarray(proj, jnp.float32)
     dino = jnp.asarray(dino).astype(jnp.float32)
     if proj.shape != dino.shape:
-        raise ValueError(f"REPA projector output {proj.shape} and DINO targets {dino.shape} must match "
-                         "(both (B, T, F), tokens row-major)")
+        raise ValueError(
+            f"REPA projector output {proj.shape} and DINO targets {dino.shape} must match "
+            "(both (B, T, F), tokens row-major)"
+        )
     cos_term = jnp.mean(1.0 - cosine_similarity(proj, dino, axis=-1), axis=-1)
     if mode == "cos":
         return cos_term
@@ -120,8 +127,9 @@ def repa_loss(proj, dino, mode: str = "cos") -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 # The full objective
 # ---------------------------------------------------------------------------------------------------------------
-def sfd_loss(model_fn: Callable, x1, y, dino, key, cfg: LossConfig, *, x0=None, n=None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sfd_loss(
+    model_fn: Callable, x1, y, dino, key, cfg: LossConfig, *, x0=None, n=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SFD training loss for one batch; returns (scalar loss, metrics of batch means, all float32).
 
     model_fn(x_t, t_tex, t_sem, y) -> (velocity, repa) is the train-mode model (label dropout already applied to y).
@@ -172,8 +180,10 @@ def sfd_loss(model_fn: Callable, x1, y, dino, key, cfg: LossConfig, *, x0=None, 
         metrics["mse_sem"] = jnp.mean(mse_sem)
     if use_repa:
         if proj is None:
-            raise ValueError("sfd_loss: REPA is on (repa_weight > 0) but model_fn returned no projector output; "
-                             "call the model with train=True")
+            raise ValueError(
+                "sfd_loss: REPA is on (repa_weight > 0) but model_fn returned no projector output; "
+                "call the model with train=True"
+            )
         l_repa = cfg.repa_weight * repa_loss(proj, dino, cfg.repa_mode)
         total = total + jnp.mean(l_repa)
         metrics["loss_repa"] = jnp.mean(l_repa)
@@ -193,7 +203,10 @@ def sfd_loss_per_sample(model_fn: Callable, x1, y, dino, cfg: LossConfig, *, x0,
     out = model_fn(x_t, t_tex, t_sem, y)
     pred, proj = out if isinstance(out, tuple) else (out, None)
     terms = {
-        "t_tex": t_tex, "t_sem": t_sem, "xt": x_t, "pred": jnp.asarray(pred, jnp.float32),
+        "t_tex": t_tex,
+        "t_sem": t_sem,
+        "xt": x_t,
+        "pred": jnp.asarray(pred, jnp.float32),
         "loss_mse": mse_loss(pred, u, cfg.semantic_chans, cfg.semantic_weight),
         "loss_cos": cosine_loss(pred, u),
     }

@@ -1,4 +1,5 @@
-"""Three-phase asynchronous ODE sampler (docs/diffusion.md#sampling): adaptive Dopri5 (diffrax), fixed-grid Euler and Heun.
+"""Three-phase asynchronous ODE sampler (docs/diffusion.md#sampling): adaptive Dopri5 (diffrax), fixed-grid Euler and
+Heun.
 
     x, stats = sample(model, z0, y)                                   # Dopri5, rtol 1e-3 / atol 1e-6, Δt = 0.3
     x, stats = sample(model, z0, y, solver="euler", num_steps=99)     # the reference's 100 grid points
@@ -22,6 +23,7 @@ callable (x, t_tex, t_sem, y) -> velocity (then the callable itself is the cache
 (shapes, static settings); guidance scales and interval are traced values, so a scale sweep does not recompile.
 Inputs may be sharded over a mesh along the batch axis.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,6 +53,7 @@ _DOPRI5_NEW_STAGES = 6  # 7 stages, FSAL: the first stage reuses the previous st
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything static about one sampler compilation."""
+
     solver: str
     num_steps: int | None
     rtol: float
@@ -62,7 +65,7 @@ class _Plan:
     max_steps: int
     pid: tuple[float, float, float]
     dt0: float
-    guidance_kind: str        # 'none' | 'cfg' | 'autoguidance'
+    guidance_kind: str  # 'none' | 'cfg' | 'autoguidance'
     null_label: int
     has_interval: bool
     return_trajectory: bool
@@ -84,11 +87,26 @@ def trace_count(reset: bool = False) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------------------------
-def sample(model, z0, y, *, solver: str = "dopri5", num_steps: int | None = None, rtol: float = 1e-3,
-           atol: float = 1e-6, delta_t: float = 0.3, guidance=None, step_control: str = "per_sample",
-           phase_mode: str = "split", semantic_chans: int = 16, max_steps: int = 4096, on_max_steps: str = "raise",
-           pid: tuple[float, float, float] = (0.0, 1.0, 0.0), dt0: float = 0.05,
-           return_trajectory: bool = False):
+def sample(
+    model,
+    z0,
+    y,
+    *,
+    solver: str = "dopri5",
+    num_steps: int | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-6,
+    delta_t: float = 0.3,
+    guidance=None,
+    step_control: str = "per_sample",
+    phase_mode: str = "split",
+    semantic_chans: int = 16,
+    max_steps: int = 4096,
+    on_max_steps: str = "raise",
+    pid: tuple[float, float, float] = (0.0, 1.0, 0.0),
+    dt0: float = 0.05,
+    return_trajectory: bool = False,
+):
     """Integrates the three-phase ODE from noise z0 (B, H, W, C) with labels y (B,); returns (x_final, stats).
 
     num_steps: fixed-grid steps for 'euler' / 'heun' (the reference's `num_sampling_steps` N grid points are
@@ -102,8 +120,21 @@ def sample(model, z0, y, *, solver: str = "dopri5", num_steps: int | None = None
     for fixed-grid solvers with return_trajectory=True. Called under an outer jit the stats stay traced arrays and
     the max_steps check is left to the caller.
     """
-    plan = _make_plan(solver, num_steps, rtol, atol, delta_t, guidance, step_control, phase_mode, semantic_chans,
-                      max_steps, pid, dt0, return_trajectory)
+    plan = _make_plan(
+        solver,
+        num_steps,
+        rtol,
+        atol,
+        delta_t,
+        guidance,
+        step_control,
+        phase_mode,
+        semantic_chans,
+        max_steps,
+        pid,
+        dt0,
+        return_trajectory,
+    )
     if on_max_steps not in ("raise", "warn"):
         raise ValueError(f"on_max_steps must be 'raise' or 'warn', got {on_max_steps!r}")
     z0 = jnp.asarray(z0)
@@ -115,8 +146,9 @@ def sample(model, z0, y, *, solver: str = "dopri5", num_steps: int | None = None
         raise ValueError(f"y must be integer labels of shape ({z0.shape[0]},), got {y.dtype} {y.shape}")
 
     main_static, main_state = _split(model, "model")
-    guide_static, guide_state = (_split(guidance.guide_model, "AutoGuidance.guide_model")
-                                 if isinstance(guidance, AutoGuidance) else (None, None))
+    guide_static, guide_state = (
+        _split(guidance.guide_model, "AutoGuidance.guide_model") if isinstance(guidance, AutoGuidance) else (None, None)
+    )
     gparams = _guidance_params(guidance)
     key = (plan, main_static, guide_static)
     fn = _COMPILED.get(key)
@@ -133,8 +165,21 @@ def sample(model, z0, y, *, solver: str = "dopri5", num_steps: int | None = None
     return x_final, _host_stats(stats, plan, on_max_steps)
 
 
-def _make_plan(solver, num_steps, rtol, atol, delta_t, guidance, step_control, phase_mode, semantic_chans,
-               max_steps, pid, dt0, return_trajectory) -> _Plan:
+def _make_plan(
+    solver,
+    num_steps,
+    rtol,
+    atol,
+    delta_t,
+    guidance,
+    step_control,
+    phase_mode,
+    semantic_chans,
+    max_steps,
+    pid,
+    dt0,
+    return_trajectory,
+) -> _Plan:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if step_control not in STEP_CONTROLS:
@@ -145,29 +190,42 @@ def _make_plan(solver, num_steps, rtol, atol, delta_t, guidance, step_control, p
     check_guidance(guidance)
     if solver == "dopri5":
         if num_steps is not None:
-            raise ValueError("num_steps applies to the fixed-grid solvers ('euler', 'heun'); dopri5 picks its "
-                             "steps from rtol/atol (the reference's num_steps only sets output points)")
+            raise ValueError(
+                "num_steps applies to the fixed-grid solvers ('euler', 'heun'); dopri5 picks its "
+                "steps from rtol/atol (the reference's num_steps only sets output points)"
+            )
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"dopri5 needs rtol > 0 and atol > 0, got rtol={rtol}, atol={atol}")
         if return_trajectory:
             raise ValueError("return_trajectory is only available for the fixed-grid solvers")
     elif isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"solver {solver!r} needs num_steps, a positive int (grid points = num_steps + 1), "
-                         f"got {num_steps!r}")
+        raise ValueError(
+            f"solver {solver!r} needs num_steps, a positive int (grid points = num_steps + 1), got {num_steps!r}"
+        )
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if not dt0 > 0:
         raise ValueError(f"dt0 (Dopri5's first step) must be > 0, got {dt0!r}")
     if len(pid) != 3:
         raise ValueError(f"pid must be (pcoeff, icoeff, dcoeff), got {pid!r}")
-    kind = ("none" if guidance is None else "cfg" if isinstance(guidance, CFG) else "autoguidance")
-    return _Plan(solver=solver, num_steps=None if num_steps is None else int(num_steps), rtol=float(rtol),
-                 atol=float(atol), delta_t=delta_t, step_control=step_control, phase_mode=phase_mode,
-                 semantic_chans=int(semantic_chans), max_steps=max_steps, pid=tuple(float(p) for p in pid),
-                 dt0=float(dt0),
-                 guidance_kind=kind, null_label=int(guidance.null_label) if kind == "cfg" else 0,
-                 has_interval=guidance is not None and guidance.interval_start is not None,
-                 return_trajectory=bool(return_trajectory))
+    kind = "none" if guidance is None else "cfg" if isinstance(guidance, CFG) else "autoguidance"
+    return _Plan(
+        solver=solver,
+        num_steps=None if num_steps is None else int(num_steps),
+        rtol=float(rtol),
+        atol=float(atol),
+        delta_t=delta_t,
+        step_control=step_control,
+        phase_mode=phase_mode,
+        semantic_chans=int(semantic_chans),
+        max_steps=max_steps,
+        pid=tuple(float(p) for p in pid),
+        dt0=float(dt0),
+        guidance_kind=kind,
+        null_label=int(guidance.null_label) if kind == "cfg" else 0,
+        has_interval=guidance is not None and guidance.interval_start is not None,
+        return_trajectory=bool(return_trajectory),
+    )
 
 
 def _split(model, what: str):
@@ -177,8 +235,9 @@ def _split(model, what: str):
         return ("nnx", graphdef), state
     if callable(model):
         return ("fn", model), None
-    raise TypeError(f"{what} must be an nnx.Module or a callable (x, t_tex, t_sem, y) -> velocity, "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"{what} must be an nnx.Module or a callable (x, t_tex, t_sem, y) -> velocity, got {type(model).__name__}"
+    )
 
 
 def _bind(static, state) -> Callable:
@@ -204,9 +263,11 @@ def _host_stats(stats: dict, plan: _Plan, on_max_steps: str) -> dict:
     out["nfe"] = int(out["nfe"])
     hit = out["max_steps_reached"]
     if hit.any():
-        msg = (f"dopri5 hit max_steps={plan.max_steps} for samples {np.flatnonzero(hit).tolist()} "
-               f"(rtol={plan.rtol}, atol={plan.atol}); their results are truncated. Raise max_steps or loosen the "
-               "tolerances.")
+        msg = (
+            f"dopri5 hit max_steps={plan.max_steps} for samples {np.flatnonzero(hit).tolist()} "
+            f"(rtol={plan.rtol}, atol={plan.atol}); their results are truncated. Raise max_steps or loosen the "
+            "tolerances."
+        )
         if on_max_steps == "raise":
             raise RuntimeError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -233,9 +294,19 @@ def _build(plan: _Plan, main_static, guide_static) -> Callable:
             """Unmasked guided velocity for x (b, H, W, C) at one global time τ (scalar)."""
             tau_b = jnp.full((x.shape[0],), tau, jnp.float32)
             t_tex, t_sem = schedule.times_from_tau(tau_b, plan.delta_t)
-            return guided_velocity(gobj, main_fn, x, t_tex, t_sem, labels, guide_fn=guide_fn,
-                                   semantic_chans=plan.semantic_chans, scale_tex=gparams[0],
-                                   scale_sem=gparams[1], interval_start=start)
+            return guided_velocity(
+                gobj,
+                main_fn,
+                x,
+                t_tex,
+                t_sem,
+                labels,
+                guide_fn=guide_fn,
+                semantic_chans=plan.semantic_chans,
+                scale_tex=gparams[0],
+                scale_sem=gparams[1],
+                interval_start=start,
+            )
 
         if plan.solver != "dopri5":
             return _fixed_grid(plan, velocity, z0, y)
@@ -256,13 +327,20 @@ def _build(plan: _Plan, main_static, guide_static) -> Callable:
 def _stats_from_counts(counts: list[dict], batch: int, batched: bool) -> dict:
     """Sums per-phase solver counts; 'nfe' counts batched forwards (max over lanes per phase under vmap)."""
     total = lambda k: sum(c[k] for c in counts)
-    per_sample = {k: jnp.broadcast_to(total(k), (batch,)) for k in
-                  ("nfe", "num_steps", "num_accepted_steps", "num_rejected_steps")}
+    per_sample = {
+        k: jnp.broadcast_to(total(k), (batch,))
+        for k in ("nfe", "num_steps", "num_accepted_steps", "num_rejected_steps")
+    }
     hit = jnp.broadcast_to(sum(c["max_steps_reached"].astype(jnp.int32) for c in counts) > 0, (batch,))
     calls = sum((jnp.max(c["calls"]) if batched else c["calls"]) for c in counts)
-    return {"nfe": calls, "nfe_per_sample": per_sample["nfe"], "num_steps": per_sample["num_steps"],
-            "num_accepted_steps": per_sample["num_accepted_steps"],
-            "num_rejected_steps": per_sample["num_rejected_steps"], "max_steps_reached": hit}
+    return {
+        "nfe": calls,
+        "nfe_per_sample": per_sample["nfe"],
+        "num_steps": per_sample["num_steps"],
+        "num_accepted_steps": per_sample["num_accepted_steps"],
+        "num_rejected_steps": per_sample["num_rejected_steps"],
+        "max_steps_reached": hit,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,8 +352,12 @@ def _fixed_grid(plan: _Plan, velocity: Callable, z0, y):
     grid = schedule.fixed_grid(n_points, plan.delta_t)
     tex_moves, sem_moves = schedule.grid_phase_masks(n_points, plan.delta_t)
     num_channels = z0.shape[-1]
-    xs = (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:]), jnp.asarray(tex_moves, jnp.float32),
-          jnp.asarray(sem_moves, jnp.float32))
+    xs = (
+        jnp.asarray(grid[:-1]),
+        jnp.asarray(grid[1:]),
+        jnp.asarray(tex_moves, jnp.float32),
+        jnp.asarray(sem_moves, jnp.float32),
+    )
 
     def step(x, inp):
         tau0, tau1, tex_m, sem_m = inp
@@ -293,9 +375,14 @@ def _fixed_grid(plan: _Plan, velocity: Callable, z0, y):
     batch = z0.shape[0]
     evals_per_step = 1 if plan.solver == "euler" else 2
     steps = jnp.full((batch,), plan.num_steps, jnp.int32)
-    stats = {"nfe": jnp.asarray(evals_per_step * plan.num_steps, jnp.int32),
-             "nfe_per_sample": evals_per_step * steps, "num_steps": steps, "num_accepted_steps": steps,
-             "num_rejected_steps": jnp.zeros_like(steps), "max_steps_reached": jnp.zeros((batch,), bool)}
+    stats = {
+        "nfe": jnp.asarray(evals_per_step * plan.num_steps, jnp.int32),
+        "nfe_per_sample": evals_per_step * steps,
+        "num_steps": steps,
+        "num_accepted_steps": steps,
+        "num_rejected_steps": jnp.zeros_like(steps),
+        "max_steps_reached": jnp.zeros((batch,), bool),
+    }
     if plan.return_trajectory:
         stats["trajectory"] = jnp.concatenate([z0[None], traj], axis=0)
     return x, stats
@@ -311,6 +398,7 @@ def _adaptive(plan: _Plan, velocity: Callable, z0, y):
     tau_end = np.float32(1.0 + plan.delta_t)
 
     if plan.phase_mode in ("jump", "none"):
+
         def field(tau, x, args):
             tex_m, sem_m = schedule.phase_masks(tau, plan.delta_t)
             return velocity(x, tau, y) * schedule.channel_mask(tex_m, sem_m, num_channels, plan.semantic_chans)
@@ -340,17 +428,36 @@ def _adaptive(plan: _Plan, velocity: Callable, z0, y):
 
 def _dopri5(plan: _Plan, field: Callable, y0, t0, t1, jump_ts) -> tuple[jax.Array, dict]:
     pcoeff, icoeff, dcoeff = plan.pid
-    controller = diffrax.PIDController(rtol=plan.rtol, atol=plan.atol, pcoeff=pcoeff, icoeff=icoeff,
-                                       dcoeff=dcoeff, jump_ts=list(jump_ts) if jump_ts else None)
+    controller = diffrax.PIDController(
+        rtol=plan.rtol,
+        atol=plan.atol,
+        pcoeff=pcoeff,
+        icoeff=icoeff,
+        dcoeff=dcoeff,
+        jump_ts=list(jump_ts) if jump_ts else None,
+    )
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(field), diffrax.Dopri5(), t0=t0, t1=t1, dt0=np.float32(min(plan.dt0, float(t1 - t0))), y0=y0,
-        stepsize_controller=_CountingController(controller), saveat=diffrax.SaveAt(t1=True, controller_state=True),
-        max_steps=plan.max_steps, throw=False, adjoint=diffrax.ForwardMode())
+        diffrax.ODETerm(field),
+        diffrax.Dopri5(),
+        t0=t0,
+        t1=t1,
+        dt0=np.float32(min(plan.dt0, float(t1 - t0))),
+        y0=y0,
+        stepsize_controller=_CountingController(controller),
+        saveat=diffrax.SaveAt(t1=True, controller_state=True),
+        max_steps=plan.max_steps,
+        throw=False,
+        adjoint=diffrax.ForwardMode(),
+    )
     _, _, nfe, calls = sol.controller_state
-    counts = {"nfe": nfe, "calls": calls, "num_steps": sol.stats["num_steps"],
-              "num_accepted_steps": sol.stats["num_accepted_steps"],
-              "num_rejected_steps": sol.stats["num_rejected_steps"],
-              "max_steps_reached": sol.result == diffrax.RESULTS.max_steps_reached}
+    counts = {
+        "nfe": nfe,
+        "calls": calls,
+        "num_steps": sol.stats["num_steps"],
+        "num_accepted_steps": sol.stats["num_accepted_steps"],
+        "num_rejected_steps": sol.stats["num_rejected_steps"],
+        "max_steps_reached": sol.result == diffrax.RESULTS.max_steps_reached,
+    }
     return sol.ys[0], counts
 
 
@@ -362,6 +469,7 @@ class _CountingController(diffrax.AbstractStepSizeController):
     the step after a jump, until one is accepted) — the same condition diffrax uses. `calls` mirrors diffrax's
     `unvmap_any`, so under vmap it counts the batched forwards actually executed.
     """
+
     inner: diffrax.AbstractStepSizeController
 
     def wrap(self, direction):
@@ -378,7 +486,8 @@ class _CountingController(diffrax.AbstractStepSizeController):
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
         inner_state, first_stage_pending, nfe, calls = controller_state
         keep, next_t0, next_t1, made_jump, inner_state, result = self.inner.adapt_step_size(
-            t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state)
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
+        )
         nfe = nfe + _DOPRI5_NEW_STAGES + first_stage_pending.astype(jnp.int32)
         calls = calls + _DOPRI5_NEW_STAGES + eqxi.unvmap_any(first_stage_pending).astype(jnp.int32)
         first_stage_pending = jnp.where(keep, jnp.asarray(made_jump), first_stage_pending)

@@ -13,6 +13,7 @@ Sampling integrates dx/dτ over three phases whose boundaries are Δt and 1:
 Δt = 0 collapses phases I and III to empty intervals: synchronous joint denoising. Training draws τ = (1 + Δt)·t
 with t logit-normal (default) or uniform. Training (`losses.py`) and sampling (`sampler.py`) both import from here.
 """
+
 from __future__ import annotations
 
 import fractions
@@ -90,6 +91,7 @@ def sample_tau(key, batch: int, delta_t, dist: str = "lognorm", n=None) -> jax.A
 # ---------------------------------------------------------------------------------------------------------------
 class Phase(NamedTuple):
     """One sampling phase [start, end): which parts move there."""
+
     start: float
     end: float
     tex_moves: bool
@@ -149,7 +151,8 @@ def check_channels(num_channels: int, semantic_chans: int) -> int:
     if not 0 <= semantic_chans < num_channels:
         raise ValueError(
             f"composite latent has {num_channels} channels; semantic_chans must be in [0, {num_channels - 1}], "
-            f"got {semantic_chans}")
+            f"got {semantic_chans}"
+        )
     return num_channels - semantic_chans
 
 

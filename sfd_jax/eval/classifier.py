@@ -8,6 +8,7 @@ network says little, so the demo trains this classifier on the real training spl
 
 Images are NHWC float32 in [-1, 1] (what the texture VAE decodes to).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,13 +51,22 @@ class SmallCNN(nnx.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, *, cfg: ClassifierConfig = ClassifierConfig(),
-                     steps: int = 600, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                     log_every: int = 100) -> SmallCNN:
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    cfg: ClassifierConfig = ClassifierConfig(),
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: int = 100,
+) -> SmallCNN:
     """Adam on random mini-batches; light random horizontal flips and shifts keep it from memorising."""
     if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
-        raise ValueError(f"classifier images must be (N, {cfg.image_size}, {cfg.image_size}, {cfg.channels}), "
-                         f"got {images.shape}")
+        raise ValueError(
+            f"classifier images must be (N, {cfg.image_size}, {cfg.image_size}, {cfg.channels}), got {images.shape}"
+        )
     model = SmallCNN(cfg, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     tx = optax.adam(lr)
@@ -67,6 +77,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, cfg: ClassifierC
         def loss_fn(p):
             logits = nnx.merge(graphdef, p)(x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -101,12 +112,12 @@ def apply_batched(model: SmallCNN, images: np.ndarray, *, batch_size: int = 512)
 
     logits, feats = [], []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         pad = batch_size - len(x)
         xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
         lo, fe = run(params, jnp.asarray(xp, jnp.float32))
-        logits.append(np.asarray(lo)[:len(x)])
-        feats.append(np.asarray(fe)[:len(x)])
+        logits.append(np.asarray(lo)[: len(x)])
+        feats.append(np.asarray(fe)[: len(x)])
     return np.concatenate(logits), np.concatenate(feats)
 
 

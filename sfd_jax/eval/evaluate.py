@@ -15,6 +15,7 @@ What happens, step for step as ADM's `evaluations/evaluator.py` `main`:
 `configs/eval.py:build_reference` writes a reference batch in the same format from your own images with the same
 network (`build_reference_batch`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,19 +46,23 @@ def read_reference_statistics(path: str) -> dict | None:
         if not present:
             return None
         if len(present) != len(STAT_KEYS):
-            raise ValueError(f"{path} holds {present} but not {sorted(set(STAT_KEYS) - set(present))}: an ADM "
-                             f"reference batch stores all of {STAT_KEYS} or none")
+            raise ValueError(
+                f"{path} holds {present} but not {sorted(set(STAT_KEYS) - set(present))}: an ADM "
+                f"reference batch stores all of {STAT_KEYS} or none"
+            )
         stats = {k: z[k] for k in STAT_KEYS}
     for name in ("", "_s"):
         mu, sigma = stats["mu" + name], stats["sigma" + name]
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu{name} {mu.shape} and sigma{name} {sigma.shape} do not form a mean and "
-                             "covariance")
+            raise ValueError(
+                f"{path}: mu{name} {mu.shape} and sigma{name} {sigma.shape} do not form a mean and covariance"
+            )
     return stats
 
 
-def build_reference_batch(source: ImageSource, out_path: str, extractor: InceptionExtractor, *,
-                          keep: int | None = 10000, seed: int = 0) -> dict:
+def build_reference_batch(
+    source: ImageSource, out_path: str, extractor: InceptionExtractor, *, keep: int | None = 10000, seed: int = 0
+) -> dict:
     """Write an ADM-format reference batch: statistics (mu, sigma, mu_s, sigma_s) of ALL images of `source`
     and `arr_0` = `keep` of them drawn without replacement with `seed` (ADM's batches keep 10,000 images for
     precision/recall), in source order. Returns a summary."""
@@ -78,24 +83,39 @@ def build_reference_batch(source: ImageSource, out_path: str, extractor: Incepti
 
 
 # ----------------------------------------------------------------------------------------------------- scoring
-def compute_metrics(sample: dict, ref_stats: dict, ref_pool: np.ndarray, *, split_size: int = 5000,
-                    fid_eps: float = 1e-6, fid_eps_rule: str = "if_not_finite", fid_sqrtm: str = "eigh",
-                    pr_k: int = 3, pr_row_block: int = 10000) -> dict:
+def compute_metrics(
+    sample: dict,
+    ref_stats: dict,
+    ref_pool: np.ndarray,
+    *,
+    split_size: int = 5000,
+    fid_eps: float = 1e-6,
+    fid_eps_rule: str = "if_not_finite",
+    fid_sqrtm: str = "eigh",
+    pr_k: int = 3,
+    pr_row_block: int = 10000,
+) -> dict:
     """The five ADM numbers from sample features {pool, spatial, probs} and reference statistics/features."""
     mu, sigma = metrics.statistics(sample["pool"])
     mu_s, sigma_s = metrics.statistics(sample["spatial"])
     for name, ours, theirs in (("mu", mu, ref_stats["mu"]), ("mu_s", mu_s, ref_stats["mu_s"])):
         if ours.shape != theirs.shape:
-            raise ValueError(f"reference {name} has {theirs.shape[0]} dimensions but the sample features have "
-                             f"{ours.shape[0]}: the reference batch was made with another network or input size")
+            raise ValueError(
+                f"reference {name} has {theirs.shape[0]} dimensions but the sample features have "
+                f"{ours.shape[0]}: the reference batch was made with another network or input size"
+            )
     fid_kw = dict(eps=fid_eps, eps_rule=fid_eps_rule, sqrtm=fid_sqrtm, return_eps_used=True)
     fid, fid_eps_used = metrics.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], **fid_kw)
     sfid, sfid_eps_used = metrics.frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], **fid_kw)
     precision, recall = metrics.precision_recall(ref_pool, sample["pool"], k=pr_k, row_block=pr_row_block)
     return {
-        "fid": fid, "sfid": sfid, "inception_score": metrics.inception_score(sample["probs"], split_size),
-        "precision": precision, "recall": recall,
-        "fid_eps_used": fid_eps_used, "sfid_eps_used": sfid_eps_used,
+        "fid": fid,
+        "sfid": sfid,
+        "inception_score": metrics.inception_score(sample["probs"], split_size),
+        "precision": precision,
+        "recall": recall,
+        "fid_eps_used": fid_eps_used,
+        "sfid_eps_used": sfid_eps_used,
     }
 
 
@@ -104,8 +124,9 @@ def _file_id(path: str) -> list:
     return [paths.absolute(path), st.length, int(st.mtime * 1e9)]
 
 
-def reference_features(ref_path: str, extractor: InceptionExtractor, *, cache_dir: str | None = None,
-                       cache_key: list | None = None) -> dict:
+def reference_features(
+    ref_path: str, extractor: InceptionExtractor, *, cache_dir: str | None = None, cache_key: list | None = None
+) -> dict:
     """pool (and spatial) features of the reference batch's `arr_0`, cached in `cache_dir` when given."""
     cache = None
     if cache_dir:
@@ -122,8 +143,17 @@ def reference_features(ref_path: str, extractor: InceptionExtractor, *, cache_di
     return feats
 
 
-def score(samples_path: str, ref_path: str, extractor: InceptionExtractor, *, max_samples: int | None = None,
-          cache_dir: str | None = None, cache_key: list | None = None, preemption=None, **metric_kw) -> dict:
+def score(
+    samples_path: str,
+    ref_path: str,
+    extractor: InceptionExtractor,
+    *,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+    cache_key: list | None = None,
+    preemption=None,
+    **metric_kw,
+) -> dict:
     """Score a sample npz / PNG folder against an ADM reference batch; returns the JSON-ready result."""
     t0 = time.time()
     ref = reference_features(ref_path, extractor, cache_dir=cache_dir, cache_key=cache_key)
@@ -135,17 +165,25 @@ def score(samples_path: str, ref_path: str, extractor: InceptionExtractor, *, ma
     source = open_images(samples_path)
     progress_dir = None
     if cache_dir:  # sample features saved as they are computed: a preempted evaluation resumes (see `run`)
-        key = json.dumps([_file_id(samples_path), cache_key, extractor.resize, extractor.size, extractor.batch_size,
-                          max_samples])
+        key = json.dumps(
+            [_file_id(samples_path), cache_key, extractor.resize, extractor.size, extractor.batch_size, max_samples]
+        )
         progress_dir = paths.join(cache_dir, f"sample_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}")
-    sample = extractor(source, limit=max_samples or None, what="samples", progress_dir=progress_dir,
-                       preemption=preemption)
+    sample = extractor(
+        source, limit=max_samples or None, what="samples", progress_dir=progress_dir, preemption=preemption
+    )
     result = compute_metrics(sample, ref_stats, ref["pool"], **metric_kw)
-    result.update({
-        "num_samples": int(sample["pool"].shape[0]), "num_reference_images": int(ref["pool"].shape[0]),
-        "samples": paths.absolute(samples_path), "ref_batch": paths.absolute(ref_path),
-        "resize": extractor.resize, "input_size": extractor.size, "seconds": round(time.time() - t0, 2),
-    })
+    result.update(
+        {
+            "num_samples": int(sample["pool"].shape[0]),
+            "num_reference_images": int(ref["pool"].shape[0]),
+            "samples": paths.absolute(samples_path),
+            "ref_batch": paths.absolute(ref_path),
+            "resize": extractor.resize,
+            "input_size": extractor.size,
+            "seconds": round(time.time() - t0, 2),
+        }
+    )
     return result
 
 
@@ -166,8 +204,7 @@ def make_extractor(cfg) -> InceptionExtractor:
         raise ValueError(f"config.eval.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
     if cfg.dtype != "float32":
         logging.warning("config.eval.dtype=%s: features will not match ADM's float32 numbers", cfg.dtype)
-    model = load_inception(_require_file(cfg, "inception_weights"), dtype=dtypes[cfg.dtype],
-                           precision=cfg.precision)
+    model = load_inception(_require_file(cfg, "inception_weights"), dtype=dtypes[cfg.dtype], precision=cfg.precision)
     return InceptionExtractor(model, batch_size=cfg.batch_size, resize=cfg.resize, size=cfg.input_size)
 
 
@@ -180,25 +217,40 @@ def run(config, workdir: str) -> dict:
     extractor = make_extractor(cfg)
     if cfg.task == "build_reference":
         out = cfg.reference_out or paths.join(workdir, "reference_batch.npz")
-        result = build_reference_batch(open_images(_require_file(cfg, "images")), out, extractor,
-                                       keep=cfg.reference_keep, seed=cfg.reference_seed)
+        result = build_reference_batch(
+            open_images(_require_file(cfg, "images")), out, extractor, keep=cfg.reference_keep, seed=cfg.reference_seed
+        )
     else:
         # SIGTERM: the sample features computed so far are saved under WORKDIR/cache, the run returns
         # {'preempted': True} (exit 0) and the same command continues from them.
         try:
             with Preemption(sync=True) as preemption:
                 result = score(
-                    _require_file(cfg, "samples"), _require_file(cfg, "ref_batch"), extractor,
+                    _require_file(cfg, "samples"),
+                    _require_file(cfg, "ref_batch"),
+                    extractor,
                     max_samples=cfg.max_samples,
                     cache_dir=paths.join(workdir, "cache") if cfg.cache_reference else None,
-                    cache_key=_file_id(cfg.inception_weights) + [cfg.dtype, cfg.precision], preemption=preemption,
-                    split_size=cfg.is_split_size, fid_eps=cfg.fid_eps, fid_eps_rule=cfg.fid_eps_rule,
-                    fid_sqrtm=cfg.fid_sqrtm, pr_k=cfg.pr_k, pr_row_block=cfg.pr_row_block)
+                    cache_key=_file_id(cfg.inception_weights) + [cfg.dtype, cfg.precision],
+                    preemption=preemption,
+                    split_size=cfg.is_split_size,
+                    fid_eps=cfg.fid_eps,
+                    fid_eps_rule=cfg.fid_eps_rule,
+                    fid_sqrtm=cfg.fid_sqrtm,
+                    pr_k=cfg.pr_k,
+                    pr_row_block=cfg.pr_row_block,
+                )
         except Preempted:
             return {"preempted": True}
         result["inception_weights"] = paths.absolute(cfg.inception_weights)
-        logging.info("FID %.4f  sFID %.4f  IS %.3f  precision %.4f  recall %.4f", result["fid"], result["sfid"],
-                     result["inception_score"], result["precision"], result["recall"])
+        logging.info(
+            "FID %.4f  sFID %.4f  IS %.3f  precision %.4f  recall %.4f",
+            result["fid"],
+            result["sfid"],
+            result["inception_score"],
+            result["precision"],
+            result["recall"],
+        )
     output = cfg.output or paths.join(workdir, f"{cfg.task}.json")
     if jax.process_index() == 0:
         paths.write_json_atomic(output, result, indent=2)

@@ -13,6 +13,7 @@ the last batch is zero-padded and the padding dropped), shards the batch over ev
 replicated), and overlaps reading the next batch with the device work. Under several processes each process
 reads only its slice of every global batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -123,10 +124,12 @@ class FolderImages:
 
     def __init__(self, path: str):
         from PIL import Image
+
         self._Image = Image
         self.path = os.fspath(path)
-        self.files = sorted(os.path.join(self.path, f) for f in os.listdir(self.path)
-                            if f.lower().endswith(IMAGE_SUFFIXES))
+        self.files = sorted(
+            os.path.join(self.path, f) for f in os.listdir(self.path) if f.lower().endswith(IMAGE_SUFFIXES)
+        )
         if not self.files:
             raise ValueError(f"{self.path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
         self.num_images = len(self.files)
@@ -141,8 +144,10 @@ class FolderImages:
         for file in self.files[start:stop]:
             image = self._load(file)
             if image.shape != self.image_shape:
-                raise ValueError(f"{file} is {image.shape[1]}×{image.shape[0]}, but {self.files[0]} is "
-                                 f"{self.image_shape[1]}×{self.image_shape[0]}: all images must have one size")
+                raise ValueError(
+                    f"{file} is {image.shape[1]}×{image.shape[0]}, but {self.files[0]} is "
+                    f"{self.image_shape[1]}×{self.image_shape[0]}: all images must have one size"
+                )
             out.append(image)
         return np.stack(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
 
@@ -150,6 +155,7 @@ class FolderImages:
 def open_images(path: str, key: str = "arr_0") -> ImageSource:
     """An image source for an npz (`key`, default `arr_0`), a `.npy` file or a folder of PNG/JPEG files."""
     from sfd_jax import paths
+
     path = os.fspath(path)
     if not paths.exists(path):
         raise FileNotFoundError(f"images not found: {path}")
@@ -168,8 +174,11 @@ def _step_fn(graphdef, mesh: Mesh, resize: str, size: int, dtype):
 
     def step(state, images):
         out = nnx.merge(graphdef, state)(preprocess(images, resize=resize, size=size).astype(dtype))
-        return {"pool": out["pool3"], "spatial": out["spatial"],
-                "probs": jax.nn.softmax(out["logits_nobias"].astype(jnp.float32), axis=-1)}
+        return {
+            "pool": out["pool3"],
+            "spatial": out["spatial"],
+            "probs": jax.nn.softmax(out["logits_nobias"].astype(jnp.float32), axis=-1),
+        }
 
     return jax.jit(step, in_shardings=(replicated, data), out_shardings=data)
 
@@ -180,8 +189,15 @@ class InceptionExtractor:
 
     OUTPUTS = ("pool", "spatial", "probs")
 
-    def __init__(self, model: InceptionV3, *, batch_size: int = 256, resize: str = "tf1",
-                 size: int = INPUT_SIZE, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        model: InceptionV3,
+        *,
+        batch_size: int = 256,
+        resize: str = "tf1",
+        size: int = INPUT_SIZE,
+        mesh: Mesh | None = None,
+    ):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
@@ -208,25 +224,36 @@ class InceptionExtractor:
     def _fetch(self, out) -> dict:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
-    def __call__(self, source: ImageSource, *, limit: int | None = None, outputs: Sequence[str] = OUTPUTS,
-                 what: str = "images", log_every_s: float = 30.0, progress_dir: str | None = None,
-                 preemption=None, save_every: int = 50) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        source: ImageSource,
+        *,
+        limit: int | None = None,
+        outputs: Sequence[str] = OUTPUTS,
+        what: str = "images",
+        log_every_s: float = 30.0,
+        progress_dir: str | None = None,
+        preemption=None,
+        save_every: int = 50,
+    ) -> dict[str, np.ndarray]:
         """progress_dir: features are saved there every `save_every` batches and when `preemption.reached(batch)`
         (then `Preempted` is raised); a later call with the same directory starts after the saved ones. The
         directory must be specific to (source, weights, settings, batch size): the caller keys it."""
         from sfd_jax import paths
         from sfd_jax.preemption import Preempted
+
         n = source.num_images if limit is None else min(int(limit), source.num_images)
         if n < 1:
             raise ValueError(f"{what}: no images to score")
         shape = (self.batch_size,) + tuple(source.image_shape)
         chunks = {k: [] for k in outputs}
         begin = 0
-        for name in (paths.listdir(progress_dir) if progress_dir and paths.isdir(progress_dir) else []):
-            lo, hi = (int(x) for x in name[:-len(".npz")].split("-")) if name.endswith(".npz") else (-1, -1)
+        for name in paths.listdir(progress_dir) if progress_dir and paths.isdir(progress_dir) else []:
+            lo, hi = (int(x) for x in name[: -len(".npz")].split("-")) if name.endswith(".npz") else (-1, -1)
             if lo == begin:  # a contiguous prefix of saved blocks
                 with np.load(paths.local_copy(paths.join(progress_dir, name))) as z:
                     for k in outputs:
@@ -246,7 +273,7 @@ class InceptionExtractor:
         def save(upto: int):
             nonlocal saved
             if upto > saved and jax.process_index() == 0:
-                block = {k: np.concatenate(v)[saved - begin:upto - begin] for k, v in chunks.items()}
+                block = {k: np.concatenate(v)[saved - begin : upto - begin] for k, v in chunks.items()}
                 with paths.local_target(paths.join(progress_dir, f"{saved:09d}-{upto:09d}.npz"), ".npz") as tmp:
                     np.savez(tmp, **block)
             saved = upto

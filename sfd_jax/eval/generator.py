@@ -5,10 +5,10 @@
     images, stats = gen(model, indices, class_labels(indices, num_images=50_000, num_classes=1000))
 
 For every image index g the program draws x(0) = N(0, I) from `fold_in(key(seed), g)`, integrates the three-phase
-ODE (`sfd_jax.diffusion.sampler.sample`, docs/diffusion.md#sampling), keeps the texture channels, denormalises them with the dataset
-statistics (x·std/multiplier + mean), decodes them with the texture VAE and rounds to uint8 (docs/texture_vae.md#forward-order). Batches are
-sharded over the ('data', 'fsdp') axes of the mesh (all devices, all processes), a fixed `per_device_batch` rows
-per device.
+ODE (`sfd_jax.diffusion.sampler.sample`, docs/diffusion.md#sampling), keeps the texture channels, denormalises them
+with the dataset statistics (x·std/multiplier + mean), decodes them with the texture VAE and rounds to uint8
+(docs/texture_vae.md#forward-order). Batches are sharded over the ('data', 'fsdp') axes of the mesh (all devices, all
+processes), a fixed `per_device_batch` rows per device.
 
 Why images do not depend on the device count: the noise and the label depend only on the index, the sampler's
 default `step_control='per_sample'` gives each image its own adaptive solve, and every device runs the same
@@ -19,6 +19,7 @@ on 1 vs 8 CPU devices). A different `per_device_batch` changes matmul shapes and
 One compilation per (model graph, guide graph, VAE graph, settings, guidance, mesh, per-device batch); guidance
 scales are part of that key.
 """
+
 from __future__ import annotations
 
 import collections
@@ -62,12 +63,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def class_labels(indices, *, num_images: int, num_classes: int, mode: str = "balanced", seed: int = 0,
-                 null_label: int | None = None) -> np.ndarray:
+def class_labels(
+    indices, *, num_images: int, num_classes: int, mode: str = "balanced", seed: int = 0, null_label: int | None = None
+) -> np.ndarray:
     """int32 labels of image `indices` out of `num_images`.
 
-    'balanced': image g gets (g · num_classes) // num_images — g // 50 for 50,000 images and 1000 classes (as the reference),
-    and exactly balanced (±1) when num_images is not a multiple of num_classes.
+    'balanced': image g gets (g · num_classes) // num_images — g // 50 for 50,000 images and 1000 classes (as the
+    reference), and exactly balanced (±1) when num_images is not a multiple of num_classes.
     'random': uniform in [0, num_classes) from a counter-based hash of (seed, g): the label of g does not depend on
     num_images or on which other indices are drawn.
     'unconditional': every image gets `null_label` (default num_classes, the null class).
@@ -99,6 +101,7 @@ def initial_noise(key: jax.Array, indices: jax.Array, shape: Sequence[int]) -> j
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """Everything about the ODE solve that changes the images (passed on to `sampler.sample`)."""
+
     solver: str = "dopri5"
     num_steps: int | None = None  # fixed-grid steps for euler / heun (grid points − 1)
     rtol: float = 1e-3
@@ -127,9 +130,16 @@ class SamplerSettings:
             raise ValueError(f"delta_t must lie in [0, 1), got {self.delta_t}")
 
     def kwargs(self) -> dict:
-        return dict(solver=self.solver, num_steps=self.num_steps, rtol=self.rtol, atol=self.atol,
-                    delta_t=self.delta_t, step_control=self.step_control, phase_mode=self.phase_mode,
-                    max_steps=self.max_steps)
+        return dict(
+            solver=self.solver,
+            num_steps=self.num_steps,
+            rtol=self.rtol,
+            atol=self.atol,
+            delta_t=self.delta_t,
+            step_control=self.step_control,
+            phase_mode=self.phase_mode,
+            max_steps=self.max_steps,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,9 +183,9 @@ def place_on_mesh(module: nnx.Module, mesh: Mesh, rules: dict | None = None) -> 
 
 @dataclasses.dataclass
 class BatchStats:
-    nfe: int                 # batched model evaluations (CFG: one doubled-batch forward; AG: main + guide)
-    nfe_per_image: float     # mean of each image's own solve
-    seconds: float           # wall time since the previous batch was fetched (device throughput)
+    nfe: int  # batched model evaluations (CFG: one doubled-batch forward; AG: main + guide)
+    nfe_per_image: float  # mean of each image's own solve
+    seconds: float  # wall time since the previous batch was fetched (device throughput)
 
 
 class ImageGenerator:
@@ -187,8 +197,16 @@ class ImageGenerator:
     per_device_batch × the ('data', 'fsdp') size and the last batch is padded by repeating its last index.
     """
 
-    def __init__(self, decoder: TextureDecoder, *, settings: SamplerSettings = SamplerSettings(), seed: int = 0,
-                 mesh: Mesh | None = None, rules: dict | None = None, per_device_batch: int = 16):
+    def __init__(
+        self,
+        decoder: TextureDecoder,
+        *,
+        settings: SamplerSettings = SamplerSettings(),
+        seed: int = 0,
+        mesh: Mesh | None = None,
+        rules: dict | None = None,
+        per_device_batch: int = 16,
+    ):
         if per_device_batch < 1:
             raise ValueError(f"per_device_batch must be positive, got {per_device_batch}")
         self.decoder = decoder
@@ -204,8 +222,16 @@ class ImageGenerator:
 
     # ---- program
     def _program(self, model_graph, guide_graph, guidance_spec: tuple, latent_shape: tuple):
-        key = (model_graph, guide_graph, self.decoder.key(), self.settings, guidance_spec, latent_shape, self.mesh,
-               self.per_device_batch)
+        key = (
+            model_graph,
+            guide_graph,
+            self.decoder.key(),
+            self.settings,
+            guidance_spec,
+            latent_shape,
+            self.mesh,
+            self.per_device_batch,
+        )
         fn = _PROGRAMS.get(key)
         if fn is not None:
             _PROGRAMS.move_to_end(key)
@@ -216,7 +242,10 @@ class ImageGenerator:
         batch_spec = P(parallel.BATCH_AXES)
         decode = jax.shard_map(
             lambda vae_state, mean, std, z: decoder.local_decode(vae_graph, vae_state, mean, std, z),
-            mesh=mesh, in_specs=(P(), P(), P(), batch_spec), out_specs=batch_spec)
+            mesh=mesh,
+            in_specs=(P(), P(), P(), batch_spec),
+            out_specs=batch_spec,
+        )
 
         def program(model_state, guide_state, vae_state, mean, std, noise_key, indices, labels):
             _TRACES[key] += 1
@@ -224,15 +253,20 @@ class ImageGenerator:
             guidance = _rebuild_guidance(guidance_spec, guide_graph, guide_state)
             z0 = initial_noise(noise_key, indices, latent_shape)
             z0 = jax.lax.with_sharding_constraint(z0, self.batch_sharding)
-            x, stats = sampler.sample(model, z0, labels, guidance=guidance, semantic_chans=semantic_chans,
-                                      **settings.kwargs())
-            images = decode(vae_state, mean, std, x[..., :decoder.channels])
-            return images, {"nfe": stats["nfe"], "nfe_sum": jnp.sum(stats["nfe_per_sample"]),
-                            "max_steps_reached": jnp.any(stats["max_steps_reached"])}
+            x, stats = sampler.sample(
+                model, z0, labels, guidance=guidance, semantic_chans=semantic_chans, **settings.kwargs()
+            )
+            images = decode(vae_state, mean, std, x[..., : decoder.channels])
+            return images, {
+                "nfe": stats["nfe"],
+                "nfe_sum": jnp.sum(stats["nfe_per_sample"]),
+                "max_steps_reached": jnp.any(stats["max_steps_reached"]),
+            }
 
         rep = NamedSharding(mesh, P())
-        fn = jax.jit(program, out_shardings=(self.batch_sharding, {"nfe": rep, "nfe_sum": rep,
-                                                                    "max_steps_reached": rep}))
+        fn = jax.jit(
+            program, out_shardings=(self.batch_sharding, {"nfe": rep, "nfe_sum": rep, "max_steps_reached": rep})
+        )
         _PROGRAMS[key] = fn
         while len(_PROGRAMS) > _CACHE_SIZE:
             _PROGRAMS.popitem(last=False)
@@ -247,8 +281,16 @@ class ImageGenerator:
             stats.append(batch_stats)
         return np.concatenate(images), stats
 
-    def batches(self, model, indices, labels, *, guidance=None, latent_shape: Sequence[int] | None = None,
-                null_label: int | None = None) -> Iterator[tuple[int, np.ndarray, BatchStats]]:
+    def batches(
+        self,
+        model,
+        indices,
+        labels,
+        *,
+        guidance=None,
+        latent_shape: Sequence[int] | None = None,
+        null_label: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray, BatchStats]]:
         """Yields (offset into `indices`, uint8 images of the next global batch, BatchStats), every process alike.
 
         model: an nnx module called as model(x, t_tex, t_sem, y) — a LightningDiT, whose cfg gives latent_shape
@@ -275,20 +317,24 @@ class ImageGenerator:
             null_label = cfg.num_classes
         null_label = int(null_label)
         texture_only = cfg is not None and cfg.semantic_chans == 0  # the no-semantic-latent baseline
-        if latent_shape[-1] < self.decoder.channels or (latent_shape[-1] == self.decoder.channels
-                                                        and not texture_only):
-            raise ValueError(f"the model's latent has {latent_shape[-1]} channels; the texture VAE takes the first "
-                             f"{self.decoder.channels}, so no semantic channels would remain")
+        if latent_shape[-1] < self.decoder.channels or (latent_shape[-1] == self.decoder.channels and not texture_only):
+            raise ValueError(
+                f"the model's latent has {latent_shape[-1]} channels; the texture VAE takes the first "
+                f"{self.decoder.channels}, so no semantic channels would remain"
+            )
         if cfg is not None and cfg.in_channels - cfg.semantic_chans != self.decoder.channels:
-            raise ValueError(f"the model has {cfg.in_channels - cfg.semantic_chans} texture channels "
-                             f"(in_channels {cfg.in_channels} − semantic_chans {cfg.semantic_chans}) but the texture "
-                             f"VAE decodes {self.decoder.channels}")
+            raise ValueError(
+                f"the model has {cfg.in_channels - cfg.semantic_chans} texture channels "
+                f"(in_channels {cfg.in_channels} − semantic_chans {cfg.semantic_chans}) but the texture "
+                f"VAE decodes {self.decoder.channels}"
+            )
         if isinstance(guidance, CFG) and guidance.null_label != null_label:
             guidance = dataclasses.replace(guidance, null_label=null_label)
 
         model_graph, model_state = self._place(model, "model")
-        guide_graph, guide_state = (self._place(guidance.guide_model, "guide")
-                                    if isinstance(guidance, AutoGuidance) else (None, None))
+        guide_graph, guide_state = (
+            self._place(guidance.guide_model, "guide") if isinstance(guidance, AutoGuidance) else (None, None)
+        )
         fn = self._program(model_graph, guide_graph, guidance_key(guidance), latent_shape)
         rep = NamedSharding(self.mesh, P())
         mean, std = parallel.put_global((self.decoder.mean, self.decoder.std), rep)
@@ -297,14 +343,22 @@ class ImageGenerator:
         gb, n = self.global_batch, indices.size
         pending, last = None, time.perf_counter()
         for start in range(0, n, gb):
-            idx = indices[start:start + gb]
-            lab = labels[start:start + gb]
+            idx = indices[start : start + gb]
+            lab = labels[start : start + gb]
             valid = idx.size
             if valid < gb:  # repeat the last row: real work whose result is dropped, no other image changes
                 idx = np.concatenate([idx, np.full(gb - valid, idx[-1])])
                 lab = np.concatenate([lab, np.full(gb - valid, lab[-1])])
-            out = fn(model_state, guide_state, self._vae[1], mean, std, noise_key,
-                     self._global(idx.astype(np.int32)), self._global(lab))
+            out = fn(
+                model_state,
+                guide_state,
+                self._vae[1],
+                mean,
+                std,
+                noise_key,
+                self._global(idx.astype(np.int32)),
+                self._global(lab),
+            )
             # Dispatch is asynchronous: fetch the previous batch while the devices work on this one.
             if pending is not None:
                 yield self._collect(*pending, since=last)
@@ -317,10 +371,17 @@ class ImageGenerator:
         images = _to_host(images)[:valid]
         st = jax.device_get(st)
         if bool(st["max_steps_reached"]):
-            raise RuntimeError(f"dopri5 hit max_steps={self.settings.max_steps} in the batch of images "
-                               f"{int(idx[0])}..{int(idx[valid - 1])}; raise max_steps or loosen rtol/atol")
-        return start, images, BatchStats(nfe=int(st["nfe"]), nfe_per_image=float(st["nfe_sum"]) / len(idx),
-                                         seconds=time.perf_counter() - since)
+            raise RuntimeError(
+                f"dopri5 hit max_steps={self.settings.max_steps} in the batch of images "
+                f"{int(idx[0])}..{int(idx[valid - 1])}; raise max_steps or loosen rtol/atol"
+            )
+        return (
+            start,
+            images,
+            BatchStats(
+                nfe=int(st["nfe"]), nfe_per_image=float(st["nfe_sum"]) / len(idx), seconds=time.perf_counter() - since
+            ),
+        )
 
     def _place(self, module, role: str):
         """(graphdef, state) on this generator's mesh. The placed copy of the last model (and guide) is kept and
@@ -351,12 +412,18 @@ def _rebuild_guidance(spec: tuple, guide_graph, guide_state):
         _, scale, start, null_label = spec
         return CFG(scale=scale, interval_start=start, null_label=null_label)
     _, w_tex, w_sem, start = spec
-    return AutoGuidance(guide_model=nnx.merge(guide_graph, guide_state), scale=w_tex, scale_tex=w_tex,
-                        scale_sem=w_sem, interval_start=start)
+    return AutoGuidance(
+        guide_model=nnx.merge(guide_graph, guide_state),
+        scale=w_tex,
+        scale_tex=w_tex,
+        scale_sem=w_sem,
+        interval_start=start,
+    )
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)

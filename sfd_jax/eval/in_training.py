@@ -22,6 +22,7 @@ as a training curve. It also writes `<workdir>/eval_grids/step_XXXXXXX.png`.
 Fields read from `config.eval` (defaults in `DEFAULTS`); latent_stats defaults to `<data.path>/stats.json`,
 latent_multiplier to `data.latent_multiplier`, delta_t to `diffusion.delta_t`, num_classes to `data.num_classes`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,14 +41,39 @@ from sfd_jax.eval.sample import config_get, guidance_from_config, settings_from_
 from sfd_jax.eval.sample_files import grid_indices, make_grid, save_png
 
 DEFAULTS = dict(
-    num_images=5000, labels="balanced", num_classes=0, seed=0,
-    texture_vae="", vae_dtype="float32", latent_stats="", latent_multiplier=None,
-    solver="dopri5", num_steps=0, rtol=1e-3, atol=1e-6, delta_t=None, step_control="per_sample",
-    phase_mode="split", max_steps=4096,
-    guidance="none", scale=1.5, scale_sem=None, scale_tex=None, interval_start=None, guide="", guide_use_ema=True,
-    per_device_batch=32, decode_batch=8,
-    inception_weights="", feature_fn="", ref_batch="", resize="tf1", input_size=299, feature_batch=256,
-    is_split_size=5000, grid_size=16,
+    num_images=5000,
+    labels="balanced",
+    num_classes=0,
+    seed=0,
+    texture_vae="",
+    vae_dtype="float32",
+    latent_stats="",
+    latent_multiplier=None,
+    solver="dopri5",
+    num_steps=0,
+    rtol=1e-3,
+    atol=1e-6,
+    delta_t=None,
+    step_control="per_sample",
+    phase_mode="split",
+    max_steps=4096,
+    guidance="none",
+    scale=1.5,
+    scale_sem=None,
+    scale_tex=None,
+    interval_start=None,
+    guide="",
+    guide_use_ema=True,
+    per_device_batch=32,
+    decode_batch=8,
+    inception_weights="",
+    feature_fn="",
+    ref_batch="",
+    resize="tf1",
+    input_size=299,
+    feature_batch=256,
+    is_split_size=5000,
+    grid_size=16,
 )
 
 
@@ -81,8 +107,17 @@ class FunctionFeatures:
 class FidEvaluator:
     """Samples N fixed images from a model and scores them against a reference (see the module doc)."""
 
-    def __init__(self, block, *, workdir: str, feature_fn: Callable | None = None, data_path: str = "",
-                 latent_multiplier: float = 1.0, delta_t: float = 0.3, num_classes: int = 1000):
+    def __init__(
+        self,
+        block,
+        *,
+        workdir: str,
+        feature_fn: Callable | None = None,
+        data_path: str = "",
+        latent_multiplier: float = 1.0,
+        delta_t: float = 0.3,
+        num_classes: int = 1000,
+    ):
         from sfd_jax.eval.evaluate import read_reference_statistics, reference_features
         from sfd_jax.eval.features import InceptionExtractor, open_images
 
@@ -92,17 +127,23 @@ class FidEvaluator:
         if self.num_images < 2:
             raise ValueError(f"eval.num_images must be >= 2 for a covariance, got {self.num_images}")
         if not get("texture_vae"):
-            raise ValueError("eval.texture_vae is required for the in-training FID (images are decoded from the "
-                             "texture latents)")
+            raise ValueError(
+                "eval.texture_vae is required for the in-training FID (images are decoded from the texture latents)"
+            )
         stats = get("latent_stats") or (paths.join(data_path, "stats.json") if data_path else "")
         if not stats:
-            raise ValueError("eval.latent_stats is required (stats.json of the training latents; defaults to "
-                             "<data.path>/stats.json for data.source='arrayrecord')")
+            raise ValueError(
+                "eval.latent_stats is required (stats.json of the training latents; defaults to "
+                "<data.path>/stats.json for data.source='arrayrecord')"
+            )
         multiplier = get("latent_multiplier")
         self.decoder = TextureDecoder.from_files(
-            str(get("texture_vae")), str(stats), dtype=str(get("vae_dtype")),
+            str(get("texture_vae")),
+            str(stats),
+            dtype=str(get("vae_dtype")),
             latent_multiplier=float(latent_multiplier if multiplier is None else multiplier),
-            decode_batch=int(get("decode_batch")) or None)
+            decode_batch=int(get("decode_batch")) or None,
+        )
         dt = get("delta_t")
         self.settings = settings_from_config(block, delta_t=float(delta_t if dt is None else dt))
         self.seed = int(get("seed"))
@@ -116,16 +157,26 @@ class FidEvaluator:
 
         ref_path = str(get("ref_batch"))
         if not ref_path:
-            raise ValueError("eval.ref_batch is required: an ADM-format reference npz (arr_0 images, optionally "
-                             "mu/sigma/mu_s/sigma_s), e.g. from configs/eval.py:build_reference")
+            raise ValueError(
+                "eval.ref_batch is required: an ADM-format reference npz (arr_0 images, optionally "
+                "mu/sigma/mu_s/sigma_s), e.g. from configs/eval.py:build_reference"
+            )
         if get("inception_weights"):
             from sfd_jax.convert.inception import load_inception
-            self.extractor = InceptionExtractor(load_inception(str(get("inception_weights"))),
-                                                batch_size=int(get("feature_batch")), resize=str(get("resize")),
-                                                size=int(get("input_size")))
+
+            self.extractor = InceptionExtractor(
+                load_inception(str(get("inception_weights"))),
+                batch_size=int(get("feature_batch")),
+                resize=str(get("resize")),
+                size=int(get("input_size")),
+            )
             self.full = True
-            ref = reference_features(ref_path, self.extractor, cache_dir=paths.join(workdir, "cache"),
-                                     cache_key=[paths.absolute(str(get("inception_weights")))])
+            ref = reference_features(
+                ref_path,
+                self.extractor,
+                cache_dir=paths.join(workdir, "cache"),
+                cache_key=[paths.absolute(str(get("inception_weights")))],
+            )
             self.ref_stats = read_reference_statistics(ref_path)
             if self.ref_stats is None:
                 self.ref_stats = dict(zip(("mu", "sigma"), metrics.statistics(ref["pool"])))
@@ -133,16 +184,19 @@ class FidEvaluator:
         else:
             fn = feature_fn or (_import(str(get("feature_fn"))) if get("feature_fn") else None)
             if fn is None:
-                raise ValueError("set eval.inception_weights (FID Inception) or eval.feature_fn='module:function' "
-                                 "(or pass feature_fn=) for the in-training FID")
+                raise ValueError(
+                    "set eval.inception_weights (FID Inception) or eval.feature_fn='module:function' "
+                    "(or pass feature_fn=) for the in-training FID"
+                )
             self.extractor = FunctionFeatures(fn, int(get("feature_batch")))
             self.full = False
             ref = self.extractor(open_images(ref_path), what="reference images")
             self.ref_stats = dict(zip(("mu", "sigma"), metrics.statistics(ref["pool"])))
         self.ref_pool = ref["pool"]
         self.indices = np.arange(self.num_images)
-        self.labels = class_labels(self.indices, num_images=self.num_images, num_classes=self.num_classes,
-                                   mode=self.label_mode, seed=self.seed)
+        self.labels = class_labels(
+            self.indices, num_images=self.num_images, num_classes=self.num_classes, mode=self.label_mode, seed=self.seed
+        )
 
     def guidance(self, dtype: str | None):
         if self._guidance is None:  # the guide is loaded once per run
@@ -151,8 +205,9 @@ class FidEvaluator:
 
     def generator(self, mesh) -> ImageGenerator:
         if mesh not in self._generators:
-            self._generators[mesh] = ImageGenerator(self.decoder, settings=self.settings, seed=self.seed, mesh=mesh,
-                                                    per_device_batch=self.per_device_batch)
+            self._generators[mesh] = ImageGenerator(
+                self.decoder, settings=self.settings, seed=self.seed, mesh=mesh, per_device_batch=self.per_device_batch
+            )
         return self._generators[mesh]
 
     def __call__(self, model, *, mesh=None, step: int | None = None) -> dict[str, float]:
@@ -169,19 +224,25 @@ class FidEvaluator:
             result = compute_metrics(feats, self.ref_stats, self.ref_pool, split_size=self.split_size)
         else:
             mu, sigma = metrics.statistics(feats["pool"])
-            fid, eps_used = metrics.frechet_distance(mu, sigma, self.ref_stats["mu"], self.ref_stats["sigma"],
-                                                     return_eps_used=True)
+            fid, eps_used = metrics.frechet_distance(
+                mu, sigma, self.ref_stats["mu"], self.ref_stats["sigma"], return_eps_used=True
+            )
             precision, recall = metrics.precision_recall(self.ref_pool, feats["pool"])
             result = {"fid": fid, "precision": precision, "recall": recall, "fid_eps_used": eps_used}
         result = {k: float(v) for k, v in result.items()}
-        result.update(sample_seconds=sample_seconds, images_per_s=self.num_images / max(sample_seconds, 1e-9),
-                      nfe_per_image=float(np.mean([s.nfe_per_image for s in stats])),
-                      eval_seconds=time.perf_counter() - t0)
+        result.update(
+            sample_seconds=sample_seconds,
+            images_per_s=self.num_images / max(sample_seconds, 1e-9),
+            nfe_per_image=float(np.mean([s.nfe_per_image for s in stats])),
+            eval_seconds=time.perf_counter() - t0,
+        )
         if self.grid_size > 0 and jax.process_index() == 0 and step is not None:
             out = paths.join(self.workdir, "eval_grids")
             paths.makedirs(out)
-            save_png(paths.join(out, f"step_{int(step):07d}.png"),
-                     make_grid(images[grid_indices(self.num_images, self.grid_size)], 8))
+            save_png(
+                paths.join(out, f"step_{int(step):07d}.png"),
+                make_grid(images[grid_indices(self.num_images, self.grid_size)], 8),
+            )
         return result
 
 
@@ -199,9 +260,14 @@ def _evaluator(ctx, feature_fn: Callable | None, overrides: dict) -> FidEvaluato
     if key not in _EVALUATORS:
         _EVALUATORS.clear()  # one training run per process at a time
         _EVALUATORS[key] = FidEvaluator(
-            block, workdir=ctx.workdir, feature_fn=feature_fn, data_path=data_path,
+            block,
+            workdir=ctx.workdir,
+            feature_fn=feature_fn,
+            data_path=data_path,
             latent_multiplier=float(data.get("latent_multiplier", 1.0)),
-            delta_t=float(config.diffusion.delta_t), num_classes=int(data.get("num_classes", 1000)))
+            delta_t=float(config.diffusion.delta_t),
+            num_classes=int(data.get("num_classes", 1000)),
+        )
     return _EVALUATORS[key]
 
 
@@ -209,8 +275,9 @@ def fid(ctx) -> dict[str, float]:
     """The loop's eval hook: `config.eval.fn='sfd_jax.eval.in_training:fid'`."""
     evaluator = _evaluator(ctx, None, {})
     result = evaluator(ctx.model(ema=True), mesh=ctx.mesh, step=ctx.step)
-    logging.info("in-training FID-%d at step %d: %s", evaluator.num_images, ctx.step,
-                 {k: round(v, 4) for k, v in result.items()})
+    logging.info(
+        "in-training FID-%d at step %d: %s", evaluator.num_images, ctx.step, {k: round(v, 4) for k, v in result.items()}
+    )
     return result
 
 

@@ -21,6 +21,7 @@ features; `tests/test_metrics.py` checks them against numbers that evaluator com
   in float16 with a float32 fallback; float32 is exact wherever ADM's float16 is (integer-lattice features) and
   closer to exact elsewhere. Distances run on the default JAX device in row blocks (ADM: 10000).
 """
+
 from __future__ import annotations
 
 import functools
@@ -80,14 +81,17 @@ def _trace_sqrt_scipy(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
         return float("nan")
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(Σ1 Σ2) has imaginary diagonal components up to "
-                             f"{np.max(np.abs(covmean.imag)):.3g} (ADM raises here too)")
+            raise ValueError(
+                f"sqrtm(Σ1 Σ2) has imaginary diagonal components up to "
+                f"{np.max(np.abs(covmean.imag)):.3g} (ADM raises here too)"
+            )
         covmean = covmean.real
     return float(np.trace(covmean))
 
 
-def trace_sqrt_product(sigma1, sigma2, *, eps: float = 1e-6, eps_rule: str = "if_not_finite",
-                       sqrtm: str = "eigh") -> tuple[float, bool]:
+def trace_sqrt_product(
+    sigma1, sigma2, *, eps: float = 1e-6, eps_rule: str = "if_not_finite", sqrtm: str = "eigh"
+) -> tuple[float, bool]:
     """(tr sqrt(Σ1 Σ2), whether eps·I was added to both covariances). See the module doc for the options."""
     if eps_rule not in EPS_RULES:
         raise ValueError(f"eps_rule must be one of {EPS_RULES}, got {eps_rule!r}")
@@ -98,22 +102,33 @@ def trace_sqrt_product(sigma1, sigma2, *, eps: float = 1e-6, eps_rule: str = "if
         value = trace_fn(sigma1, sigma2)
         if np.isfinite(value):
             return value, False
-        warnings.warn(f"FID: sqrt(Σ1 Σ2) is not finite; adding {eps:g}·I to both covariances (as ADM does)",
-                      stacklevel=2)
+        warnings.warn(
+            f"FID: sqrt(Σ1 Σ2) is not finite; adding {eps:g}·I to both covariances (as ADM does)", stacklevel=2
+        )
     offset = np.eye(sigma1.shape[0], dtype=np.float64) * eps
     return trace_fn(sigma1 + offset, sigma2 + offset), True
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6, eps_rule: str = "if_not_finite",
-                     sqrtm: str = "eigh", return_eps_used: bool = False):
+def frechet_distance(
+    mu1,
+    sigma1,
+    mu2,
+    sigma2,
+    *,
+    eps: float = 1e-6,
+    eps_rule: str = "if_not_finite",
+    sqrtm: str = "eigh",
+    return_eps_used: bool = False,
+):
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), ADM's formula; sample statistics first."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1 = np.atleast_2d(sigma1).astype(np.float64)
     sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     d = mu1.shape[0]
     if mu1.ndim != 1 or mu2.shape != mu1.shape:
-        raise ValueError(f"mean vectors differ: mu1 {mu1.shape}, mu2 {mu2.shape} (features of different layers "
-                         "or resolutions?)")
+        raise ValueError(
+            f"mean vectors differ: mu1 {mu1.shape}, mu2 {mu2.shape} (features of different layers or resolutions?)"
+        )
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
             raise ValueError(f"{name} has shape {s.shape}, expected ({d}, {d}) to match the means")
@@ -143,13 +158,16 @@ def inception_split_scores(probs, split_size: int = 5000) -> np.ndarray:
     scores = []
     with np.errstate(divide="ignore", invalid="ignore"):
         for i in range(0, len(probs), split_size):
-            part = probs[i:i + split_size]
+            part = probs[i : i + split_size]
             kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
             scores.append(np.exp(np.mean(np.sum(kl, 1))))
     scores = np.asarray(scores)
     if not np.all(np.isfinite(scores)):
-        warnings.warn("Inception Score is not finite: some probability underflowed to 0 (0·log 0); ADM's "
-                      "float32 computation gives the same NaN", stacklevel=2)
+        warnings.warn(
+            "Inception Score is not finite: some probability underflowed to 0 (0·log 0); ADM's "
+            "float32 computation gives the same NaN",
+            stacklevel=2,
+        )
     return scores
 
 
@@ -205,7 +223,7 @@ def manifold_radii(features, *, k: int = 3, row_block: int = 10000) -> np.ndarra
     for start, stop in _row_blocks(n, block):
         # Fixed block shape (last block padded) so the distance kernel compiles once per set size.
         rows = _pad_rows(features[start:stop], block)
-        radii[start:stop] = np.asarray(_kth_smallest_block(jnp.asarray(rows), all_dev, k))[:stop - start]
+        radii[start:stop] = np.asarray(_kth_smallest_block(jnp.asarray(rows), all_dev, k))[: stop - start]
     return radii
 
 
@@ -224,7 +242,7 @@ def manifold_membership(features_a, radii_a, features_b, radii_b, *, row_block: 
         # Padded rows get radius −1 so they contain nothing (distances are ≥ 0).
         row_radii = _pad_rows(radii_a[start:stop], block, value=-1.0)
         rows_in, cols_in = _membership_block(jnp.asarray(rows), jnp.asarray(row_radii), features_b, radii_b)
-        a_in_b[start:stop] = np.asarray(rows_in)[:stop - start]
+        a_in_b[start:stop] = np.asarray(rows_in)[: stop - start]
         b_in_a |= np.asarray(cols_in)
     return a_in_b, b_in_a
 

@@ -4,8 +4,8 @@
         --config.sample.model=weights/sfd_xl_800ep --config.sample.guide=weights/guide_b_70k \
         --config.sample.texture_vae=weights/texture_vae --config.sample.latent_stats=/data/latents/stats.json
 
-Image g of N (default 50,000) gets label (g · num_classes) // N (= g // 50, as the reference; or seeded random labels, or
-the null label), noise N(0, I) from fold_in(key(seed), g), and is sampled by `sfd_jax.eval.generator` (three-phase
+Image g of N (default 50,000) gets label (g · num_classes) // N (= g // 50, as the reference; or seeded random labels,
+or the null label), noise N(0, I) from fold_in(key(seed), g), and is sampled by `sfd_jax.eval.generator` (three-phase
 ODE → texture channels → denormalise → texture VAE → uint8), batches sharded over every device of every process.
 
 Workdir layout:
@@ -27,6 +27,7 @@ two permutations agree. Order matters only for the Inception Score, which splits
 The npz is written as a stored (uncompressed) zip with fixed timestamps, so identical images give a byte-identical
 file; sample.json records its SHA-256 when `npz_sha256` is on.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -44,10 +45,26 @@ from sfd_jax.diffusion.guidance import CFG, AutoGuidance
 from sfd_jax.errors import InputError
 from sfd_jax.preemption import Preemption
 from sfd_jax.profiling import Profiler
-from sfd_jax.eval.generator import (LABEL_MODES, BatchStats, ImageGenerator, SamplerSettings, TextureDecoder,
-                                    class_labels)
-from sfd_jax.eval.sample_files import (ChunkReader, coverage, file_sha256, grid_indices, make_grid, save_png,
-                                       scan_chunks, shuffle_order, write_chunk, write_npz)
+from sfd_jax.eval.generator import (
+    LABEL_MODES,
+    BatchStats,
+    ImageGenerator,
+    SamplerSettings,
+    TextureDecoder,
+    class_labels,
+)
+from sfd_jax.eval.sample_files import (
+    ChunkReader,
+    coverage,
+    file_sha256,
+    grid_indices,
+    make_grid,
+    save_png,
+    scan_chunks,
+    shuffle_order,
+    write_chunk,
+    write_npz,
+)
 
 GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
 MANIFEST = "sample_manifest.json"
@@ -67,17 +84,22 @@ def settings_from_config(block, *, delta_t: float | None = None) -> SamplerSetti
     phase_mode, max_steps."""
     get = lambda name, default: config_get(block, name, default)  # noqa: E731
     return SamplerSettings(
-        solver=str(get("solver", "dopri5")), num_steps=int(get("num_steps", 0)) or None,
-        rtol=float(get("rtol", 1e-3)), atol=float(get("atol", 1e-6)),
+        solver=str(get("solver", "dopri5")),
+        num_steps=int(get("num_steps", 0)) or None,
+        rtol=float(get("rtol", 1e-3)),
+        atol=float(get("atol", 1e-6)),
         delta_t=float(get("delta_t", 0.3) if delta_t is None else delta_t),
-        step_control=str(get("step_control", "per_sample")), phase_mode=str(get("phase_mode", "split")),
-        max_steps=int(get("max_steps", 4096)))
+        step_control=str(get("step_control", "per_sample")),
+        phase_mode=str(get("phase_mode", "split")),
+        max_steps=int(get("max_steps", 4096)),
+    )
 
 
 def load_model(path: str, *, use_ema: bool = True, dtype: str | None = None, what: str = "sample.model"):
     """A LightningDiT from a weights directory (`sfd_jax.convert.dit` / the trainer's EMA export) or a reference
     checkpoint file (`use_ema` picks its 'ema' or 'model' weights). Returns (model, description dict)."""
     from sfd_jax.convert.dit import load_dit, restore_dit
+
     if not path:
         raise ValueError(f"config.{what} is required: a DiT weights directory or a reference .pt checkpoint")
     path = os.fspath(path)
@@ -86,8 +108,10 @@ def load_model(path: str, *, use_ema: bool = True, dtype: str | None = None, wha
     meta = {"path": paths.absolute(path)}
     if paths.isdir(path):
         if paths.isdir(paths.join(path, "checkpoints")) and not paths.exists(paths.join(path, "config.json")):
-            raise ValueError(f"config.{what}: {path} is a training workdir; export its EMA weights first with "
-                             f"`python -m sfd_jax.checkpoint export --workdir={path} --out=OUT` and pass OUT")
+            raise ValueError(
+                f"config.{what}: {path} is a training workdir; export its EMA weights first with "
+                f"`python -m sfd_jax.checkpoint export --workdir={path} --out=OUT` and pass OUT"
+            )
         _, model = restore_dit(path, dtype=dtype)
         meta_path = paths.join(path, "meta.json")
         if paths.exists(meta_path):
@@ -113,18 +137,34 @@ def guidance_from_config(block, *, dtype: str | None = None, guide=None):
     if kind == "cfg":
         return CFG(scale=scale, interval_start=start), {"kind": "cfg", "scale": scale, "interval_start": start}
     scale_sem, scale_tex = config_get(block, "scale_sem", None), config_get(block, "scale_tex", None)
-    desc = {"kind": "autoguidance", "scale": scale, "scale_sem": scale_sem, "scale_tex": scale_tex,
-            "interval_start": start}
+    desc = {
+        "kind": "autoguidance",
+        "scale": scale,
+        "scale_sem": scale_sem,
+        "scale_tex": scale_tex,
+        "interval_start": start,
+    }
     if guide is None:
-        guide, desc["guide"] = load_model(str(config_get(block, "guide", "")), dtype=dtype, what="guide",
-                                          use_ema=bool(config_get(block, "guide_use_ema", True)))
+        guide, desc["guide"] = load_model(
+            str(config_get(block, "guide", "")),
+            dtype=dtype,
+            what="guide",
+            use_ema=bool(config_get(block, "guide_use_ema", True)),
+        )
         # A guide of the wrong step still samples, just with another FID than the recipe's: refuse when we can tell.
         want, got = int(config_get(block, "guide_step", 0) or 0), desc["guide"].get("meta", {}).get("step")
         if want and got is not None and int(got) != want:
-            raise ValueError(f"config guide_step={want}, but the guide weights {desc['guide']['path']} are of step "
-                             f"{got}; pass the guide checkpoint of step {want} or set guide_step=0")
-    return AutoGuidance(guide_model=guide, scale=scale, scale_sem=None if scale_sem is None else float(scale_sem),
-                        scale_tex=None if scale_tex is None else float(scale_tex), interval_start=start), desc
+            raise ValueError(
+                f"config guide_step={want}, but the guide weights {desc['guide']['path']} are of step "
+                f"{got}; pass the guide checkpoint of step {want} or set guide_step=0"
+            )
+    return AutoGuidance(
+        guide_model=guide,
+        scale=scale,
+        scale_sem=None if scale_sem is None else float(scale_sem),
+        scale_tex=None if scale_tex is None else float(scale_tex),
+        interval_start=start,
+    ), desc
 
 
 def check_guide(model_cfg, guide_cfg, model_path: str = "model", guide_path: str = "guide") -> None:
@@ -133,11 +173,16 @@ def check_guide(model_cfg, guide_cfg, model_path: str = "model", guide_path: str
     if guide_cfg is None:
         return
     fields = ("input_size", "in_channels", "semantic_chans", "num_classes")
-    diffs = [f"{f} {getattr(guide_cfg, f)} vs {getattr(model_cfg, f)}" for f in fields
-             if getattr(guide_cfg, f) != getattr(model_cfg, f)]
+    diffs = [
+        f"{f} {getattr(guide_cfg, f)} vs {getattr(model_cfg, f)}"
+        for f in fields
+        if getattr(guide_cfg, f) != getattr(model_cfg, f)
+    ]
     if diffs:
-        raise InputError(f"guide and model differ: {'; '.join(diffs)} (guide {guide_path}, model {model_path}); "
-                         "AutoGuidance needs a guide trained on the same latents and classes")
+        raise InputError(
+            f"guide and model differ: {'; '.join(diffs)} (guide {guide_path}, model {model_path}); "
+            "AutoGuidance needs a guide trained on the same latents and classes"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,6 +195,7 @@ def _is_main() -> bool:
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -158,6 +204,7 @@ def _from_main(value: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return value
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
@@ -168,15 +215,23 @@ def _check_manifest(path: str, manifest: dict, overwrite: bool) -> None:
     if not paths.exists(path) or overwrite:
         return
     old = paths.read_json(path, "sampling manifest")
-    changed = sorted(k for k in set(old["identity"]) | set(manifest["identity"])
-                     if old["identity"].get(k) != manifest["identity"].get(k))
+    changed = sorted(
+        k
+        for k in set(old["identity"]) | set(manifest["identity"])
+        if old["identity"].get(k) != manifest["identity"].get(k)
+    )
     if changed:
         details = "; ".join(f"{k}: {old['identity'].get(k)!r} -> {manifest['identity'].get(k)!r}" for k in changed)
-        raise ValueError(f"{path}: this workdir holds images made with other settings ({details}). Use a new "
-                         "--workdir, or set --config.sample.overwrite=True to discard the old chunks")
+        raise ValueError(
+            f"{path}: this workdir holds images made with other settings ({details}). Use a new "
+            "--workdir, or set --config.sample.overwrite=True to discard the old chunks"
+        )
     if old.get("execution") != manifest.get("execution"):
-        logging.warning("sampling with %s (earlier chunks: %s): images agree up to float rounding only",
-                        manifest.get("execution"), old.get("execution"))
+        logging.warning(
+            "sampling with %s (earlier chunks: %s): images agree up to float rounding only",
+            manifest.get("execution"),
+            old.get("execution"),
+        )
 
 
 def _progress_logger(total_todo: int, total: int, already: int, log_every_s: float):
@@ -192,9 +247,16 @@ def _progress_logger(total_todo: int, total: int, already: int, log_every_s: flo
         state["last"] = now
         rate = state["done"] / max(now - state["t0"], 1e-9)
         eta = (total_todo - state["done"]) / max(rate, 1e-9)
-        logging.info("sample: %d/%d images (%.1f%%), %.2f img/s, ETA %s, NFE %d per batch (%.1f per image)",
-                     already + state["done"], total, 100.0 * (already + state["done"]) / total, rate,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)), stats.nfe, stats.nfe_per_image)
+        logging.info(
+            "sample: %d/%d images (%.1f%%), %.2f img/s, ETA %s, NFE %d per batch (%.1f per image)",
+            already + state["done"],
+            total,
+            100.0 * (already + state["done"]) / total,
+            rate,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+            stats.nfe,
+            stats.nfe_per_image,
+        )
 
     return on_batch, state
 
@@ -219,35 +281,69 @@ def run(config, workdir: str) -> dict:
     guidance, guidance_desc = guidance_from_config(c, dtype=dtype)
     stats_path = str(c.latent_stats)
     if not c.texture_vae or not stats_path:
-        raise ValueError("config.sample.texture_vae and config.sample.latent_stats are required (the texture VAE "
-                         "weights and the extraction job's stats.json)")
-    decoder = TextureDecoder.from_files(str(c.texture_vae), stats_path, latent_multiplier=float(c.latent_multiplier),
-                                        decode_batch=int(c.decode_batch) or None, dtype=str(c.vae_dtype))
+        raise ValueError(
+            "config.sample.texture_vae and config.sample.latent_stats are required (the texture VAE "
+            "weights and the extraction job's stats.json)"
+        )
+    decoder = TextureDecoder.from_files(
+        str(c.texture_vae),
+        stats_path,
+        latent_multiplier=float(c.latent_multiplier),
+        decode_batch=int(c.decode_batch) or None,
+        dtype=str(c.vae_dtype),
+    )
     mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn))
     rules = parallel.parse_rules(config.mesh.rules)
-    gen = ImageGenerator(decoder, settings=settings, seed=int(config.seed), mesh=mesh, rules=rules,
-                         per_device_batch=int(c.per_device_batch))
+    gen = ImageGenerator(
+        decoder,
+        settings=settings,
+        seed=int(config.seed),
+        mesh=mesh,
+        rules=rules,
+        per_device_batch=int(c.per_device_batch),
+    )
     cfg = model.cfg
     if isinstance(guidance, AutoGuidance):
         check_guide(cfg, getattr(guidance.guide_model, "cfg", None), str(c.model), str(c.guide))
     num_classes = int(c.num_classes) or cfg.num_classes
     if not 0 < num_classes <= cfg.num_classes:
-        raise InputError(f"config.sample.num_classes={int(c.num_classes)}: the model {c.model} has "
-                         f"{cfg.num_classes} classes (labels 0..{cfg.num_classes - 1}; {cfg.num_classes} is its "
-                         f"null label); use 1..{cfg.num_classes}, or 0 for all of them")
+        raise InputError(
+            f"config.sample.num_classes={int(c.num_classes)}: the model {c.model} has "
+            f"{cfg.num_classes} classes (labels 0..{cfg.num_classes - 1}; {cfg.num_classes} is its "
+            f"null label); use 1..{cfg.num_classes}, or 0 for all of them"
+        )
     latent_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     image_shape = gen.image_shape(latent_shape)
-    labels = class_labels(np.arange(num_images), num_images=num_images, num_classes=num_classes,
-                          mode=str(c.labels), seed=int(c.label_seed), null_label=cfg.num_classes)
+    labels = class_labels(
+        np.arange(num_images),
+        num_images=num_images,
+        num_classes=num_classes,
+        mode=str(c.labels),
+        seed=int(c.label_seed),
+        null_label=cfg.num_classes,
+    )
 
-    manifest = {"identity": {
-        "model": model_desc, "dtype": dtype, "guidance": guidance_desc, "settings": settings.to_dict(),
-        "seed": int(config.seed), "num_images": num_images, "labels": str(c.labels), "num_classes": num_classes,
-        "label_seed": int(c.label_seed), "texture_vae": paths.absolute(str(c.texture_vae)),
-        "vae_dtype": str(c.vae_dtype), "latent_stats": paths.absolute(stats_path),
-        "texture_mean": decoder.mean.tolist(), "texture_std": decoder.std.tolist(),
-        "latent_multiplier": float(c.latent_multiplier), "image_shape": list(image_shape)},
-        "execution": {"per_device_batch": gen.per_device_batch, "decode_batch": decoder.decode_batch}}
+    manifest = {
+        "identity": {
+            "model": model_desc,
+            "dtype": dtype,
+            "guidance": guidance_desc,
+            "settings": settings.to_dict(),
+            "seed": int(config.seed),
+            "num_images": num_images,
+            "labels": str(c.labels),
+            "num_classes": num_classes,
+            "label_seed": int(c.label_seed),
+            "texture_vae": paths.absolute(str(c.texture_vae)),
+            "vae_dtype": str(c.vae_dtype),
+            "latent_stats": paths.absolute(stats_path),
+            "texture_mean": decoder.mean.tolist(),
+            "texture_std": decoder.std.tolist(),
+            "latent_multiplier": float(c.latent_multiplier),
+            "image_shape": list(image_shape),
+        },
+        "execution": {"per_device_batch": gen.per_device_batch, "decode_batch": decoder.decode_batch},
+    }
     manifest = json.loads(json.dumps(manifest, default=str))
     error = ""
     if _is_main():  # one process decides; the others learn the outcome instead of waiting forever
@@ -267,8 +363,9 @@ def run(config, workdir: str) -> dict:
     chunk_size = int(c.chunk_size)
     if chunk_size < 1:
         raise ValueError(f"config.sample.chunk_size must be positive, got {chunk_size}")
-    done = _from_main(coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main()
-                      else np.zeros(num_images, bool))
+    done = _from_main(
+        coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main() else np.zeros(num_images, bool)
+    )
     # Images still missing, in index order; they are written as pieces: runs of consecutive missing indices within
     # one cell of the chunk grid (a whole chunk, unless an interrupted run left its first part).
     todo = np.flatnonzero(~done).astype(np.int64)
@@ -277,9 +374,18 @@ def run(config, workdir: str) -> dict:
     new_piece[1:] = (np.diff(todo) != 1) | (todo[1:] // chunk_size != todo[:-1] // chunk_size)
     piece_start = todo[np.maximum.accumulate(np.where(new_piece, np.arange(todo.size), 0))] if todo.size else todo
     piece_len = dict(zip(*np.unique(piece_start, return_counts=True))) if todo.size else {}
-    logging.info("sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d "
-                 "on %d devices", num_images, image_shape, already, chunk_dir, todo.size, settings.to_dict(),
-                 guidance_desc["kind"], gen.global_batch, mesh.devices.size)
+    logging.info(
+        "sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d on %d devices",
+        num_images,
+        image_shape,
+        already,
+        chunk_dir,
+        todo.size,
+        settings.to_dict(),
+        guidance_desc["kind"],
+        gen.global_batch,
+        mesh.devices.size,
+    )
 
     on_batch, progress = _progress_logger(todo.size, num_images, already, float(c.log_every_s))
     profile = Profiler(config.get("profile"), workdir)
@@ -287,9 +393,11 @@ def run(config, workdir: str) -> dict:
     if todo.size:
         pending: dict[int, list] = {}  # piece start -> [images filled so far, images]
         with Preemption(sync=True) as preemption:
-            for b, (offset, images, stats) in enumerate(gen.batches(model, todo, labels[todo], guidance=guidance,
-                                                                    latent_shape=latent_shape,
-                                                                    null_label=cfg.num_classes)):
+            for b, (offset, images, stats) in enumerate(
+                gen.batches(
+                    model, todo, labels[todo], guidance=guidance, latent_shape=latent_shape, null_label=cfg.num_classes
+                )
+            ):
                 profile(b)
                 for k in range(len(images)):
                     j = offset + k
@@ -308,38 +416,54 @@ def run(config, workdir: str) -> dict:
                         if filled and _is_main():
                             write_chunk(chunk_dir, s, buf[:filled])
                     preempted = True
-                    logging.warning("sample: preempted after %d of %d images; rerun the command to finish",
-                                    already + offset + len(images), num_images)
+                    logging.warning(
+                        "sample: preempted after %d of %d images; rerun the command to finish",
+                        already + offset + len(images),
+                        num_images,
+                    )
                     break
         profile.close()
     sample_seconds = time.perf_counter() - t0
     _sync("sfd_sample_chunks")
     if preempted:
-        return {"num_images": num_images, "preempted": True, "resumed_images": int(already),
-                "sampled_this_run": int(progress["done"])}
+        return {
+            "num_images": num_images,
+            "preempted": True,
+            "resumed_images": int(already),
+            "sampled_this_run": int(progress["done"]),
+        }
 
     summary = {
-        "num_images": num_images, "image_shape": list(image_shape), "labels": str(c.labels),
-        "num_classes": num_classes, "sampled_this_run": int(todo.size), "resumed_images": int(already),
+        "num_images": num_images,
+        "image_shape": list(image_shape),
+        "labels": str(c.labels),
+        "num_classes": num_classes,
+        "sampled_this_run": int(todo.size),
+        "resumed_images": int(already),
         "preempted": False,
         "seconds": round(sample_seconds, 2),
         "images_per_s": round(todo.size / sample_seconds, 3) if todo.size and sample_seconds > 0 else None,
         "nfe_per_batch_mean": float(np.mean(progress["nfe"])) if progress["nfe"] else None,
         "nfe_per_image_mean": float(np.mean(progress["nfe_img"])) if progress["nfe_img"] else None,
-        "devices": int(mesh.devices.size), "processes": jax.process_count(), "global_batch": gen.global_batch,
-        "settings": settings.to_dict(), "guidance": guidance_desc, "seed": int(config.seed),
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "global_batch": gen.global_batch,
+        "settings": settings.to_dict(),
+        "guidance": guidance_desc,
+        "seed": int(config.seed),
     }
     if _is_main():
         summary.update(_write_outputs(c, workdir, chunk_dir, num_images, image_shape, labels))
         paths.write_json_atomic(paths.join(workdir, "sample.json"), summary, indent=2)
-        logging.info("sample: done, %s", {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s",
-                                                                   "nfe_per_image_mean") if k in summary})
+        logging.info(
+            "sample: done, %s",
+            {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s", "nfe_per_image_mean") if k in summary},
+        )
     _sync("sfd_sample_outputs")
     return summary
 
 
-def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape: tuple,
-                   labels: np.ndarray) -> dict:
+def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape: tuple, labels: np.ndarray) -> dict:
     reader = ChunkReader(scan_chunks(chunk_dir, num_images), num_images, image_shape)
     out = {}
     if int(c.grid_size) > 0:
@@ -351,8 +475,11 @@ def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape
         paths.makedirs(png_dir)
         have = set(paths.listdir(png_dir))
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(save_png, paths.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
-                       for g in range(num_images) if f"{g:06d}.png" not in have]
+            futures = [
+                pool.submit(save_png, paths.join(png_dir, f"{g:06d}.png"), reader.read([g])[0])
+                for g in range(num_images)
+                if f"{g:06d}.png" not in have
+            ]
             for fut in futures:
                 fut.result()
         out["png_dir"] = png_dir
@@ -365,13 +492,20 @@ def _write_outputs(c, workdir: str, chunk_dir: str, num_images: int, image_shape
 
         def image_blocks() -> Iterator[np.ndarray]:
             for s in range(0, num_images, block):
-                yield reader.read(perm[s:s + block])
+                yield reader.read(perm[s : s + block])
 
-        write_npz(path, {"arr_0": ((num_images,) + tuple(image_shape), np.uint8, image_blocks()),
-                         "arr_1": ((num_images,), np.int64, [labels[perm].astype(np.int64)])})
+        write_npz(
+            path,
+            {
+                "arr_0": ((num_images,) + tuple(image_shape), np.uint8, image_blocks()),
+                "arr_1": ((num_images,), np.int64, [labels[perm].astype(np.int64)]),
+            },
+        )
         out["npz"] = path
-        out["npz_order"] = (f"arr_0[r] = image perm[r], perm = list(range({num_images})) shuffled by "
-                            f"random.Random({int(c.shuffle_seed)}).shuffle; arr_1 = labels in the same order")
+        out["npz_order"] = (
+            f"arr_0[r] = image perm[r], perm = list(range({num_images})) shuffled by "
+            f"random.Random({int(c.shuffle_seed)}).shuffle; arr_1 = labels in the same order"
+        )
         if bool(c.npz_sha256):
             out["npz_sha256"] = file_sha256(path)
     return out

@@ -5,6 +5,7 @@ order), each saved under a temporary name and renamed when complete, and finally
 r is image perm[r] (`shuffle_order`). `write_npz` streams the rows into an uncompressed zip with fixed timestamps,
 so the same images always give the same bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,12 +70,18 @@ class ChunkReader:
                 arr = np.load(paths.local_copy(path), mmap_mode="r")  # a gs:// chunk is staged first
             except (ValueError, OSError, EOFError) as e:  # a chunk cut short by a full disk or a copy
                 from sfd_jax.errors import DataError
-                raise DataError(f"sample chunk {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
-                                "the same command to sample those images again") from None
+
+                raise DataError(
+                    f"sample chunk {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
+                    "the same command to sample those images again"
+                ) from None
             if arr.shape != (stop - start,) + tuple(image_shape) or arr.dtype != np.uint8:
                 from sfd_jax.errors import DataError
-                raise DataError(f"{path} holds {arr.dtype} {arr.shape}, expected uint8 "
-                                 f"{(stop - start,) + tuple(image_shape)}; delete it to sample it again")
+
+                raise DataError(
+                    f"{path} holds {arr.dtype} {arr.shape}, expected uint8 "
+                    f"{(stop - start,) + tuple(image_shape)}; delete it to sample it again"
+                )
             self.arrays.append(arr)
             self.starts.append(start)
         missing = np.flatnonzero(self.owner < 0)
@@ -100,7 +107,10 @@ def write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.nd
     """Streams arrays into an uncompressed npz with fixed zip timestamps (same data → same bytes).
 
     arrays: {name: (shape, dtype, blocks)} with blocks yielding consecutive C-order row blocks."""
-    with paths.local_target(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        paths.local_target(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         for name, (shape, dtype, blocks) in arrays.items():
             dtype = np.dtype(dtype)
             info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_TIME)
@@ -109,7 +119,8 @@ def write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.nd
             written = 0
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+                )
                 for block in blocks:
                     data = np.ascontiguousarray(block, dtype=dtype).tobytes()
                     f.write(data)
@@ -132,12 +143,13 @@ def make_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
     return grid
 
 
 def save_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
+
     with paths.local_target(path, suffix=".png") as tmp:
         Image.fromarray(image).save(tmp)
 

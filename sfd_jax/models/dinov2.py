@@ -1,7 +1,8 @@
 """DINOv2 ViT with register tokens (transformers `Dinov2WithRegistersModel`) in Flax NNX.
 
 SFD uses DINOv2-B/14-reg as a frozen feature extractor: its layer-normed patch tokens (`x_norm_patchtokens`) are
-the REPA targets and the SemVAE input (docs/semantic.md#dinov2-with-registers). The module reproduces the transformers forward exactly:
+the REPA targets and the SemVAE input (docs/semantic.md#dinov2-with-registers). The module reproduces the transformers
+forward exactly:
 
   tokens = [CLS + pos[0], registers (no position), patches + pos[1:]]  →  N pre-LN blocks with LayerScale  →  LN
 
@@ -12,6 +13,7 @@ resized with torch's antialiased bicubic (`F.interpolate(..., 'bicubic', antiali
 Params are fp32; `dtype` sets the compute dtype of the matmuls (bf16 on accelerators). LayerNorms, softmax and the
 position-embedding resize run in fp32; the outputs are the fp32 final LayerNorm.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +43,7 @@ class Dinov2Config:
 
     Field names follow transformers' `Dinov2WithRegistersConfig`; `from_hf` reads its `to_dict()` / config.json.
     """
+
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -58,14 +61,18 @@ class Dinov2Config:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"Dinov2Config: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"Dinov2Config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"Dinov2Config.hidden_act={self.hidden_act!r} is not supported; "
-                             f"allowed: {sorted(_ACTIVATIONS)}")
+            raise ValueError(
+                f"Dinov2Config.hidden_act={self.hidden_act!r} is not supported; allowed: {sorted(_ACTIVATIONS)}"
+            )
         if self.image_size % self.patch_size:
-            raise ValueError(f"Dinov2Config: image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}")
+            raise ValueError(
+                f"Dinov2Config: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         resolve_dtype(self.dtype)
 
     @property
@@ -90,8 +97,9 @@ class Dinov2Config:
         hf = dict(hf)
         model_type = hf.get("model_type", "dinov2_with_registers")
         if model_type != "dinov2_with_registers":
-            raise ValueError(f"config model_type={model_type!r}; expected 'dinov2_with_registers' "
-                             "(a Dinov2WithRegistersConfig)")
+            raise ValueError(
+                f"config model_type={model_type!r}; expected 'dinov2_with_registers' (a Dinov2WithRegistersConfig)"
+            )
         for field in ("patch_size", "image_size"):
             value = hf.get(field)
             if isinstance(value, (list, tuple)):
@@ -103,8 +111,10 @@ class Dinov2Config:
             # disagree rather than guess which one the weights follow.
             ratio = hf["intermediate_size"] / hf["hidden_size"]
             if "mlp_ratio" in hf and int(hf["hidden_size"] * hf["mlp_ratio"]) != hf["intermediate_size"]:
-                raise ValueError(f"config intermediate_size={hf['intermediate_size']} disagrees with "
-                                 f"hidden_size*mlp_ratio={hf['hidden_size']}*{hf['mlp_ratio']}")
+                raise ValueError(
+                    f"config intermediate_size={hf['intermediate_size']} disagrees with "
+                    f"hidden_size*mlp_ratio={hf['hidden_size']}*{hf['mlp_ratio']}"
+                )
             hf.setdefault("mlp_ratio", ratio)
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         kwargs = {k: hf[k] for k in names if k in hf and hf[k] is not None}
@@ -181,8 +191,9 @@ class Mlp(nnx.Module):
 
 class LayerScale(nnx.Module):
     def __init__(self, dim: int, value: float):
-        self.lambda1 = nnx.Param(nnx.with_partitioning(lambda *_: jnp.full((dim,), value, jnp.float32),
-                                                       ("embed",))(None, (dim,)))
+        self.lambda1 = nnx.Param(
+            nnx.with_partitioning(lambda *_: jnp.full((dim,), value, jnp.float32), ("embed",))(None, (dim,))
+        )
 
     def __call__(self, x):
         return x * self.lambda1[...].astype(x.dtype)
@@ -210,8 +221,7 @@ def resize_position_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
     """(g, g, D) position embeddings → (height, width, D), torch's antialiased bicubic in float32."""
     if grid.shape[:2] == (height, width):
         return grid  # transformers skips the resize at the native grid (a same-size resize is the identity anyway)
-    return jax.image.resize(grid.astype(jnp.float32), (height, width, grid.shape[-1]), method="bicubic",
-                            antialias=True)
+    return jax.image.resize(grid.astype(jnp.float32), (height, width, grid.shape[-1]), method="bicubic", antialias=True)
 
 
 class Dinov2(nnx.Module):
@@ -232,8 +242,9 @@ class Dinov2(nnx.Module):
         # Unused at inference (it replaces masked patches in DINOv2's pre-training); kept so exports are complete.
         self.mask_token = nnx.Param(nnx.with_partitioning(zeros, (None, "embed"))(rngs.params(), (1, d)))
         self.register_tokens = nnx.Param(nnx.with_partitioning(zeros, (None, None, "embed"))(rngs.params(), (1, r, d)))
-        self.position_embeddings = nnx.Param(nnx.with_partitioning(tn, (None, None, "embed"))(
-            rngs.params(), (1, 1 + cfg.grid_size ** 2, d)))
+        self.position_embeddings = nnx.Param(
+            nnx.with_partitioning(tn, (None, None, "embed"))(rngs.params(), (1, 1 + cfg.grid_size**2, d))
+        )
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = layer_norm(d, cfg.layer_norm_eps, rngs=rngs)
@@ -249,13 +260,16 @@ class Dinov2(nnx.Module):
         b, h, w, c = pixels.shape
         p = self.cfg.patch_size
         if c != self.cfg.num_channels or h % p or w % p:
-            raise ValueError(f"Dinov2 expects NHWC pixels with {self.cfg.num_channels} channels and H, W multiples "
-                             f"of the patch size {p}; got shape {pixels.shape}")
+            raise ValueError(
+                f"Dinov2 expects NHWC pixels with {self.cfg.num_channels} channels and H, W multiples "
+                f"of the patch size {p}; got shape {pixels.shape}"
+            )
         patches = self.patch_embed(pixels)
         pos = self.position_embedding(h // p, w // p).astype(self.dtype)
         cls = (self.cls_token[...].astype(self.dtype) + pos[None, :1]).repeat(b, axis=0)
-        registers = jnp.broadcast_to(self.register_tokens[...].astype(self.dtype),
-                                     (b,) + self.register_tokens.shape[1:])
+        registers = jnp.broadcast_to(
+            self.register_tokens[...].astype(self.dtype), (b,) + self.register_tokens.shape[1:]
+        )
         return jnp.concatenate([cls, registers, patches + pos[None, 1:]], axis=1)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -266,4 +280,4 @@ class Dinov2(nnx.Module):
 
     def patch_tokens(self, pixels: jax.Array) -> jax.Array:
         """Layer-normed patch tokens (B, N, D), row-major: `x_norm_patchtokens`, the REPA / SemVAE input."""
-        return self(pixels)[:, self.cfg.num_prefix_tokens:]
+        return self(pixels)[:, self.cfg.num_prefix_tokens :]

@@ -26,6 +26,7 @@ GPUs and bfloat16 passes on TPUs, both far less precise than the float32 feature
 The weights start at zero (no random init: this network is never trained); load them with
 `sfd_jax.convert.inception.load_inception`.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Sequence
@@ -43,9 +44,27 @@ BN_EPS = 1e-3
 RESIZE_MODES = ("tf1", "torch")
 
 # Order of `stage_means` (matches the golden `net/stage_mean/*` keys).
-STAGES = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-          "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+STAGES = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "MaxPool_1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "MaxPool_2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+    "AvgPool",
+)
 
 
 def _host_zeros(key, shape, dtype=jnp.float32):
@@ -67,19 +86,41 @@ def _pair(v) -> tuple[int, int]:
 class BasicConv2d(nnx.Module):
     """conv (no bias) → BatchNorm(eps 1e-3, running statistics) → ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0,
-                 dtype=jnp.float32, precision="highest", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        *,
+        stride=1,
+        padding=0,
+        dtype=jnp.float32,
+        precision="highest",
+        rngs: nnx.Rngs,
+    ):
         ph, pw = _pair(padding)
         self.conv = nnx.Conv(
-            in_channels, out_channels, _pair(kernel_size), strides=_pair(stride), padding=((ph, ph), (pw, pw)),
-            use_bias=False, dtype=dtype, precision=precision,
+            in_channels,
+            out_channels,
+            _pair(kernel_size),
+            strides=_pair(stride),
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            dtype=dtype,
+            precision=precision,
             kernel_init=nnx.with_partitioning(_host_zeros, (None, None, "conv_in", "conv_out")),
-            rngs=rngs)
+            rngs=rngs,
+        )
         # Normalisation in float32 whatever the compute dtype (house rule); the next conv casts back.
         self.bn = nnx.BatchNorm(
-            out_channels, use_running_average=True, epsilon=BN_EPS, dtype=jnp.float32,
+            out_channels,
+            use_running_average=True,
+            epsilon=BN_EPS,
+            dtype=jnp.float32,
             scale_init=nnx.with_partitioning(_host_ones, ("conv_out",)),
-            bias_init=nnx.with_partitioning(_host_zeros, ("conv_out",)), rngs=rngs)
+            bias_init=nnx.with_partitioning(_host_zeros, ("conv_out",)),
+            rngs=rngs,
+        )
 
     def __call__(self, x):
         return jax.nn.relu(self.bn(self.conv(x)))
@@ -199,16 +240,26 @@ class InceptionE(nnx.Module):
         b3 = self.branch3x3_1(x)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = _avg_pool_3x3(x) if self.pool == "avg" else _max_pool_3x3_s1(x)
-        return jnp.concatenate([b1, self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(bd),
-                                self.branch3x3dbl_3b(bd), self.branch_pool(pooled)], axis=-1)
+        return jnp.concatenate(
+            [
+                b1,
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(bd),
+                self.branch3x3dbl_3b(bd),
+                self.branch_pool(pooled),
+            ],
+            axis=-1,
+        )
 
 
 class InceptionV3(nnx.Module):
     """FID Inception-v3 on a normalised NHWC input (299×299 for ADM/pytorch-fid features; ≥ 75×75 works).
     Zero weights until loaded (`sfd_jax.convert.inception.load_inception`)."""
 
-    def __init__(self, *, num_classes: int = NUM_CLASSES, dtype=jnp.float32, precision="highest",
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, *, num_classes: int = NUM_CLASSES, dtype=jnp.float32, precision="highest", rngs: nnx.Rngs | None = None
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         kw = dict(dtype=dtype, precision=precision, rngs=rngs)
         self.dtype = dtype
@@ -229,9 +280,14 @@ class InceptionV3(nnx.Module):
         self.Mixed_7a = InceptionD(768, **kw)
         self.Mixed_7b = InceptionE(1280, pool="avg", **kw)
         self.Mixed_7c = InceptionE(2048, pool="max", **kw)
-        self.fc = nnx.Linear(POOL_DIM, num_classes, precision=precision,
-                             kernel_init=nnx.with_partitioning(_host_zeros, (None, None)),
-                             bias_init=nnx.with_partitioning(_host_zeros, (None,)), rngs=rngs)
+        self.fc = nnx.Linear(
+            POOL_DIM,
+            num_classes,
+            precision=precision,
+            kernel_init=nnx.with_partitioning(_host_zeros, (None, None)),
+            bias_init=nnx.with_partitioning(_host_zeros, (None,)),
+            rngs=rngs,
+        )
 
     def __call__(self, x, *, return_stage_means: bool = False) -> dict:
         """x: (B, H, W, 3) normalised input (see `preprocess`). Returns a dict of float32 arrays:
@@ -282,6 +338,7 @@ class InceptionV3(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Input resizing. Index/weight tables are built once per (in, out) size in numpy float32, as both references
 # compute their source coordinates in float32; the gathers and lerps then run on device.
+
 
 def _tf1_table(n_in: int, n_out: int):
     """TF1 legacy ResizeBilinear (align_corners=False, half_pixel_centers=False): src = dst·(in/out)."""

@@ -7,6 +7,7 @@ D), 'mlp' (wide hidden / fused outputs), 'vocab' (label-table rows), None for sm
 Fixed tables (2-D sin-cos position embedding, RoPE cos/sin) are `FixedBuffer` variables, not `nnx.Param`, so an
 optimiser built on `nnx.Param` never sees them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,34 +37,64 @@ def resolve_dtype(name) -> Any:
         raise ValueError(f"dtype={name!r} is not supported; allowed: {sorted(_DTYPES)}")
     return _DTYPES[name]
 
+
 _TRUNC_NORMAL_002 = jax.nn.initializers.truncated_normal(0.02)
 
 
-def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True,
-          kernel_init=_TRUNC_NORMAL_002,
-          bias_init=jax.nn.initializers.zeros) -> nnx.Linear:
+def dense(
+    din: int,
+    dout: int,
+    names: tuple,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    use_bias: bool = True,
+    kernel_init=_TRUNC_NORMAL_002,
+    bias_init=jax.nn.initializers.zeros,
+) -> nnx.Linear:
     """nnx.Linear with fp32 params carrying logical axis names (bias takes the output name)."""
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                      kernel_init=nnx.with_partitioning(kernel_init, names),
-                      bias_init=nnx.with_partitioning(bias_init, (names[1],)))
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+        kernel_init=nnx.with_partitioning(kernel_init, names),
+        bias_init=nnx.with_partitioning(bias_init, (names[1],)),
+    )
 
 
-def torch_linear(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 zero_bias: bool = False, kernel_init=None) -> nnx.Linear:
+def torch_linear(
+    din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, zero_bias: bool = False, kernel_init=None
+) -> nnx.Linear:
     """`dense` initialised like torch's nn.Linear: kernel and bias U(±1/√fan_in) (bias optionally zero), so
     training from scratch starts where the reference starts."""
-    bound = din ** -0.5
+    bound = din**-0.5
     uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
-    return dense(din, dout, names, rngs=rngs, dtype=dtype, kernel_init=kernel_init or uniform,
-                 bias_init=jax.nn.initializers.zeros if zero_bias else uniform)
+    return dense(
+        din,
+        dout,
+        names,
+        rngs=rngs,
+        dtype=dtype,
+        kernel_init=kernel_init or uniform,
+        bias_init=jax.nn.initializers.zeros if zero_bias else uniform,
+    )
 
 
 def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm computed in fp32 (two-pass variance, like torch) whatever the input dtype; output fp32."""
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
-                         scale_init=nnx.with_partitioning(jax.nn.initializers.ones, ("embed",)),
-                         bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",)), rngs=rngs)
-
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=nnx.with_partitioning(jax.nn.initializers.ones, ("embed",)),
+        bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",)),
+        rngs=rngs,
+    )
 
 
 def cosine_similarity(a, b, axis: int = -1, eps: float = 1e-8) -> jax.Array:
@@ -111,9 +142,18 @@ def _param(rngs: nnx.Rngs | KeyStream, init, shape: tuple, names: Sequence[str |
 class Dense(nnx.Module):
     """y = x @ kernel + bias with kernel (in, out); the reference's torch Linear weight is kernel.T."""
 
-    def __init__(self, in_features: int, out_features: int, *, names: tuple[str | None, str | None],
-                 kernel_init=xavier_uniform, bias_init=zeros, use_bias: bool = True, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        names: tuple[str | None, str | None],
+        kernel_init=xavier_uniform,
+        bias_init=zeros,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = _param(rngs, kernel_init, (in_features, out_features), names)
         self.bias = _param(rngs, bias_init, (out_features,), (names[1],)) if use_bias else None
         self.dtype = dtype
@@ -168,8 +208,9 @@ class LabelEmbedder(nnx.Module):
     """Label table with num_classes + 1 rows; row num_classes is the null label. No dropout here (train step)."""
 
     def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
-        self.embedding_table = _param(rngs, jax.nn.initializers.normal(0.02), (num_classes + 1, dim),
-                                      ("vocab", "embed"))
+        self.embedding_table = _param(
+            rngs, jax.nn.initializers.normal(0.02), (num_classes + 1, dim), ("vocab", "embed")
+        )
 
     def __call__(self, y: jax.Array) -> jax.Array:
         return jnp.take(self.embedding_table[...], y, axis=0)
@@ -177,6 +218,7 @@ class LabelEmbedder(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixed tables (numpy, computed once at construction; the reference computes them the same way)
+
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     """(grid², dim) float32: token (i=row, j=col) → [sin(jω), cos(jω), sin(iω), cos(iω)], column first.
@@ -205,7 +247,7 @@ def rope_tables_2d(head_dim: int, grid_size: int) -> tuple[np.ndarray, np.ndarra
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
     half = head_dim // 2
-    theta = (1.0 / (np.float32(10000.0) ** (np.arange(0, half, 2, dtype=np.float32) / np.float32(half))))
+    theta = 1.0 / (np.float32(10000.0) ** (np.arange(0, half, 2, dtype=np.float32) / np.float32(half)))
     theta = theta.astype(np.float32)
     pos = np.arange(grid_size, dtype=np.float32)
     angles = np.repeat(pos[:, None] * theta[None, :], 2, axis=-1)  # (grid, half)
@@ -231,11 +273,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 # Transformer parts
 
+
 class Attention(nnx.Module):
     """Fused qkv → per-head qk-RMSNorm → 2-D RoPE → softmax attention (fp32 logits) → output projection."""
 
-    def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, attention_impl: str | None = None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, num_heads: int, *, dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs
+    ):
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -272,18 +316,26 @@ class SwiGLU(nnx.Module):
 class DiTBlock(nnx.Module):
     """adaLN-Zero block: m = Linear(SiLU(c)) → [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, *, dtype=jnp.float32,
-                 attention_impl: str | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        *,
+        dtype=jnp.float32,
+        attention_impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.norm1 = RMSNorm(dim, rngs=rngs)
         self.attn = Attention(dim, num_heads, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
         self.norm2 = RMSNorm(dim, rngs=rngs)
         self.mlp = SwiGLU(dim, mlp_hidden, dtype=dtype, rngs=rngs)
-        self.adaLN_modulation = Dense(dim, 6 * dim, names=("embed", "mlp"), kernel_init=zeros, dtype=dtype,
-                                      rngs=rngs)
+        self.adaLN_modulation = Dense(dim, 6 * dim, names=("embed", "mlp"), kernel_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array, rope_cos: jax.Array, rope_sin: jax.Array) -> jax.Array:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
-            self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1)
+            self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
+        )
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope_cos, rope_sin)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -295,8 +347,7 @@ class FinalLayer(nnx.Module):
     def __init__(self, dim: int, out_channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm_final = RMSNorm(dim, rngs=rngs)
         self.linear = Dense(dim, out_channels, names=("embed", None), kernel_init=zeros, dtype=dtype, rngs=rngs)
-        self.adaLN_modulation = Dense(dim, 2 * dim, names=("embed", "mlp"), kernel_init=zeros, dtype=dtype,
-                                      rngs=rngs)
+        self.adaLN_modulation = Dense(dim, 2 * dim, names=("embed", "mlp"), kernel_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)

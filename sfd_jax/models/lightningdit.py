@@ -6,6 +6,7 @@
 
 The model applies no label dropout: the training step replaces labels by the null label `num_classes` itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,8 @@ from flax import nnx
 
 from sfd_jax.models import layers
 
-# Width / depth / heads of the reference sizes (docs/model.md#sizes-and-cost). "xxl" is the reference's "1p0B"; "tiny" is the
-# golden-test model of tests/golden/official/dit.npz; "s" is for benchmarks.
+# Width / depth / heads of the reference sizes (docs/model.md#sizes-and-cost). "xxl" is the reference's "1p0B"; "tiny"
+# is the golden-test model of tests/golden/official/dit.npz; "s" is for benchmarks.
 SIZES: dict[str, dict] = {
     "tiny": dict(depth=2, hidden_size=64, num_heads=4, repa_projector_dim=128),
     "b": dict(depth=12, hidden_size=768, num_heads=12),
@@ -107,16 +108,22 @@ class DiTConfig:
         key = name.strip().lower()
         key = _ALIASES.get(key, key)
         if key not in SIZES:
-            raise ValueError(f"unknown DiT size {name!r}; valid sizes: {', '.join(SIZES)} "
-                             f"(aliases: {', '.join(sorted(_ALIASES))})")
+            raise ValueError(
+                f"unknown DiT size {name!r}; valid sizes: {', '.join(SIZES)} (aliases: {', '.join(sorted(_ALIASES))})"
+            )
         return cls(**{**SIZES[key], **overrides})
 
     def size_name(self) -> str | None:
         """The SIZES entry this config's architecture matches (ignoring dtype/remat), or None."""
         for name, _dims in SIZES.items():
             ref = DiTConfig.from_size(name)
-            if all(getattr(self, f) == getattr(ref, f) for f in
-                   ("depth", "hidden_size", "num_heads", "repa_projector_dim")) and self.mlp_ratio == ref.mlp_ratio:
+            if (
+                all(
+                    getattr(self, f) == getattr(ref, f)
+                    for f in ("depth", "hidden_size", "num_heads", "repa_projector_dim")
+                )
+                and self.mlp_ratio == ref.mlp_ratio
+            ):
                 return name
         return None
 
@@ -144,13 +151,20 @@ class LightningDiT(nnx.Module):
         else:
             self.t_embedder = layers.TimestepEmbedder(d, dtype=dtype, rngs=rngs)
         self.y_embedder = layers.LabelEmbedder(cfg.num_classes, d, rngs=rngs)
-        self.blocks = nnx.List([
-            layers.DiTBlock(d, cfg.num_heads, cfg.mlp_hidden, dtype=dtype, attention_impl=cfg.attention_impl,
-                            rngs=rngs)
-            for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                layers.DiTBlock(
+                    d, cfg.num_heads, cfg.mlp_hidden, dtype=dtype, attention_impl=cfg.attention_impl, rngs=rngs
+                )
+                for _ in range(cfg.depth)
+            ]
+        )
         self.final_layer = layers.FinalLayer(d, cfg.in_channels, dtype=dtype, rngs=rngs)
-        self.repa_projector = (layers.RepaProjector(d, cfg.repa_projector_dim, cfg.repa_dim, dtype=dtype, rngs=rngs)
-                               if cfg.use_repa else None)
+        self.repa_projector = (
+            layers.RepaProjector(d, cfg.repa_projector_dim, cfg.repa_dim, dtype=dtype, rngs=rngs)
+            if cfg.use_repa
+            else None
+        )
         pos_embed, (rope_cos, rope_sin) = fixed_tables(cfg)
         self.pos_embed = layers.FixedBuffer(jnp.asarray(pos_embed), out_sharding=(None, None))
         self.rope_cos = layers.FixedBuffer(jnp.asarray(rope_cos), out_sharding=(None, None))
@@ -160,12 +174,16 @@ class LightningDiT(nnx.Module):
         cfg = self.cfg
         b, h, w, c = x.shape
         if (h, w, c) != (cfg.input_size, cfg.input_size, cfg.in_channels):
-            raise ValueError(f"LightningDiT expects x of shape (B, {cfg.input_size}, {cfg.input_size}, "
-                             f"{cfg.in_channels}) (NHWC), got {x.shape}")
+            raise ValueError(
+                f"LightningDiT expects x of shape (B, {cfg.input_size}, {cfg.input_size}, "
+                f"{cfg.in_channels}) (NHWC), got {x.shape}"
+            )
         want_repa = train and cfg.use_repa
         if want_repa and cfg.repa_depth > cfg.depth:
-            raise ValueError(f"train=True needs the REPA features after block {cfg.repa_depth}, but this model has "
-                             f"only {cfg.depth} blocks (a guide model: call it with train=False)")
+            raise ValueError(
+                f"train=True needs the REPA features after block {cfg.repa_depth}, but this model has "
+                f"only {cfg.depth} blocks (a guide model: call it with train=False)"
+            )
         # Mixed precision as under torch autocast: matmuls run in the compute dtype, while the residual stream and
         # the conditioning vector stay float32 (float32 + low-precision outputs promote to float32).
         tokens = x.reshape(b, h * w, c)  # row-major (h, w) tokens, as the reference's flatten(2)
@@ -180,8 +198,9 @@ class LightningDiT(nnx.Module):
         repa = None
         for i, block in enumerate(self.blocks):
             if cfg.remat and train:
-                hidden = nnx.remat(lambda blk, hh, cc, rc, rs: blk(hh, cc, rc, rs),
-                                   policy=REMAT_POLICIES[cfg.remat_policy])(block, hidden, cond, rope_cos, rope_sin)
+                hidden = nnx.remat(
+                    lambda blk, hh, cc, rc, rs: blk(hh, cc, rc, rs), policy=REMAT_POLICIES[cfg.remat_policy]
+                )(block, hidden, cond, rope_cos, rope_sin)
             else:
                 hidden = block(hidden, cond, rope_cos, rope_sin)
             if want_repa and i + 1 == cfg.repa_depth:
@@ -194,8 +213,10 @@ class LightningDiT(nnx.Module):
 
 def fixed_tables(cfg: DiTConfig) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """(pos_embed (T, D), (rope_cos, rope_sin) (T, head_dim)) float32 numpy tables of `cfg`."""
-    return (layers.sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size),
-            layers.rope_tables_2d(cfg.head_dim, cfg.input_size))
+    return (
+        layers.sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size),
+        layers.rope_tables_2d(cfg.head_dim, cfg.input_size),
+    )
 
 
 def abstract_model(cfg: DiTConfig) -> LightningDiT:
@@ -237,4 +258,3 @@ def forward_flops_per_image(cfg: DiTConfig, *, include_repa: bool = False) -> fl
 def train_flops_per_image(cfg: DiTConfig) -> float:
     """Forward + backward FLOPs of the DiT and REPA projector for one image (backward = 2× forward)."""
     return 3.0 * forward_flops_per_image(cfg, include_repa=cfg.use_repa and cfg.repa_depth <= cfg.depth)
-

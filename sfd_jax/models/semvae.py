@@ -1,4 +1,5 @@
-"""Semantic VAE (docs/semantic.md#semantic-vae): compresses DINOv2 patch tokens (B, L, 768) to a (B, L, 16) Gaussian latent.
+"""Semantic VAE (docs/semantic.md#semantic-vae): compresses DINOv2 patch tokens (B, L, 768) to a (B, L, 16) Gaussian
+latent.
 
 Encoder: Linear(C_in → D) → N pre-LN transformer blocks → LayerNorm → Linear(D → 2·bottleneck) = [μ | logvar].
 Decoder: Linear(bottleneck → D) → N blocks → LayerNorm → Linear(D → C_in). No positional embedding: the tokens are
@@ -7,6 +8,7 @@ processed as a set, so the latent of a token depends on its position only throug
 The reference reshapes its posterior to (B, C, h, w) for diffusers' `DiagonalGaussianDistribution`; that is a pure
 relayout, so everything here stays (B, L, C) and the KL is summed over (L, C).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +24,12 @@ from sfd_jax.models.layers import cosine_similarity, layer_norm, resolve_dtype, 
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 COS_AXES = ("feature", "token")
+
+
 @dataclasses.dataclass(frozen=True)
 class SemVAEConfig:
     """SemVAE architecture; defaults are the reference checkpoint (ch16.yaml): 57.9M parameters."""
+
     input_dim: int = 768
     hidden_dim: int = 768
     bottleneck_dim: int = 16
@@ -39,8 +44,9 @@ class SemVAEConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"SemVAEConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_dim % self.num_heads:
-            raise ValueError(f"SemVAEConfig: hidden_dim {self.hidden_dim} is not divisible by num_heads "
-                             f"{self.num_heads}")
+            raise ValueError(
+                f"SemVAEConfig: hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}"
+            )
         resolve_dtype(self.dtype)
 
     @property
@@ -64,8 +70,15 @@ class TransformerBlock(nnx.Module):
         self.dtype = resolve_dtype(cfg.dtype)
         self.norm1 = layer_norm(d, cfg.layer_norm_eps, rngs=rngs)
         # nn.MultiheadAttention's init: xavier-uniform fused in_proj with zero bias, zero out_proj bias.
-        self.qkv = torch_linear(d, 3 * d, ("embed", "mlp"), rngs=rngs, dtype=self.dtype, zero_bias=True,
-                                kernel_init=jax.nn.initializers.xavier_uniform())
+        self.qkv = torch_linear(
+            d,
+            3 * d,
+            ("embed", "mlp"),
+            rngs=rngs,
+            dtype=self.dtype,
+            zero_bias=True,
+            kernel_init=jax.nn.initializers.xavier_uniform(),
+        )
         self.proj = torch_linear(d, d, ("mlp", "embed"), rngs=rngs, dtype=self.dtype, zero_bias=True)
         self.norm2 = layer_norm(d, cfg.layer_norm_eps, rngs=rngs)
         self.fc1 = torch_linear(d, cfg.mlp_hidden, ("embed", "mlp"), rngs=rngs, dtype=self.dtype)
@@ -145,20 +158,28 @@ def sample(mu: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
 def kl(mu: jax.Array, logvar: jax.Array) -> jax.Array:
     """Per-sample KL(q ‖ N(0, I)) = ½·Σ_{L,C}(μ² + σ² − 1 − logvar), shape (B,)."""
     mu, logvar = mu.astype(jnp.float32), logvar.astype(jnp.float32)
-    return 0.5 * jnp.sum(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=tuple(range(1, mu.ndim)))
+    return 0.5 * jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar, axis=tuple(range(1, mu.ndim)))
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     """The reference ch16.yaml weights."""
+
     mse: float = 1.0
     l1: float = 0.0
     cos: float = 1.0
     kl: float = 1e-7
 
 
-def losses(recon: jax.Array, tokens: jax.Array, mu: jax.Array, logvar: jax.Array, *,
-           weights: LossWeights = LossWeights(), cos_axis: str = "token") -> dict:
+def losses(
+    recon: jax.Array,
+    tokens: jax.Array,
+    mu: jax.Array,
+    logvar: jax.Array,
+    *,
+    weights: LossWeights = LossWeights(),
+    cos_axis: str = "token",
+) -> dict:
     """Every loss term (scalars, fp32) and their weighted `total`.
 
     cos_axis='token' (default) is what the released SemVAE was trained with: the reference training code's
@@ -173,11 +194,12 @@ def losses(recon: jax.Array, tokens: jax.Array, mu: jax.Array, logvar: jax.Array
     err = recon - tokens
     kl_per_sample = kl(mu, logvar)
     terms = {
-        "mse": jnp.mean(err ** 2),
+        "mse": jnp.mean(err**2),
         "l1": jnp.mean(jnp.abs(err)),
         "cos": 1.0 - jnp.mean(cosine_similarity(recon, tokens, axis=-1 if cos_axis == "feature" else 1)),
         "kl": jnp.mean(kl_per_sample),
     }
-    terms["total"] = (weights.mse * terms["mse"] + weights.l1 * terms["l1"] + weights.cos * terms["cos"]
-                      + weights.kl * terms["kl"])
+    terms["total"] = (
+        weights.mse * terms["mse"] + weights.l1 * terms["l1"] + weights.cos * terms["cos"] + weights.kl * terms["kl"]
+    )
     return terms

@@ -9,6 +9,7 @@ Parameters are float32; `TextureVAEConfig.dtype` sets the compute dtype of convo
 GroupNorm statistics and the attention softmax always run in float32. Every shape decision is taken from the
 config at construction, so encode/decode trace once per input shape and run batched under jit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class TextureVAEConfig:
     `num_res_blocks` counts encoder ResBlocks per level; the decoder has one more per level (LDM convention).
     A level has attention when its spatial size (resolution // 2**level) is in `attn_resolutions`.
     """
+
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
@@ -52,22 +54,35 @@ class TextureVAEConfig:
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(f"TextureVAEConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
-        for name in ("ch", "num_res_blocks", "resolution", "in_channels", "out_ch", "z_channels", "embed_dim",
-                     "num_groups"):
+        for name in (
+            "ch",
+            "num_res_blocks",
+            "resolution",
+            "in_channels",
+            "out_ch",
+            "z_channels",
+            "embed_dim",
+            "num_groups",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TextureVAEConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         bad = sorted(c for c in {self.ch * m for m in self.ch_mult} | {self.ch} if c % self.num_groups)
         if bad:
-            raise ValueError(f"TextureVAEConfig: GroupNorm({self.num_groups}) needs every width divisible by "
-                             f"num_groups; widths {bad} (ch={self.ch} × ch_mult={self.ch_mult}) are not")
+            raise ValueError(
+                f"TextureVAEConfig: GroupNorm({self.num_groups}) needs every width divisible by "
+                f"num_groups; widths {bad} (ch={self.ch} × ch_mult={self.ch_mult}) are not"
+            )
         if self.resolution % self.downsample_factor:
-            raise ValueError(f"TextureVAEConfig.resolution={self.resolution} is not divisible by the downsample "
-                             f"factor {self.downsample_factor} of ch_mult={self.ch_mult}")
+            raise ValueError(
+                f"TextureVAEConfig.resolution={self.resolution} is not divisible by the downsample "
+                f"factor {self.downsample_factor} of ch_mult={self.ch_mult}"
+            )
         try:
             jnp.dtype(self.dtype)
         except TypeError as e:
-            raise ValueError(f"TextureVAEConfig.dtype={self.dtype!r} is not a dtype name "
-                             "(use 'float32' or 'bfloat16')") from e
+            raise ValueError(
+                f"TextureVAEConfig.dtype={self.dtype!r} is not a dtype name (use 'float32' or 'bfloat16')"
+            ) from e
 
     @property
     def num_levels(self) -> int:
@@ -82,7 +97,7 @@ class TextureVAEConfig:
         return self.resolution // self.downsample_factor
 
     def level_has_attn(self, level: int) -> bool:
-        return self.resolution // 2 ** level in self.attn_resolutions
+        return self.resolution // 2**level in self.attn_resolutions
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -95,12 +110,21 @@ class TextureVAEConfig:
         return layers.config_from_dict(cls, d)
 
 
-def _conv(cin: int, cout: int, k: int, cfg: TextureVAEConfig, rngs: nnx.Rngs, *, stride: int = 1,
-          padding: Any = "SAME") -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, dtype=jnp.dtype(cfg.dtype),
-                    param_dtype=jnp.float32,
-                    kernel_init=nnx.with_partitioning(_KERNEL_INIT, (None, None, "conv_in", "conv_out")),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
+def _conv(
+    cin: int, cout: int, k: int, cfg: TextureVAEConfig, rngs: nnx.Rngs, *, stride: int = 1, padding: Any = "SAME"
+) -> nnx.Conv:
+    return nnx.Conv(
+        cin,
+        cout,
+        (k, k),
+        strides=stride,
+        padding=padding,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(_KERNEL_INIT, (None, None, "conv_in", "conv_out")),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+        rngs=rngs,
+    )
 
 
 def swish(x):
@@ -159,7 +183,7 @@ class AttnBlock(nnx.Module):
         hn = self.norm(x)
         q, k, v = (m(hn).reshape(b, h * w, c) for m in (self.q, self.k, self.v))
         # Reference order: logits = (q·kᵀ) then × C^-1/2, softmax over keys in float32.
-        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
         attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bij,bjc->bic", attn, v.astype(self.dtype)).reshape(b, h, w, c)
         return x + self.proj_out(out)
@@ -299,8 +323,10 @@ class TextureVAE(nnx.Module):
     def _check_images(self, images):
         f = self.cfg.downsample_factor
         if images.ndim != 4 or images.shape[-1] != self.cfg.in_channels or images.shape[1] % f or images.shape[2] % f:
-            raise ValueError(f"TextureVAE.encode expects NHWC images (B, H, W, {self.cfg.in_channels}) with H and W "
-                             f"divisible by {f}; got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"TextureVAE.encode expects NHWC images (B, H, W, {self.cfg.in_channels}) with H and W "
+                f"divisible by {f}; got shape {tuple(images.shape)}"
+            )
 
     def encode_moments(self, images):
         """quant_conv(encoder(images)) before the logvar clamp: [mean | logvar] on the channel axis, float32."""
@@ -327,8 +353,9 @@ class TextureVAE(nnx.Module):
     def decode(self, z):
         """z (B, h, w, embed_dim) → images (B, h·f, w·f, out_ch), float32, nominally in [-1, 1]."""
         if z.ndim != 4 or z.shape[-1] != self.cfg.embed_dim:
-            raise ValueError(f"TextureVAE.decode expects latents (B, h, w, {self.cfg.embed_dim}); "
-                             f"got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"TextureVAE.decode expects latents (B, h, w, {self.cfg.embed_dim}); got shape {tuple(z.shape)}"
+            )
         h = self.post_quant_conv(z.astype(jnp.dtype(self.cfg.dtype)))
         return self.decoder(h).astype(jnp.float32)
 

@@ -5,6 +5,7 @@ recipe (`TrainSetup`) and the jitted train step.
 only on the model/diffusion/REPA/optimizer/mesh fields, the seed, the global batch and the devices; runs in one
 process that share those (a notebook re-running, the resume tests) reuse them instead of compiling again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Run:
     """Everything derived from the config for one training run on one mesh."""
+
     config: Any
     derived: dict
     mesh: jax.sharding.Mesh
@@ -33,9 +35,9 @@ class Run:
     loss_cfg: Any
     setup: TrainSetup
     schedule: Callable
-    train_step: Callable   # jitted (state, aux, global batch) -> (state, metrics), donates state
+    train_step: Callable  # jitted (state, aux, global batch) -> (state, metrics), donates state
     flops_per_image: float | None
-    compiled: dict         # batch signature -> compiled train_step (shared by runs with the same step)
+    compiled: dict  # batch signature -> compiled train_step (shared by runs with the same step)
 
     def compile(self, state, aux, batch):
         """The compiled step for this batch signature (compiled on first use; later runs reuse it)."""
@@ -50,31 +52,52 @@ class Run:
 # DiTConfig fields a config's `model` block may set on top of the size table: a model between the table's sizes,
 # another latent grid (input_size), a REPA target of another width (repa_dim: the DINOv2 hidden size), a label table
 # for fewer classes (num_classes). Absent or None: the table's / DiTConfig's value. Used by configs/demo.py.
-ARCHITECTURE_FIELDS = ("depth", "hidden_size", "num_heads", "mlp_ratio", "repa_projector_dim", "input_size",
-                       "repa_dim", "num_classes")
+ARCHITECTURE_FIELDS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "mlp_ratio",
+    "repa_projector_dim",
+    "input_size",
+    "repa_dim",
+    "num_classes",
+)
 
 
 def model_config(config, model_channels: int = 48):
     from sfd_jax.models.lightningdit import DiTConfig
+
     m = config.model
     overrides = {k: m[k] for k in ARCHITECTURE_FIELDS if m.get(k) is not None}
     return DiTConfig.from_size(
-        str(m.size), dtype=str(m.dtype), remat=bool(m.remat), remat_policy=str(m.get("remat_policy", "full")),
+        str(m.size),
+        dtype=str(m.dtype),
+        remat=bool(m.remat),
+        remat_policy=str(m.get("remat_policy", "full")),
         attention_impl=(m.attention_impl or None),
-        repa_depth=int(m.repa_depth), use_repa=float(config.repa.weight) > 0,
-        in_channels=int(model_channels), semantic_chans=int(config.diffusion.semantic_chans),
+        repa_depth=int(m.repa_depth),
+        use_repa=float(config.repa.weight) > 0,
+        in_channels=int(model_channels),
+        semantic_chans=int(config.diffusion.semantic_chans),
         # the reference's embedder choice, so that its ablation checkpoints load (and ours export to its format)
         dual_timestep=float(config.diffusion.delta_t) > 0 and int(config.diffusion.semantic_chans) > 0,
-        **overrides)
+        **overrides,
+    )
 
 
 def loss_config(config):
     from sfd_jax.diffusion.losses import LossConfig
+
     d = config.diffusion
-    return LossConfig(delta_t=float(d.delta_t), semantic_chans=int(d.semantic_chans),
-                      semantic_weight=float(d.semantic_weight), use_cosine_loss=bool(d.use_cosine_loss),
-                      repa_weight=float(config.repa.weight), repa_mode=str(config.repa.mode),
-                      time_dist=str(d.time_dist))
+    return LossConfig(
+        delta_t=float(d.delta_t),
+        semantic_chans=int(d.semantic_chans),
+        semantic_weight=float(d.semantic_weight),
+        use_cosine_loss=bool(d.use_cosine_loss),
+        repa_weight=float(config.repa.weight),
+        repa_mode=str(config.repa.mode),
+        time_dist=str(d.time_dist),
+    )
 
 
 # The sharded-state recipe and the compiled step depend only on these parts of the config, the global batch and the
@@ -86,8 +109,15 @@ _BUILD_CACHE_SIZE = 4
 
 def _build_key(config, devices, process_count) -> str:
     cfg = json.loads(config.to_json_best_effort())
-    return json.dumps({"fields": {k: cfg.get(k) for k in _STEP_FIELDS}, "batch": cfg["train"]["batch_size"],
-                       "devices": [d.id for d in devices], "processes": process_count}, sort_keys=True)
+    return json.dumps(
+        {
+            "fields": {k: cfg.get(k) for k in _STEP_FIELDS},
+            "batch": cfg["train"]["batch_size"],
+            "devices": [d.id for d in devices],
+            "processes": process_count,
+        },
+        sort_keys=True,
+    )
 
 
 def build(config, *, process_count: int | None = None, devices=None) -> Run:
@@ -106,31 +136,56 @@ def build(config, *, process_count: int | None = None, devices=None) -> Run:
         rules = parallel.parse_rules(config.mesh.rules)
         tx, schedule = make_optimizer(config.optim, int(config.train.num_steps))
         setup = TrainSetup(lambda rngs: LightningDiT(model_cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
-        step_fn = make_train_step(setup.graphdef, tx, sfd_loss, loss_cfg, ema_decay=float(config.optim.ema_decay),
-                                  label_dropout=float(config.optim.label_dropout),
-                                  null_class=model_cfg.num_classes, model_channels=derived["model_channels"])
+        step_fn = make_train_step(
+            setup.graphdef,
+            tx,
+            sfd_loss,
+            loss_cfg,
+            ema_decay=float(config.optim.ema_decay),
+            label_dropout=float(config.optim.label_dropout),
+            null_class=model_cfg.num_classes,
+            model_channels=derived["model_channels"],
+        )
         while len(_BUILD_CACHE) >= _BUILD_CACHE_SIZE:
             _BUILD_CACHE.pop(next(iter(_BUILD_CACHE)))
         _BUILD_CACHE[key] = (mesh, setup, schedule, jit_train_step(step_fn, setup, mesh), {})
     mesh, setup, schedule, train_step, compiled = _BUILD_CACHE[key]
     derived["num_params"] = int(setup.num_params)
-    return Run(config=config, derived=derived, mesh=mesh, model_cfg=model_cfg, loss_cfg=loss_cfg, setup=setup,
-               schedule=schedule, train_step=train_step, flops_per_image=float(train_flops_per_image(model_cfg)),
-               compiled=compiled)
+    return Run(
+        config=config,
+        derived=derived,
+        mesh=mesh,
+        model_cfg=model_cfg,
+        loss_cfg=loss_cfg,
+        setup=setup,
+        schedule=schedule,
+        train_step=train_step,
+        flops_per_image=float(train_flops_per_image(model_cfg)),
+        compiled=compiled,
+    )
 
 
 def config_json(run: Run) -> dict:
     """The config, the derived values and the model config, as saved with every checkpoint."""
-    return {"config": json.loads(run.config.to_json_best_effort()), "derived": run.derived,
-            "model": run.model_cfg.to_dict()}
+    return {
+        "config": json.loads(run.config.to_json_best_effort()),
+        "derived": run.derived,
+        "model": run.model_cfg.to_dict(),
+    }
 
 
 def _log_compile(compiled, seconds: float) -> None:
     try:
         mem = compiled.memory_analysis()
-        per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                      - mem.alias_size_in_bytes)
-        log.info("train step compiled in %.1fs; per-device memory: %.2f GiB (args %.2f, temp %.2f)", seconds,
-                 per_device / 2**30, mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30)
+        per_device = (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        )
+        log.info(
+            "train step compiled in %.1fs; per-device memory: %.2f GiB (args %.2f, temp %.2f)",
+            seconds,
+            per_device / 2**30,
+            mem.argument_size_in_bytes / 2**30,
+            mem.temp_size_in_bytes / 2**30,
+        )
     except Exception:  # noqa: BLE001 - memory analysis is not available on every backend
         log.info("train step compiled in %.1fs", seconds)

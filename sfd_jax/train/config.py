@@ -5,6 +5,7 @@ values, or returns the derived values (mesh shape, per-process batch, model chan
 beside the checkpoints. It needs no devices, so configs can be checked on a laptop for a pod
 (`device_count=256, process_count=64`).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,11 @@ def require(cond: bool, field: str, message: str) -> None:
 def require_finite_optim(o) -> None:
     """An infinite or NaN learning rate or weight decay turns every weight into NaN at the first step."""
     require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"{o.lr} must be a finite number > 0")
-    require(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
-            f"{o.weight_decay} must be a finite number >= 0")
+    require(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        "optim.weight_decay",
+        f"{o.weight_decay} must be a finite number >= 0",
+    )
 
 
 def validate(config, *, device_count: int, process_count: int = 1, num_slices: int | None = None) -> dict:
@@ -51,12 +55,18 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
     require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
-    require(0 <= int(d.semantic_chans) <= MAX_SEMANTIC_CHANS, "diffusion.semantic_chans",
-            f"{d.semantic_chans}; valid: 16 (SemVAE latent), 1..{MAX_SEMANTIC_CHANS} (PCA-k of the DINOv2 tokens) "
-            "or 0 (texture-only ablation)")
+    require(
+        0 <= int(d.semantic_chans) <= MAX_SEMANTIC_CHANS,
+        "diffusion.semantic_chans",
+        f"{d.semantic_chans}; valid: 16 (SemVAE latent), 1..{MAX_SEMANTIC_CHANS} (PCA-k of the DINOv2 tokens) "
+        "or 0 (texture-only ablation)",
+    )
     if int(d.semantic_chans) == 0:
-        require(float(d.delta_t) == 0.0, "diffusion.delta_t",
-                 f"{d.delta_t}: without a semantic latent there is nothing to lead; use 0")
+        require(
+            float(d.delta_t) == 0.0,
+            "diffusion.delta_t",
+            f"{d.delta_t}: without a semantic latent there is nothing to lead; use 0",
+        )
     require(float(d.semantic_weight) >= 0, "diffusion.semantic_weight", f"{d.semantic_weight} must be >= 0")
     require(d.time_dist in TIME_DISTS, "diffusion.time_dist", f"{d.time_dist!r}; valid: {TIME_DISTS}")
     require(r.mode in REPA_MODES, "repa.mode", f"{r.mode!r}; valid: {REPA_MODES}")
@@ -78,12 +88,18 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
 
     require(data.source in SOURCES, "data.source", f"{data.source!r}; valid: {SOURCES}")
     if data.source == "arrayrecord":
-        require(bool(data.get("path")), "data.path", "the extracted dataset directory is required for "
-                                                       "data.source='arrayrecord'")
+        require(
+            bool(data.get("path")),
+            "data.path",
+            "the extracted dataset directory is required for data.source='arrayrecord'",
+        )
     require(1 <= int(data.num_classes) <= 1000, "data.num_classes", f"{data.num_classes} must lie in [1, 1000]")
 
-    require(config.get("distributed", "auto") in ("auto", "on", "off"), "distributed",
-             f"{config.get('distributed')!r}; valid: ('auto', 'on', 'off')")
+    require(
+        config.get("distributed", "auto") in ("auto", "on", "off"),
+        "distributed",
+        f"{config.get('distributed')!r}; valid: ('auto', 'on', 'off')",
+    )
 
     # Mesh: sizes against the devices, rules against the mesh axes.
     try:
@@ -93,13 +109,18 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     try:
         dcn = tuple(int(v) for v in config.mesh.dcn)
     except (TypeError, ValueError):
-        raise ConfigError(f"config.mesh.dcn={config.mesh.dcn!r}: expected {len(parallel.AXES)} integers for axes "
-                          f"{parallel.AXES}, e.g. (1, 1, 1)") from None
+        raise ConfigError(
+            f"config.mesh.dcn={config.mesh.dcn!r}: expected {len(parallel.AXES)} integers for axes "
+            f"{parallel.AXES}, e.g. (1, 1, 1)"
+        ) from None
     slices = process_count if num_slices is None else num_slices
     try:
         dcn_shape = parallel.fill_shape(dcn, slices if -1 in dcn else math.prod(dcn), "mesh.dcn")
-        require(device_count % math.prod(dcn_shape) == 0, "mesh.dcn",
-                 f"{dcn}: {device_count} devices cannot be split into {math.prod(dcn_shape)} equal parts")
+        require(
+            device_count % math.prod(dcn_shape) == 0,
+            "mesh.dcn",
+            f"{dcn}: {device_count} devices cannot be split into {math.prod(dcn_shape)} equal parts",
+        )
         ici_shape = parallel.fill_shape(tuple(config.mesh.ici), device_count // math.prod(dcn_shape), "mesh.ici")
     except ValueError as e:
         if isinstance(e, ConfigError):
@@ -108,11 +129,14 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     shape = {a: i * j for a, i, j in zip(parallel.AXES, ici_shape, dcn_shape)}
     dp = shape["data"] * shape["fsdp"]
     batch = int(t.batch_size)
-    require(batch % dp == 0, "train.batch_size",
-             f"{batch} is not divisible by the data-parallel size {dp} (mesh data={shape['data']} x "
-             f"fsdp={shape['fsdp']})")
-    require(batch % process_count == 0, "train.batch_size",
-             f"{batch} is not divisible by the process count {process_count}")
+    require(
+        batch % dp == 0,
+        "train.batch_size",
+        f"{batch} is not divisible by the data-parallel size {dp} (mesh data={shape['data']} x fsdp={shape['fsdp']})",
+    )
+    require(
+        batch % process_count == 0, "train.batch_size", f"{batch} is not divisible by the process count {process_count}"
+    )
     return {
         "mesh_shape": shape,
         "mesh_ici": list(ici_shape),

@@ -9,6 +9,7 @@ lock, and such a lock must not block the resume. It is recognised as stale:
 A stale lock is replaced with a warning. Remote workdirs (gs://...) have no atomic create; the check is then
 best-effort (the same rules, without the exclusive create).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,17 +82,23 @@ class WorkdirLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         now = time.time()
-        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-                        "started": now, "heartbeat": now}
+        self._record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "started": now,
+            "heartbeat": now,
+        }
         for _ in range(3):
             if self._create():
                 break
             holder = self._read()
             if holder is not None and not is_stale(holder):
-                raise WorkdirLocked(f"workdir {self.path.parent} is in use by another run ({_describe(holder)}; lock "
-                                    f"{self.path}). Stop that run first; if it is gone, delete the lock file.")
-            log.warning("replacing the stale lock %s (%s)", self.path,
-                        _describe(holder) if holder else "unreadable")
+                raise WorkdirLocked(
+                    f"workdir {self.path.parent} is in use by another run ({_describe(holder)}; lock "
+                    f"{self.path}). Stop that run first; if it is gone, delete the lock file."
+                )
+            log.warning("replacing the stale lock %s (%s)", self.path, _describe(holder) if holder else "unreadable")
             self._remove_stale()
         else:
             raise WorkdirLocked(f"could not take the lock {self.path}: other runs keep taking it")
@@ -133,8 +140,7 @@ class WorkdirLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             holder = self._read()
-            if holder is None or holder.get("pid") != self._record["pid"] or holder.get("host") != \
-                    self._record["host"]:
+            if holder is None or holder.get("pid") != self._record["pid"] or holder.get("host") != self._record["host"]:
                 return  # the lock was taken from us (deleted by hand); never overwrite another run's lock
             self._record["heartbeat"] = time.time()
             tmp = self.path.parent / f"{LOCK_NAME}.tmp-{os.getpid()}"
@@ -151,8 +157,11 @@ class WorkdirLock:
         if self._thread is not None:
             self._thread.join()
         holder = self._read()
-        if holder is not None and holder.get("pid") == self._record["pid"] and \
-                holder.get("host") == self._record["host"]:
+        if (
+            holder is not None
+            and holder.get("pid") == self._record["pid"]
+            and holder.get("host") == self._record["host"]
+        ):
             try:
                 self.path.unlink()
             except OSError:

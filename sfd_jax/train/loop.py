@@ -9,6 +9,7 @@ initialisation from the seed, each step's draws from fold_in(rng, step), each ba
 position, which is checkpointed with the state -- so a run resumed from its workdir continues exactly as if it had
 never stopped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,12 +66,19 @@ def make_data_iterator(config, *, batch_size: int, process_index: int, process_c
         from sfd_jax.data.synthetic import make_iterator
     elif source == "arrayrecord":
         from sfd_jax.data.pipeline import make_iterator as _make
-        make_iterator = functools.partial(_make, channels=(config_lib.TEXTURE_CHANS,
-                                                           int(config.diffusion.semantic_chans)))
+
+        make_iterator = functools.partial(
+            _make, channels=(config_lib.TEXTURE_CHANS, int(config.diffusion.semantic_chans))
+        )
     else:
         raise config_lib.ConfigError(f"config.data.source: {source!r}; valid: {config_lib.SOURCES}")
-    return make_iterator(config.data, batch_size=batch_size, process_index=process_index,
-                         process_count=process_count, seed=int(config.seed))
+    return make_iterator(
+        config.data,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=int(config.seed),
+    )
 
 
 _BATCH_KEYS = ("x1", "y", "dino")
@@ -84,9 +92,11 @@ def _check_batch(batch: dict, local_batch: int, channels: int = 48, exact: bool 
         raise ValueError(f"data iterator returned keys {sorted(batch)}; missing {missing} (expected {_BATCH_KEYS})")
     x1, y, dino = batch["x1"], batch["y"], batch["dino"]
     if x1.ndim != 4 or x1.shape[0] != local_batch or x1.shape[-1] < channels or (exact and x1.shape[-1] != channels):
-        raise ValueError(f"batch['x1'] has shape {x1.shape}; expected ({local_batch}, H, W, {'' if exact else '>= '}"
-                         f"{channels}) (the per-process batch, channels-last; 32 texture + "
-                         "config.diffusion.semantic_chans semantic channels)")
+        raise ValueError(
+            f"batch['x1'] has shape {x1.shape}; expected ({local_batch}, H, W, {'' if exact else '>= '}"
+            f"{channels}) (the per-process batch, channels-last; 32 texture + "
+            "config.diffusion.semantic_chans semantic channels)"
+        )
     if y.shape != (local_batch,):
         raise ValueError(f"batch['y'] has shape {y.shape}; expected ({local_batch},)")
     if dino.ndim != 3 or dino.shape[0] != local_batch:
@@ -105,6 +115,7 @@ class EvalContext:
     or passed as `run(..., eval_fn=fn)`. It runs on every process (arrays are global, sharded over `mesh`) every
     `config.eval.every` steps and after the last step; its results are logged as `eval/<name>`.
     """
+
     step: int
     config: Any
     workdir: str
@@ -125,8 +136,9 @@ def resolve_eval_fn(config, eval_fn: Callable | None) -> Callable | None:
         return eval_fn
     spec = str(config.eval.get("fn", ""))
     if ":" not in spec:
-        raise config_lib.ConfigError(f"config.eval.fn: {spec!r}; eval.every={config.eval.every} needs "
-                                     "'module:function' (or set eval.every=0)")
+        raise config_lib.ConfigError(
+            f"config.eval.fn: {spec!r}; eval.every={config.eval.every} needs 'module:function' (or set eval.every=0)"
+        )
     module, name = spec.split(":", 1)
     return getattr(importlib.import_module(module), name)
 
@@ -152,44 +164,89 @@ def run(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         (epath.Path(workdir) / "config.json").write_text(json.dumps(saved_config, indent=2))
-    log.info("model %s: %.2fM params | mesh %s | global batch %d (%d per process) | %d devices",
-             config.model.size, run_.setup.num_params / 1e6, dict(run_.mesh.shape), derived["global_batch"],
-             derived["per_process_batch"], derived["device_count"])
+    log.info(
+        "model %s: %.2fM params | mesh %s | global batch %d (%d per process) | %d devices",
+        config.model.size,
+        run_.setup.num_params / 1e6,
+        dict(run_.mesh.shape),
+        derived["global_batch"],
+        derived["per_process_batch"],
+        derived["device_count"],
+    )
     aux = run_.setup.init_aux()
     compiled = {}
 
     def step(state, batch):
-        batch = _check_batch(batch, derived["per_process_batch"], derived["model_channels"],
-                             exact=int(config.diffusion.semantic_chans) > 0 and config.data.source != "synthetic")
+        batch = _check_batch(
+            batch,
+            derived["per_process_batch"],
+            derived["model_channels"],
+            exact=int(config.diffusion.semantic_chans) > 0 and config.data.source != "synthetic",
+        )
         batch = parallel.host_to_global(batch, run_.mesh)
         if "fn" not in compiled:
             compiled["fn"] = run_.compile(state, aux, batch)
         return compiled["fn"](state, aux, batch)
 
     def make_data(start_step: int, data_state: dict | None):
-        data = make_data_iterator(config, batch_size=derived["per_process_batch"],
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+        data = make_data_iterator(
+            config,
+            batch_size=derived["per_process_batch"],
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         if data_state is not None:
             data.set_state(data_state)
         return data
 
     def evaluate(at: int, state) -> dict:
-        values = eval_fn(EvalContext(step=at, config=config, workdir=workdir, mesh=run_.mesh,
-                                     model_cfg=run_.model_cfg, setup=run_.setup, params=state.params,
-                                     ema_params=state.ema_params, aux=aux)) or {}
+        values = (
+            eval_fn(
+                EvalContext(
+                    step=at,
+                    config=config,
+                    workdir=workdir,
+                    mesh=run_.mesh,
+                    model_cfg=run_.model_cfg,
+                    setup=run_.setup,
+                    params=state.params,
+                    ema_params=state.ema_params,
+                    aux=aux,
+                )
+            )
+            or {}
+        )
         return {f"eval/{k}": v for k, v in values.items()}
 
     task = skeleton.Task(
-        name="DiT", setup=run_.setup, step=step, make_data=make_data, saved_config=saved_config,
-        global_batch=derived["global_batch"], lr=run_.schedule, line=_line,
-        evaluate=evaluate if eval_fn is not None else None, flops_per_image=run_.flops_per_image,
-        peak_flops=peak_flops_per_device(config.train.peak_flops_per_device), device_count=derived["device_count"])
+        name="DiT",
+        setup=run_.setup,
+        step=step,
+        make_data=make_data,
+        saved_config=saved_config,
+        global_batch=derived["global_batch"],
+        lr=run_.schedule,
+        line=_line,
+        evaluate=evaluate if eval_fn is not None else None,
+        flops_per_image=run_.flops_per_image,
+        peak_flops=peak_flops_per_device(config.train.peak_flops_per_device),
+        device_count=derived["device_count"],
+    )
     result = skeleton.run(task, config, workdir)
     state = result.state
     if not result.preempted and result.step >= config.train.num_steps and config.train.export_ema:
         out = os.fspath(epath.Path(workdir) / "ema")
-        export_ema(out, run_.model_cfg, run_.setup.merge(state.ema_params, aux),
-                   meta={"step": result.step, "weights": "ema", "workdir": workdir})
+        export_ema(
+            out,
+            run_.model_cfg,
+            run_.setup.merge(state.ema_params, aux),
+            meta={"step": result.step, "weights": "ema", "workdir": workdir},
+        )
         log.info("EMA weights of step %d exported to %s", result.step, out)
-    return {"step": result.step, "last_metrics": result.last_metrics, "preempted": result.preempted,
-            "skipped_steps": result.skipped_steps, "state": state}
+    return {
+        "step": result.step,
+        "last_metrics": result.last_metrics,
+        "preempted": result.preempted,
+        "skipped_steps": result.skipped_steps,
+        "state": state,
+    }

@@ -6,6 +6,7 @@ Only process 0 writes. One JSON object per line: {"step": s, "loss": ..., "grad_
 resume, lines with a step beyond the restored checkpoint (written by the interrupted run after its last save) are
 dropped so that the record reads like one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,13 @@ log = logging.getLogger(__name__)
 # Dense bf16 peak FLOP/s per device (vendor figures), keyed by a lower-case substring of `device.device_kind`.
 # Order matters: more specific names first.
 PEAK_FLOPS = (
-    ("v6", 918e12),       # TPU v6e (Trillium)
+    ("v6", 918e12),  # TPU v6e (Trillium)
     ("v5p", 459e12),
     ("v5 lite", 197e12),  # TPU v5e
     ("v5e", 197e12),
     ("v4", 275e12),
     ("h200", 989e12),
-    ("h100", 989e12),     # SXM
+    ("h100", 989e12),  # SXM
     ("a100", 312e12),
     ("l4", 121e12),
 )
@@ -100,6 +101,7 @@ class MetricsWriter:
         self._tb_local = tempfile.mkdtemp(prefix="sfd_jax_tb_") if self._remote else None
         try:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(self._tb_local or self._tb_dir)
         except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage installed
             log.warning("TensorBoard events disabled (%s: %s); metrics.jsonl is still written", type(e).__name__, e)
@@ -123,7 +125,7 @@ class MetricsWriter:
                 paths.write_atomic(self.segments / name, "".join(keep))
         left = _segment_names(self.segments)
         if left:
-            self._segment = int(left[-1][:-len(".jsonl")])
+            self._segment = int(left[-1][: -len(".jsonl")])
             self._lines = (self.segments / left[-1]).read_text().splitlines(keepends=True)
             if len(self._lines) >= SEGMENT_LINES:
                 self._segment, self._lines = self._segment + 1, []

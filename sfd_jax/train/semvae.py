@@ -1,4 +1,5 @@
-"""Semantic VAE training (`--mode=train_semvae`): the reference recipe (docs/semantic.md#training-the-semvae) on DINOv2 patch tokens.
+"""Semantic VAE training (`--mode=train_semvae`): the reference recipe (docs/semantic.md#training-the-semvae) on DINOv2
+patch tokens.
 
     python -m sfd_jax.main --config=configs/semvae.py:demo --workdir=/tmp/semvae_demo --mode=train_semvae
 
@@ -21,6 +22,7 @@ init), `sfd_jax.checkpoint.Checkpoints` (orbax, auto-resume from the workdir), `
 TensorBoard). The final weights are written to `<workdir>/semvae/` (config.json + model.safetensors), which
 `load_semvae` and the extraction read.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,16 +61,24 @@ def validate(config, mesh) -> None:
     require(config.loss.cos_axis in sv.COS_AXES, "loss.cos_axis", f"{config.loss.cos_axis!r}; valid: {sv.COS_AXES}")
     dp, pc = parallel.data_parallel_size(mesh), jax.process_count()
     for field, value in (("train.batch_size", int(t.batch_size)), ("eval.batch_size", int(config.eval.batch_size))):
-        require(value > 0 and value % dp == 0 and value % pc == 0, field,
-                 f"{value} must be a positive multiple of the data-parallel size {dp} (mesh {dict(mesh.shape)}) "
-                 f"and of the process count {pc}")
-    require(int(config.eval.num_images) % int(config.eval.batch_size) == 0, "eval.num_images",
-             f"{config.eval.num_images} must be a multiple of eval.batch_size ({config.eval.batch_size})")
+        require(
+            value > 0 and value % dp == 0 and value % pc == 0,
+            field,
+            f"{value} must be a positive multiple of the data-parallel size {dp} (mesh {dict(mesh.shape)}) "
+            f"and of the process count {pc}",
+        )
+    require(
+        int(config.eval.num_images) % int(config.eval.batch_size) == 0,
+        "eval.num_images",
+        f"{config.eval.num_images} must be a multiple of eval.batch_size ({config.eval.batch_size})",
+    )
     skeleton.validate_loop(config, ConfigError)
     require_finite_optim(o)
-    require(0 <= int(o.warmup_steps) <= int(o.decay_start) <= int(o.decay_end), "optim",
-             f"need 0 <= warmup_steps ({o.warmup_steps}) <= decay_start ({o.decay_start}) <= decay_end "
-             f"({o.decay_end})")
+    require(
+        0 <= int(o.warmup_steps) <= int(o.decay_start) <= int(o.decay_end),
+        "optim",
+        f"need 0 <= warmup_steps ({o.warmup_steps}) <= decay_start ({o.decay_start}) <= decay_end ({o.decay_end})",
+    )
     require(0 <= float(o.ema_decay) < 1, "optim.ema_decay", f"{o.ema_decay} must lie in [0, 1)")
     if d.kind == "images":
         patch = int(config.dino.config.patch_size)
@@ -81,8 +91,13 @@ def make_optimizer(o) -> tuple[optax.GradientTransformation, Any]:
     """AdamW with the reference schedule: warmup from warmup_init·lr, constant, cosine to final_scale·lr."""
     lr, warmup, start, end = float(o.lr), int(o.warmup_steps), int(o.decay_start), int(o.decay_end)
     schedule = optax.join_schedules(
-        [optax.linear_schedule(float(o.warmup_init) * lr, lr, max(warmup, 1)), optax.constant_schedule(lr),
-         optax.cosine_decay_schedule(lr, max(end - start, 1), alpha=float(o.final_scale))], [warmup, start])
+        [
+            optax.linear_schedule(float(o.warmup_init) * lr, lr, max(warmup, 1)),
+            optax.constant_schedule(lr),
+            optax.cosine_decay_schedule(lr, max(end - start, 1), alpha=float(o.final_scale)),
+        ],
+        [warmup, start],
+    )
     tx = optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay))
     if float(o.grad_clip) > 0:
         tx = optax.chain(optax.clip_by_global_norm(float(o.grad_clip)), tx)
@@ -113,6 +128,7 @@ def _image_item(crop: int, resize: int):
         if image.ndim == 2 or image.shape[-1] == 1:
             image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
         return semvae_train_transform(image, resize=resize, crop=crop)
+
     return load
 
 
@@ -126,20 +142,29 @@ def build_inputs(config, source=None) -> tuple[_Rows, _Rows, dict]:
     d, n_eval = config.data, int(config.eval.num_images)
     if d.kind == "images":
         from sfd_jax.train.texture_vae import make_image_source
+
         source = make_image_source(d.source) if source is None else source
         held = make_image_source(d.eval_source) if d.eval_source.get("kind") else None
         fn = _image_item(int(d.crop), int(d.resize))
     else:
         source = np.load(d.features, mmap_mode="r")
         held = np.load(d.eval_features, mmap_mode="r") if d.get("eval_features") else None
-        require(source.ndim == 3 and source.shape[-1] == int(config.model.input_dim), "data.features",
-                 f"{d.features} holds {source.shape}; expected (N, L, {config.model.input_dim}) tokens")
+        require(
+            source.ndim == 3 and source.shape[-1] == int(config.model.input_dim),
+            "data.features",
+            f"{d.features} holds {source.shape}; expected (N, L, {config.model.input_dim}) tokens",
+        )
         fn = _feature_item
     if held is None:
-        require(0 < n_eval < len(source), "eval.num_images",
-                 f"{n_eval}: holding out from the {len(source)} training items needs 0 < num_images < {len(source)}")
-        train, held = _Rows(source, range(len(source) - n_eval), fn), _Rows(source, range(len(source) - n_eval,
-                                                                                          len(source)), fn)
+        require(
+            0 < n_eval < len(source),
+            "eval.num_images",
+            f"{n_eval}: holding out from the {len(source)} training items needs 0 < num_images < {len(source)}",
+        )
+        train, held = (
+            _Rows(source, range(len(source) - n_eval), fn),
+            _Rows(source, range(len(source) - n_eval, len(source)), fn),
+        )
     else:
         require(0 < n_eval <= len(held), "eval.num_images", f"{n_eval}: the held-out set has {len(held)} items")
         train, held = _Rows(source, range(len(source)), fn), _Rows(held, range(n_eval), fn)
@@ -151,14 +176,15 @@ def build_inputs(config, source=None) -> tuple[_Rows, _Rows, dict]:
 def train_batches(items: _Rows, config, local_batch: int, start_step: int):
     """This process's rows of global batches start_step, start_step + 1, ...: an endless per-epoch reshuffle."""
     ds = grain.MapDataset.source(items).seed(int(config.seed)).shuffle().repeat(None)
-    ds = ds[jax.process_index()::jax.process_count()].batch(local_batch, drop_remainder=True)
+    ds = ds[jax.process_index() :: jax.process_count()].batch(local_batch, drop_remainder=True)
     workers = int(config.data.workers)
-    return iter(ds[start_step:].to_iter_dataset(grain.ReadOptions(num_threads=workers,
-                                                                 prefetch_buffer_size=max(2, workers))))
+    return iter(
+        ds[start_step:].to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(2, workers)))
+    )
 
 
 def eval_batches(items: _Rows, config, local_batch: int):
-    ds = grain.MapDataset.source(items)[jax.process_index()::jax.process_count()]
+    ds = grain.MapDataset.source(items)[jax.process_index() :: jax.process_count()]
     return ds.batch(local_batch, drop_remainder=True)
 
 
@@ -176,24 +202,31 @@ def load_frozen_dino(config, mesh, rules):
     dc = config.dino
     if dc.checkpoint:
         from sfd_jax.convert.dinov2 import load_dinov2
+
         cfg, model = load_dinov2(dc.checkpoint, dtype=dc.dtype)
-        log.info("DINOv2 loaded from %s (D=%d, %d layers)", dc.checkpoint, cfg.hidden_size,
-                     cfg.num_hidden_layers)
+        log.info("DINOv2 loaded from %s (D=%d, %d layers)", dc.checkpoint, cfg.hidden_size, cfg.num_hidden_layers)
     else:
         cfg = Dinov2Config(**{**dc.config.to_dict(), "dtype": dc.dtype})
         model = None
-        log.warning("\n" + "!" * 100 + "\n!! DINOv2 IS RANDOMLY INITIALISED (config.dino.checkpoint is empty): "
-                        "its tokens are NOT DINOv2 features.\n!! Fine for smoke tests; for SFD set "
-                        "--config.dino.checkpoint=<save_pretrained directory>.\n" + "!" * 100)
-    require(cfg.hidden_size == int(config.model.input_dim), "model.input_dim",
-             f"{config.model.input_dim} != DINOv2 hidden_size {cfg.hidden_size}")
+        log.warning(
+            "\n" + "!" * 100 + "\n!! DINOv2 IS RANDOMLY INITIALISED (config.dino.checkpoint is empty): "
+            "its tokens are NOT DINOv2 features.\n!! Fine for smoke tests; for SFD set "
+            "--config.dino.checkpoint=<save_pretrained directory>.\n" + "!" * 100
+        )
+    require(
+        cfg.hidden_size == int(config.model.input_dim),
+        "model.input_dim",
+        f"{config.model.input_dim} != DINOv2 hidden_size {cfg.hidden_size}",
+    )
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Dinov2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = parallel.state_shardings(abstract, mesh, rules)
     if model is not None:
         return graphdef, jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
     # One compiled initialiser, each device materialising only its shard.
-    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Dinov2(cfg, rngs=nnx.Rngs(int(config.seed) + 1)),
-                                                      nnx.Param)), out_shardings=shardings)
+    init = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(Dinov2(cfg, rngs=nnx.Rngs(int(config.seed) + 1)), nnx.Param)),
+        out_shardings=shardings,
+    )
     return graphdef, init()
 
 
@@ -235,10 +268,13 @@ def make_steps(config, setup: TrainSetup, dino_graphdef, mesh, dino_shardings):
         return out, jnp.asarray(tokens.shape[0] * tokens.shape[1], jnp.float32)
 
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    train = jax.jit(train_step, in_shardings=(setup.state_shardings, dino_shardings, data),
-                    out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(setup.param_shardings, dino_shardings, data, rep),
-                       out_shardings=rep)
+    train = jax.jit(
+        train_step,
+        in_shardings=(setup.state_shardings, dino_shardings, data),
+        out_shardings=(setup.state_shardings, rep),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(eval_step, in_shardings=(setup.param_shardings, dino_shardings, data, rep), out_shardings=rep)
     return train, evaluate
 
 
@@ -246,8 +282,10 @@ def make_steps(config, setup: TrainSetup, dino_graphdef, mesh, dino_shardings):
 # The run
 # ================================================================================================================
 def _line(values: dict) -> str:
-    return (f"loss {values['total']:.5g} mse {values['mse']:.5g} cos {values['cos']:.5g} kl {values['kl']:.4g} | "
-            f"lr {values['lr']:.3g}")
+    return (
+        f"loss {values['total']:.5g} mse {values['mse']:.5g} cos {values['cos']:.5g} kl {values['kl']:.4g} | "
+        f"lr {values['lr']:.3g}"
+    )
 
 
 def make_evaluate(config, mesh, eval_step, eval_items, dino_params):
@@ -287,14 +325,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     dino_graphdef, dino_params = load_frozen_dino(config, mesh, rules)
     dino_shardings = jax.tree.map(lambda x: x.sharding, dino_params) if dino_params is not None else None
     train_step, eval_step = make_steps(config, setup, dino_graphdef, mesh, dino_shardings)
-    saved_config = {"config": json.loads(config.to_json_best_effort()), "model": cfg.to_dict(), "data": data_info,
-                    "mesh": dict(mesh.shape), "params": int(setup.num_params)}
+    saved_config = {
+        "config": json.loads(config.to_json_best_effort()),
+        "model": cfg.to_dict(),
+        "data": data_info,
+        "mesh": dict(mesh.shape),
+        "params": int(setup.num_params),
+    }
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(saved_config, f, indent=2, default=str)
-    log.info("SemVAE %.2fM params | mesh %s | batch %d | data %s", setup.num_params / 1e6, dict(mesh.shape),
-             t.batch_size, data_info)
+    log.info(
+        "SemVAE %.2fM params | mesh %s | batch %d | data %s",
+        setup.num_params / 1e6,
+        dict(mesh.shape),
+        t.batch_size,
+        data_info,
+    )
 
     local_batch = t.batch_size // jax.process_count()
 
@@ -305,23 +353,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         del data_state  # the order depends on (seed, step) only
         return skeleton.StepIndexed(train_batches(train_items, config, local_batch, start_step), start_step)
 
-    task = skeleton.Task(name="SemVAE", setup=setup, step=step, make_data=make_data, saved_config=saved_config,
-                         global_batch=t.batch_size, lr=schedule, line=_line,
-                         evaluate=make_evaluate(config, mesh, eval_step, eval_items, dino_params),
-                         eval_at_start=True, device_count=mesh.size)
+    task = skeleton.Task(
+        name="SemVAE",
+        setup=setup,
+        step=step,
+        make_data=make_data,
+        saved_config=saved_config,
+        global_batch=t.batch_size,
+        lr=schedule,
+        line=_line,
+        evaluate=make_evaluate(config, mesh, eval_step, eval_items, dino_params),
+        eval_at_start=True,
+        device_count=mesh.size,
+    )
     result = skeleton.run(task, config, workdir)
     export = None
     if not result.preempted:
-        export = export_weights(setup, result.state, os.path.join(workdir, EXPORT_DIR), mesh,
-                                meta={"step": result.step})
-    return {"step": result.step, "start_step": result.start_step, "train": result.last_metrics,
-            "eval": result.last_eval or result.first_eval, "first_eval": result.first_eval, "export": export,
-            "state": result.state, "preempted": result.preempted}
+        export = export_weights(
+            setup, result.state, os.path.join(workdir, EXPORT_DIR), mesh, meta={"step": result.step}
+        )
+    return {
+        "step": result.step,
+        "start_step": result.start_step,
+        "train": result.last_metrics,
+        "eval": result.last_eval or result.first_eval,
+        "first_eval": result.first_eval,
+        "export": export,
+        "state": result.state,
+        "preempted": result.preempted,
+    }
 
 
 def export_weights(setup: TrainSetup, state: TrainState, directory: str, mesh, meta: dict) -> str:
     """The EMA weights (= the raw weights when ema_decay is 0) as a SemVAE weights directory."""
     from sfd_jax.convert.semvae import save_semvae
+
     gathered = jax.jit(lambda p: p, out_shardings=parallel.replicated(mesh))(state.ema_params)
     if jax.process_index() == 0:
         save_semvae(directory, setup.merge(parallel.global_to_host(gathered), {}), meta=meta)

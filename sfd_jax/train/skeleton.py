@@ -15,13 +15,12 @@ The skeleton owns everything that is not model-specific, so the trainers cannot 
 The loop never waits on the device except for the previous step's `finite` flag, at log steps (metrics are
 fetched), checkpoint steps (orbax copies the state to the host) and evaluation steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Iterator, Protocol
 
@@ -71,16 +70,17 @@ class Task:
     'loss' and 'grad_norm'. make_data(start_step, saved data state or None) -> Data. evaluate(step, state) ->
     {'eval/<name>': float} (written and logged by the loop). line(means) -> the model-specific part of the log line.
     """
+
     name: str
-    setup: Any                      # TrainSetup: abstract_state and init()
+    setup: Any  # TrainSetup: abstract_state and init()
     step: Callable
     make_data: Callable[[int, dict | None], Data]
-    saved_config: dict              # JSON saved with every checkpoint; its 'config' entry is compared on resume
+    saved_config: dict  # JSON saved with every checkpoint; its 'config' entry is compared on resume
     global_batch: int
     lr: Callable[[int], Any]
     line: Callable[[dict], str]
     evaluate: Callable[[int, Any], dict] | None = None
-    eval_at_start: bool = False     # also evaluate before the first step of a fresh run
+    eval_at_start: bool = False  # also evaluate before the first step of a fresh run
     flops_per_image: float | None = None
     peak_flops: float | None = None
     device_count: int = 1
@@ -116,7 +116,7 @@ class Window:
     def check_finite(self, lag: int = 0) -> None:
         """Reads the `finite` flags not yet read except the newest `lag` (a small device sync); raises in 'stop'
         mode."""
-        new = self.entries[self.checked:len(self.entries) - lag]
+        new = self.entries[self.checked : len(self.entries) - lag]
         if not new:
             return
         flags = jax.device_get([m["finite"] for _, m in new])
@@ -129,7 +129,8 @@ class Window:
             raise FloatingPointError(
                 f"non-finite {what} at step {bad[0]} (train.nonfinite='stop'); the update of that step was not "
                 "applied and nothing after it was saved. Resume from the last checkpoint with a lower optim.lr, "
-                "optim.grad_clip, or --config.train.nonfinite=skip")
+                "optim.grad_clip, or --config.train.nonfinite=skip"
+            )
         for s in bad:
             log.warning("non-finite %s at step %d: update skipped (train.nonfinite='skip')", what, s)
         self.skipped.extend(bad)
@@ -140,7 +141,7 @@ class Window:
         host = jax.device_get([m for _, m in self.entries])
         finite = [h for h in host if bool(h["finite"])]
         means = {}
-        for key in (host[0] if host else {}):
+        for key in host[0] if host else {}:
             if key != "finite":
                 vals = [float(h[key]) for h in finite]
                 means[key] = float(np.mean(vals)) if vals else float("nan")
@@ -154,10 +155,17 @@ class Window:
 def loop_settings(config) -> dict:
     """The loop's settings, read once: the same names in every trainer's config."""
     t = config.train
-    return dict(num_steps=t.num_steps, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_last=t.keep_last,
-                keep_every=t.keep_every, keep_steps=frozenset(int(k) for k in t.get("keep_steps", ()) or ()),
-                async_checkpoint=t.async_checkpoint, nonfinite=t.nonfinite,
-                eval_every=config.eval.every)
+    return dict(
+        num_steps=t.num_steps,
+        log_every=t.log_every,
+        ckpt_every=t.ckpt_every,
+        keep_last=t.keep_last,
+        keep_every=t.keep_every,
+        keep_steps=frozenset(int(k) for k in t.get("keep_steps", ()) or ()),
+        async_checkpoint=t.async_checkpoint,
+        nonfinite=t.nonfinite,
+        eval_every=config.eval.every,
+    )
 
 
 def validate_loop(config, error=ValueError) -> None:
@@ -169,8 +177,10 @@ def validate_loop(config, error=ValueError) -> None:
     if s["keep_every"] < 0:
         raise error(f"config.train.keep_every: {s['keep_every']} must be >= 0 (0 = off)")
     if not all(0 < k <= s["num_steps"] for k in s["keep_steps"]):
-        raise error(f"config.train.keep_steps: {sorted(s['keep_steps'])}: each must be a step in "
-                    f"[1, train.num_steps={s['num_steps']}]")
+        raise error(
+            f"config.train.keep_steps: {sorted(s['keep_steps'])}: each must be a step in "
+            f"[1, train.num_steps={s['num_steps']}]"
+        )
     if s["eval_every"] < 0:
         raise error(f"config.eval.every: {s['eval_every']} must be >= 0 (0 = never)")
     if s["nonfinite"] not in NONFINITE:
@@ -201,8 +211,13 @@ class _Loop:
 
     def run(self) -> Result:
         task, s = self.task, self.s
-        self.ckpt = Checkpoints(self.workdir, keep_last=s["keep_last"], keep_every=s["keep_every"],
-                                keep_steps=s["keep_steps"], async_save=s["async_checkpoint"])
+        self.ckpt = Checkpoints(
+            self.workdir,
+            keep_last=s["keep_last"],
+            keep_every=s["keep_every"],
+            keep_steps=s["keep_steps"],
+            async_save=s["async_checkpoint"],
+        )
         self.writer = None
         self.profile = Profiler(self.config_profile, self.workdir)
         try:
@@ -220,9 +235,16 @@ class _Loop:
             self.profile.close()
             if self.writer is not None:
                 self.writer.close()
-        return Result(step=step, start_step=self.start_step, state=state, last_metrics=self.last_values,
-                      last_eval=self.last_eval, first_eval=first_eval, preempted=preempted,
-                      skipped_steps=self.window.skipped)
+        return Result(
+            step=step,
+            start_step=self.start_step,
+            state=state,
+            last_metrics=self.last_values,
+            last_eval=self.last_eval,
+            first_eval=first_eval,
+            preempted=preempted,
+            skipped_steps=self.window.skipped,
+        )
 
     def _restore(self):
         restored = self.ckpt.restore_latest(self.task.setup.abstract_state)
@@ -253,8 +275,7 @@ class _Loop:
                 self._log(step)
             if step % s["ckpt_every"] == 0 or step == num_steps or step in s["keep_steps"]:
                 self._save(step, state)
-            if task.evaluate is not None and s["eval_every"] and (step % s["eval_every"] == 0
-                                                                  or step == num_steps):
+            if task.evaluate is not None and s["eval_every"] and (step % s["eval_every"] == 0 or step == num_steps):
                 self._evaluate(step, state)
             if self.preemption.reached(step):
                 if self.last_saved != step:
@@ -281,12 +302,19 @@ class _Loop:
         self.t_window = now
         rate = n * task.global_batch / seconds
         values = dict(means)
-        values.update(lr=float(task.lr(step - 1)), img_per_s=rate, img_per_s_per_device=rate / task.device_count,
-                      steps_per_s=n / seconds, window_steps=n, nonfinite_steps=nonfinite,
-                      eta_s=(self.s["num_steps"] - step) * seconds / n)
+        values.update(
+            lr=float(task.lr(step - 1)),
+            img_per_s=rate,
+            img_per_s_per_device=rate / task.device_count,
+            steps_per_s=n / seconds,
+            window_steps=n,
+            nonfinite_steps=nonfinite,
+            eta_s=(self.s["num_steps"] - step) * seconds / n,
+        )
         peak = task.peak_flops
-        values["mfu"] = rate * task.flops_per_image / (peak * task.device_count) if peak and task.flops_per_image \
-            else None
+        values["mfu"] = (
+            rate * task.flops_per_image / (peak * task.device_count) if peak and task.flops_per_image else None
+        )
         self.writer.write(step, values)
         if jax.process_index() == 0:
             parts = [f"step {step}/{self.s['num_steps']}", task.line(values), f"{rate:.1f} img/s"]

@@ -14,6 +14,7 @@ and `mesh.rules`) and the abstract state; `init` runs the model's initialisers i
 `jax.jit(..., out_shardings=...)`, so each device materialises only its own shard and no host ever holds the
 full state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,12 +45,12 @@ def make_optimizer(optim, num_steps: int) -> tuple[optax.GradientTransformation,
     lr = float(optim.lr)
     warmup = int(optim.get("warmup_steps", 0))
     if warmup > 0:
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-                                        [warmup])
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     else:
         schedule = optax.constant_schedule(lr)
-    tx = optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
-                     weight_decay=float(optim.weight_decay))
+    tx = optax.adamw(
+        schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps), weight_decay=float(optim.weight_decay)
+    )
     clip = float(optim.get("grad_clip", 0.0))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
@@ -69,6 +70,7 @@ class TrainSetup:
     model_factory(rngs) -> nnx.Module builds the model (called abstractly for shapes and names, and inside jit
     for the real initialisation).
     """
+
     model_factory: Callable[[nnx.Rngs], nnx.Module]
     tx: optax.GradientTransformation
     mesh: jax.sharding.Mesh
@@ -85,8 +87,9 @@ class TrainSetup:
         self.state_shardings = TrainState(
             params=self.param_shardings,
             ema_params=self.param_shardings,
-            opt_state=parallel.shardings_like(abstract_state.opt_state, abstract_state.params,
-                                              self.param_shardings, self.mesh),
+            opt_state=parallel.shardings_like(
+                abstract_state.opt_state, abstract_state.params, self.param_shardings, self.mesh
+            ),
             step=rep,
             rng=rep,
         )
@@ -104,8 +107,9 @@ class TrainSetup:
         params = nnx.to_pure_dict(params)
         # EMA starts as an exact copy of the initial weights, as in the reference (update_ema with decay 0).
         ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-        state = TrainState(params=params, ema_params=ema, opt_state=self.tx.init(params),
-                           step=jnp.zeros((), jnp.int32), rng=train_key)
+        state = TrainState(
+            params=params, ema_params=ema, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=train_key
+        )
         return state, nnx.to_pure_dict(aux)
 
     def init(self) -> tuple[TrainState, dict]:

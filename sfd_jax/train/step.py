@@ -12,6 +12,7 @@ still advances) and the step reports `finite = False`. Nothing waits on the devi
 (`sfd_jax.train.skeleton`) reads each step's flag one step later and then either stops with the step number or
 logs the skip.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -27,9 +28,17 @@ from sfd_jax.train.state import TrainState
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, loss_cfg: Any, *,
-                    ema_decay: float = 0.9999, label_dropout: float = 0.1, null_class: int = 1000,
-                    model_channels: int | None = None):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    loss_cfg: Any,
+    *,
+    ema_decay: float = 0.9999,
+    label_dropout: float = 0.1,
+    null_class: int = 1000,
+    model_channels: int | None = None,
+):
     """loss_fn(model_fn, x1, y, dino, key, loss_cfg) -> (loss, metrics) is `sfd_jax.diffusion.losses.sfd_loss`.
 
     model_channels: how many leading channels of `x1` the model sees (48 normally; 32 for the ablation without a
@@ -64,8 +73,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     return train_step
 
 
-def guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, loss: jax.Array,
-                   ema_decay: float) -> tuple[TrainState, dict]:
+def guarded_update(
+    state: TrainState, tx: optax.GradientTransformation, grads, loss: jax.Array, ema_decay: float
+) -> tuple[TrainState, dict]:
     """optimizer step + EMA, kept only when `loss`, the gradient norm and every leaf of the new state are finite
     (the step counter advances either way). Shared by every trainer (DiT, SemVAE, texture VAE) so they skip bad
     steps the same way.
@@ -80,8 +90,13 @@ def guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, l
     # learning rate, an overflowing second moment), and such a state must never be kept, checkpointed or exported.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, ema, opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = TrainState(params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-                           opt_state=keep(opt_state, state.opt_state), step=state.step + 1, rng=state.rng)
+    new_state = TrainState(
+        params=keep(params, state.params),
+        ema_params=keep(ema, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        rng=state.rng,
+    )
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
@@ -94,7 +109,9 @@ def jit_train_step(train_step, setup, mesh: jax.sharding.Mesh):
     """jit with the state's shardings in and out, the batch over ('data', 'fsdp'), metrics replicated, and the
     incoming state donated (its buffers are reused for the new state)."""
     rep = parallel.replicated(mesh)
-    return jax.jit(train_step,
-                   in_shardings=(setup.state_shardings, setup.aux_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(setup.state_shardings, rep),
-                   donate_argnums=(0,))
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.state_shardings, setup.aux_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(setup.state_shardings, rep),
+        donate_argnums=(0,),
+    )

@@ -14,6 +14,7 @@ reconstructed from the posterior mean into `recon_<step>.png` (originals above t
 L1/MSE/PSNR in metrics.jsonl. The final weights go to
 `<workdir>/texture_vae/` (config.json + model.safetensors in reference names), which `load_texture_vae` reads.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -74,9 +75,9 @@ class SyntheticImageSource:
 def make_image_source(cfg) -> Any:
     """`config.data.source`: kind 'synthetic' here, every other kind from `sfd_jax.data.sources.make_source`."""
     if cfg.get("kind") == "synthetic":
-        return SyntheticImageSource(int(cfg.get("num_images", 256)), int(cfg.get("size", 32)),
-                                    int(cfg.get("seed", 0)))
+        return SyntheticImageSource(int(cfg.get("num_images", 256)), int(cfg.get("size", 32)), int(cfg.get("seed", 0)))
     from sfd_jax.data.sources import make_source
+
     return make_source(cfg)
 
 
@@ -91,6 +92,7 @@ def prepare_image(image, size: int) -> np.ndarray:
         image = np.repeat(image, 3, axis=-1)
     if image.shape[:2] != (size, size):
         from sfd_jax.data.preprocess import adm_center_crop
+
         image = adm_center_crop(image, size)
     return image
 
@@ -119,7 +121,7 @@ def image_grid(originals: np.ndarray, recons: np.ndarray, columns: int = 8) -> n
         r, col = divmod(i, columns)
         for k, src in enumerate((originals, recons)):
             y, x = (2 * r + k) * (h + 2) + 1, col * (w + 2) + 1
-            grid[y:y + h, x:x + w] = src[i]
+            grid[y : y + h, x : x + w] = src[i]
     return grid
 
 
@@ -142,8 +144,9 @@ def to_float(images_u8):
     return images_u8.astype(jnp.float32) / 127.5 - 1.0
 
 
-def make_vae_train_step(graphdef, tx: optax.GradientTransformation, *, recon_loss: str, kl_weight: float,
-                        ema_decay: float):
+def make_vae_train_step(
+    graphdef, tx: optax.GradientTransformation, *, recon_loss: str, kl_weight: float, ema_decay: float
+):
     """train_step(state, aux, batch={'images': uint8 NHWC}) -> (state, metrics); drops non-finite updates."""
 
     def train_step(state: TrainState, aux, batch):
@@ -175,12 +178,16 @@ def make_reconstruct(graphdef, setup: TrainSetup, mesh):
         diff = jnp.clip(recon, -1, 1) - images
         mse = jnp.mean(jnp.square(diff))
         # PSNR of [-1, 1] images: peak-to-peak range 2.
-        metrics = {"l1": jnp.mean(jnp.abs(recon - images)), "mse": jnp.mean(jnp.square(recon - images)),
-                   "psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))}
+        metrics = {
+            "l1": jnp.mean(jnp.abs(recon - images)),
+            "mse": jnp.mean(jnp.square(recon - images)),
+            "psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12)),
+        }
         return model.to_uint8(recon), metrics
 
-    return jax.jit(reconstruct, in_shardings=(setup.param_shardings, setup.aux_shardings, rep),
-                   out_shardings=(rep, rep))
+    return jax.jit(
+        reconstruct, in_shardings=(setup.param_shardings, setup.aux_shardings, rep), out_shardings=(rep, rep)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,8 +219,7 @@ def _mesh(config):
     return parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.get("dcn", (1, 1, 1))))
 
 
-def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True) -> tuple[TextureVAEConfig,
-                                                                                           TextureVAE]:
+def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True) -> tuple[TextureVAEConfig, TextureVAE]:
     """(cfg, model) from a checkpoint of a run (newest readable unless `step`), e.g. of an interrupted run; a
     finished run's weights are also in `<workdir>/texture_vae/` for `load_texture_vae`."""
     saved = read_config_json(workdir, step)
@@ -239,16 +245,22 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
 def _validate(config, mesh) -> None:
     t = config.train
     dp = parallel.data_parallel_size(mesh)
-    require(t.batch_size > 0 and t.batch_size % dp == 0 and t.batch_size % jax.process_count() == 0,
-            "train.batch_size", f"batch_size={t.batch_size} must be divisible by the data-parallel size {dp} "
-            f"(mesh {dict(mesh.shape)}) and the process count {jax.process_count()}")
+    require(
+        t.batch_size > 0 and t.batch_size % dp == 0 and t.batch_size % jax.process_count() == 0,
+        "train.batch_size",
+        f"batch_size={t.batch_size} must be divisible by the data-parallel size {dp} "
+        f"(mesh {dict(mesh.shape)}) and the process count {jax.process_count()}",
+    )
     require(config.loss.recon in RECON_LOSSES, "loss.recon", f"{config.loss.recon!r}; choose one of {RECON_LOSSES}")
     skeleton.validate_loop(config, ConfigError)
     require_finite_optim(config.optim)
     cfg = _model_config(config)
-    require(config.data.image_size % cfg.downsample_factor == 0, "data.image_size",
-            f"{config.data.image_size} is not divisible by the model's downsample factor {cfg.downsample_factor} "
-            f"(ch_mult={cfg.ch_mult})")
+    require(
+        config.data.image_size % cfg.downsample_factor == 0,
+        "data.image_size",
+        f"{config.data.image_size} is not divisible by the model's downsample factor {cfg.downsample_factor} "
+        f"(ch_mult={cfg.ch_mult})",
+    )
 
 
 def _line(values: dict) -> str:
@@ -290,15 +302,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     model_cfg = _model_config(config)
     setup = _setup(config, mesh)
     aux = _aux(setup)
-    saved_config = {"config": config.to_dict(), "model": model_cfg.to_dict(), "mesh": dict(mesh.shape),
-                    "num_params": int(setup.num_params)}
+    saved_config = {
+        "config": config.to_dict(),
+        "model": model_cfg.to_dict(),
+        "mesh": dict(mesh.shape),
+        "num_params": int(setup.num_params),
+    }
     describe = getattr(source, "describe", None)
-    log.info("texture VAE f%dd%d: %d parameters, mesh %s, source %s", model_cfg.downsample_factor,
-             model_cfg.embed_dim, setup.num_params, dict(mesh.shape), describe() if describe else type(source))
+    log.info(
+        "texture VAE f%dd%d: %d parameters, mesh %s, source %s",
+        model_cfg.downsample_factor,
+        model_cfg.embed_dim,
+        setup.num_params,
+        dict(mesh.shape),
+        describe() if describe else type(source),
+    )
 
     train_step = jit_train_step(
-        make_vae_train_step(setup.graphdef, setup.tx, recon_loss=config.loss.recon,
-                            kl_weight=config.loss.kl_weight, ema_decay=config.optim.ema_decay), setup, mesh)
+        make_vae_train_step(
+            setup.graphdef,
+            setup.tx,
+            recon_loss=config.loss.recon,
+            kl_weight=config.loss.kl_weight,
+            ema_decay=config.optim.ema_decay,
+        ),
+        setup,
+        mesh,
+    )
     eval_cfg = config.eval.get("source")
     eval_source = make_image_source(eval_cfg) if eval_cfg is not None and eval_cfg.get("kind") else source
     evaluate = make_evaluate(config, workdir, setup, mesh, aux, eval_source)
@@ -307,23 +337,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
 
     def batches(start_step: int):
         for step in itertools.count(start_step):
-            idx = batch_indices(step, t.batch_size, len(source), config.seed)[lo:lo + local]
+            idx = batch_indices(step, t.batch_size, len(source), config.seed)[lo : lo + local]
             yield load_images(source, idx, size)
 
     def step(state, images):
         return train_step(state, aux, parallel.host_to_global({"images": images}, mesh))
 
     task = skeleton.Task(
-        name="texture VAE", setup=setup, step=step,
-        make_data=lambda start, _: skeleton.StepIndexed(batches(start), start), saved_config=saved_config,
-        global_batch=t.batch_size, lr=_setup_schedule(config), line=_line, evaluate=evaluate, eval_at_start=True,
-        device_count=mesh.size)
+        name="texture VAE",
+        setup=setup,
+        step=step,
+        make_data=lambda start, _: skeleton.StepIndexed(batches(start), start),
+        saved_config=saved_config,
+        global_batch=t.batch_size,
+        lr=_setup_schedule(config),
+        line=_line,
+        evaluate=evaluate,
+        eval_at_start=True,
+        device_count=mesh.size,
+    )
     result = skeleton.run(task, config, workdir)
     last_eval = result.last_eval
     if result.start_step >= t.num_steps:  # a finished workdir: re-evaluated only (its metrics and grid hold it)
         last_eval = evaluate(result.step, result.state, write=False)
     if not result.preempted and jax.process_index() == 0:
-        out = save_texture_vae(os.path.join(workdir, "texture_vae"), setup.merge(result.state.ema_params, aux),
-                               meta={"workdir": workdir, "step": result.step, "weights": "ema"})
+        out = save_texture_vae(
+            os.path.join(workdir, "texture_vae"),
+            setup.merge(result.state.ema_params, aux),
+            meta={"workdir": workdir, "step": result.step, "weights": "ema"},
+        )
         log.info("wrote the trained texture VAE to %s", out)
     return last_eval

@@ -17,6 +17,7 @@ Resumable: `train` checkpoints (ViT + projector + AdamW state, atomically writte
 continues from the newest one; batch indices and augmentation keys depend only on (seed, step), so a resumed run
 sees exactly the batches an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,10 @@ class SSLConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 2:
-            raise ValueError(f"SSLConfig: steps ({self.steps}) must be >= 1 and batch_size ({self.batch_size}) >= 2 "
-                             "(NT-Xent needs negatives)")
+            raise ValueError(
+                f"SSLConfig: steps ({self.steps}) must be >= 1 and batch_size ({self.batch_size}) >= 2 "
+                "(NT-Xent needs negatives)"
+            )
         if not 0 < self.crop_min_area <= 1:
             raise ValueError(f"SSLConfig.crop_min_area must lie in (0, 1], got {self.crop_min_area}")
         if self.temperature <= 0:
@@ -137,8 +140,9 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array
 # Training
 # ---------------------------------------------------------------------------------------------------------------
 def make_optimizer(cfg: SSLConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup_steps), max(cfg.steps, 2),
-                                                  end_value=cfg.lr * 0.01)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(1, cfg.warmup_steps), max(cfg.steps, 2), end_value=cfg.lr * 0.01
+    )
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
@@ -160,14 +164,16 @@ def _restore(path: str, params, opt_state):
         leaves = [z[f"leaf_{i}"] for i in range(len(template)) if f"leaf_{i}" in z.files]
         step = int(z["step"])
     if len(leaves) != len(template) or any(a.shape != np.shape(b) for a, b in zip(leaves, template)):
-        raise ValueError(f"{path} does not hold this SSL model's state (other model or optimizer settings); delete "
-                         "it to start over")
+        raise ValueError(
+            f"{path} does not hold this SSL model's state (other model or optimizer settings); delete it to start over"
+        )
     params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves])
     return params, opt_state, step
 
 
-def train(vit: Dinov2, images_u8: np.ndarray, cfg: SSLConfig, workdir: str, *,
-          stop_after: int | None = None) -> tuple[Dinov2, dict]:
+def train(
+    vit: Dinov2, images_u8: np.ndarray, cfg: SSLConfig, workdir: str, *, stop_after: int | None = None
+) -> tuple[Dinov2, dict]:
     """Pretrains `vit` (updated in place and returned) on uint8 (N, H, W) gray images; resumes from `workdir`.
     `stop_after`: return after this step, as a run killed there would (tests).
 
@@ -175,8 +181,7 @@ def train(vit: Dinov2, images_u8: np.ndarray, cfg: SSLConfig, workdir: str, *,
     to `workdir/metrics.jsonl`.
     """
     if images_u8.ndim != 3 or images_u8.dtype != np.uint8:
-        raise ValueError(f"SSL pretraining takes uint8 (N, H, W) gray images, got {images_u8.dtype} "
-                         f"{images_u8.shape}")
+        raise ValueError(f"SSL pretraining takes uint8 (N, H, W) gray images, got {images_u8.dtype} {images_u8.shape}")
     if len(images_u8) < cfg.batch_size:
         raise ValueError(f"SSL pretraining: {len(images_u8)} images < batch_size {cfg.batch_size}")
     os.makedirs(workdir, exist_ok=True)
@@ -217,15 +222,25 @@ def train(vit: Dinov2, images_u8: np.ndarray, cfg: SSLConfig, workdir: str, *,
                 raise FloatingPointError(f"SSL pretraining: loss {last['loss']} at step {done}; lower ssl.lr")
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": done, **last}) + "\n")
-            log.info("SSL step %d/%d: NT-Xent %.4f, partner accuracy %.3f (%.1fs)", done, cfg.steps, last["loss"],
-                     last["partner_accuracy"], time.perf_counter() - t0)
+            log.info(
+                "SSL step %d/%d: NT-Xent %.4f, partner accuracy %.3f (%.1fs)",
+                done,
+                cfg.steps,
+                last["loss"],
+                last["partner_accuracy"],
+                time.perf_counter() - t0,
+            )
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save(ckpt, params, opt_state, done)
         if stop_after is not None and done >= stop_after:
             break
     nnx.update(model, params)
-    return model.vit, {"steps": cfg.steps, "resumed_from_step": start, "last": last,
-                       "seconds": time.perf_counter() - t0}
+    return model.vit, {
+        "steps": cfg.steps,
+        "resumed_from_step": start,
+        "last": last,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,15 +257,24 @@ def features(vit: Dinov2, images_u8: np.ndarray, batch: int = 1000) -> np.ndarra
 
     out = []
     for i in range(0, len(images_u8), batch):
-        x = images_u8[i:i + batch]
+        x = images_u8[i : i + batch]
         pad = batch - len(x)
         xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-        out.append(np.asarray(fn(state, xp))[:len(x)])
+        out.append(np.asarray(fn(state, xp))[: len(x)])
     return np.concatenate(out)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                 num_classes: int = 10, steps: int = 500, lr: float = 0.05, l2: float = 1e-4) -> dict:
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    num_classes: int = 10,
+    steps: int = 500,
+    lr: float = 0.05,
+    l2: float = 1e-4,
+) -> dict:
     """Multinomial logistic regression on standardised features, full-batch Adam (a convex problem: the optimiser
     only decides how close to the optimum `steps` get). Returns train and test accuracy."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -271,10 +295,17 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
             value, g = jax.value_and_grad(loss)(p)
             u, s = tx.update(g, s, p)
             return (optax.apply_updates(p, u), s), value
+
         (p, _), values = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
         return p, values[-1]
 
     params, final_loss = fit(params)
     acc = lambda x, y: float(np.mean(np.asarray((x @ params["w"] + params["b"]).argmax(-1)) == y))
-    return {"train_accuracy": acc(xtr, np.asarray(train_y)), "test_accuracy": acc(xte, np.asarray(test_y)),
-            "train_loss": float(final_loss), "features": int(train_x.shape[1]), "steps": steps, "l2": l2}
+    return {
+        "train_accuracy": acc(xtr, np.asarray(train_y)),
+        "test_accuracy": acc(xte, np.asarray(test_y)),
+        "train_loss": float(final_loss),
+        "features": int(train_x.shape[1]),
+        "steps": steps,
+        "l2": l2,
+    }

@@ -1,1 +1,0 @@
-"""Reference (PyTorch) checkpoint ↔ sfd_jax parameter converters. See `sfd_jax.convert.official`."""
