@@ -176,7 +176,8 @@ def test_semvae_sized_data_is_refused_by_a_pca_model(pca_dataset, tmp_path):
     c = shrink_to_tiny(sfd_configs.get_config("ablate_pca"), 1)
     c.data.update(source="arrayrecord", path=pca_dataset, num_classes=4, read_threads=0, prefetch_batches=1)
     c.diffusion.semantic_chans = 16
-    with pytest.raises(ValueError, match=r"expected \(8, H, W, 48\)"):
+    refused = r"32 texture \+ 8 semantic channels, the model needs 32 texture \+ 16 semantic"
+    with pytest.raises(ValueError, match=refused):
         loop.run(c, str(tmp_path))
 
 

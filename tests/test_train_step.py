@@ -205,7 +205,8 @@ def test_semvae_loss_weights_other_than_the_defaults():
     w = sv.LossWeights(mse=0.7, l1=0.3, cos=0.5, kl=0.01)
     terms = sv.losses(*(jnp.asarray(a, jnp.float32) for a in (recon, tokens, mu, logvar)), weights=w)
     err = recon - tokens
-    cos = np.sum(recon * tokens, -1) / (np.linalg.norm(recon, axis=-1) * np.linalg.norm(tokens, axis=-1))
+    # the default cos_axis='token': cosine over the token axis of (B, L, C), as the released SemVAE was trained
+    cos = np.sum(recon * tokens, 1) / (np.linalg.norm(recon, axis=1) * np.linalg.norm(tokens, axis=1))
     want = {
         "mse": np.mean(err**2),
         "l1": np.mean(np.abs(err)),
