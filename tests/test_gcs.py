@@ -27,28 +27,14 @@ from sfd_jax.data import records
 from sfd_jax.data.encoders import Encoders
 from sfd_jax.data.extract import ExtractOptions, extract
 from sfd_jax.data.sources import ImageFolderSource
-from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
-from sfd_jax.models.semvae import SemVAE, SemVAEConfig
-from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
+from sfd_jax.models.dinov2 import Dinov2
+from sfd_jax.models.semvae import SemVAE
+from sfd_jax.models.texture_vae import TextureVAE
 from sfd_jax.train import metrics as metrics_lib
 from sfd_jax.train.metrics import MetricsWriter, read_metrics
+from test_pipeline import DIT_DINO_CFG, DIT_SEM_CFG, DIT_TEX_CFG
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The DiT's data format (configs/sfd.py:tiny): 16×16 grid, 32 texture + 16 semantic channels, 256 tokens of 768.
-TEX_CFG = TextureVAEConfig(
-    ch=8,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    resolution=32,
-    z_channels=32,
-    embed_dim=32,
-    num_groups=4,
-)
-DINO_CFG = Dinov2Config(
-    hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1, image_size=56, num_register_tokens=1
-)
-SEM_CFG = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_heads=2, num_blocks=1)
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +161,9 @@ def test_extract_train_resume_sample_evaluate_on_gs(gcs, tmp_path):
     # --- extraction: the same shards and stats in the bucket as on local disk
     _images(tmp_path / "img")
     encoders = Encoders(
-        numpy_init(lambda: TextureVAE(TEX_CFG, rngs=nnx.Rngs(0)), 0),
-        numpy_init(lambda: Dinov2(DINO_CFG, rngs=nnx.Rngs(0)), 1),
-        numpy_init(lambda: SemVAE(SEM_CFG, rngs=nnx.Rngs(0)), 2),
+        numpy_init(lambda: TextureVAE(DIT_TEX_CFG, rngs=nnx.Rngs(0)), 0),
+        numpy_init(lambda: Dinov2(DIT_DINO_CFG, rngs=nnx.Rngs(0)), 1),
+        numpy_init(lambda: SemVAE(DIT_SEM_CFG, rngs=nnx.Rngs(0)), 2),
     )
     options = ExtractOptions(image_size=32, dino_size=224, batch_size_per_device=1, shard_size=8)
     local_data, gs_data = str(tmp_path / "latents"), f"{gcs}/latents"

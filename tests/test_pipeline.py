@@ -9,6 +9,9 @@ import pytest
 
 from conftest import assert_close
 from sfd_jax.data import pipeline, records
+from sfd_jax.models.dinov2 import Dinov2Config
+from sfd_jax.models.semvae import SemVAEConfig
+from sfd_jax.models.texture_vae import TextureVAEConfig
 
 N = 42
 LAYOUT = records.RecordLayout((2, 2, 3), (2, 2, 2), (4, 5), "float32", "float16")
@@ -62,6 +65,24 @@ def dataset(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("latents"))
     write_dataset(d)
     return d
+
+
+# Tiny encoders that produce the DiT's data format (configs/sfd.py:tiny): 16×16 grid, 32 texture + 16 semantic
+# channels, 256 REPA tokens of width 768. Shared with tests/test_gcs.py.
+DIT_TEX_CFG = TextureVAEConfig(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=32,
+    z_channels=32,
+    embed_dim=32,
+    num_groups=4,
+)
+DIT_DINO_CFG = Dinov2Config(
+    hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1, image_size=56, num_register_tokens=1
+)
+DIT_SEM_CFG = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_heads=2, num_blocks=1)
 
 
 def cfg(path, **kw):
@@ -246,34 +267,19 @@ def test_train_mode_on_extracted_latents(tmp_path):
     from sfd_jax.data.extract import ExtractOptions, extract
     from sfd_jax.data.sources import ImageFolderSource
     from sfd_jax.main import resolve_mode
-    from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
-    from sfd_jax.models.semvae import SemVAE, SemVAEConfig
-    from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
+    from sfd_jax.models.dinov2 import Dinov2
+    from sfd_jax.models.semvae import SemVAE
+    from sfd_jax.models.texture_vae import TextureVAE
     from sfd_jax.train.metrics import read_metrics
 
     rng = np.random.default_rng(0)
     for k in range(16):
         (tmp_path / "img" / f"c{k % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (36, 32, 3), np.uint8)).save(tmp_path / "img" / f"c{k % 3}" / f"{k}.png")
-    # The DiT's data format: 16×16 grid, 32 texture + 16 semantic channels, 256 REPA tokens of width 768.
-    tex_cfg = TextureVAEConfig(
-        ch=8,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        resolution=32,
-        z_channels=32,
-        embed_dim=32,
-        num_groups=4,
-    )
-    dino_cfg = Dinov2Config(
-        hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1, image_size=56, num_register_tokens=1
-    )
-    sem_cfg = SemVAEConfig(input_dim=768, hidden_dim=16, bottleneck_dim=16, num_heads=2, num_blocks=1)
     encoders = Encoders(
-        numpy_init(lambda: TextureVAE(tex_cfg, rngs=nnx.Rngs(0)), 0),
-        numpy_init(lambda: Dinov2(dino_cfg, rngs=nnx.Rngs(0)), 1),
-        numpy_init(lambda: SemVAE(sem_cfg, rngs=nnx.Rngs(0)), 2),
+        numpy_init(lambda: TextureVAE(DIT_TEX_CFG, rngs=nnx.Rngs(0)), 0),
+        numpy_init(lambda: Dinov2(DIT_DINO_CFG, rngs=nnx.Rngs(0)), 1),
+        numpy_init(lambda: SemVAE(DIT_SEM_CFG, rngs=nnx.Rngs(0)), 2),
     )
     data_dir = str(tmp_path / "latents")
     extract(
