@@ -8,7 +8,7 @@ pretrained and the random DINOv2, both SemVAEs, the extractions, the judge) are 
 setting trains the demo's DiT for `num_steps` steps from scratch, once per seed, scored unguided at
 `eval_fractions` of the budget. Stop it at any time; re-running finishes only what is missing.
 
-Variants: `default` (the real ablation, ≤ 2 h on the idle 2-core machine) and `tiny` (tests/test_ablation.py).
+Variants: `default` (the real ablation, ≤ 2 h on the idle 2-core machine) and `tiny` (tests/test_demo.py).
 """
 
 import importlib.util

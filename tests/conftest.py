@@ -2,13 +2,24 @@
 
 import os
 import pathlib
-import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # OpenBLAS's default threading makes the 2048×2048 eigendecompositions of FID ~10× slower on this 2-core machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# JAX's persistent compilation cache, for the test processes and (inherited) every child they start. The suite
+# compiles the same programs many times over: each trainer test runs its loop two or three times (uninterrupted,
+# interrupted, resumed) with fresh closures that jit anew, the demo trains two SemVAEs of one shape, and every
+# `python -m sfd_jax.main` child starts cold. With the cache each program compiles once per machine. Programs that
+# compile in under a second are not stored (JAX's default threshold), so the hundreds of one-off test programs stay
+# out of it. The size cap turns on JAX's file lock around every read and write, which the two xdist workers and
+# their children need: without it an entry is written in place, and a process reading it then would load half an
+# executable.
+_JAX_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "d" / "jax_compilation_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -66,35 +77,9 @@ def assert_trees_close(got, ref, rel: float, *, err_msg: str = "") -> None:
 
 
 # ------------------------------------------------------------------------------------------- shared, expensive
-_CHILD_JAX_CACHE: pathlib.Path | None = None
-
-
 def pytest_configure(config):
-    global _CHILD_JAX_CACHE
     if hasattr(config.option, "loadscopereorder"):  # xdist would re-sort files by test count, undoing FILE_SECONDS
         config.option.loadscopereorder = False
-    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
-    _CHILD_JAX_CACHE = (
-        cache.mkdir("jax_compilation_cache")
-        if cache is not None
-        else pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache"
-    )
-
-
-def child_env(**overrides: str) -> dict:
-    """Environment for a `python -m sfd_jax.main` child process: ours plus a persistent JAX compilation cache.
-
-    Every child starts cold and compiles the same small programs as its siblings (the tiny DiT's train step, the
-    sampler, the extractor), so the cache (in pytest's cache directory, kept between runs) lets each program
-    compile once per machine instead of once per process. Only children use it: the test processes compile
-    hundreds of one-off programs that would only fill the cache. The two-process (gloo) children of
-    test_multiprocess do not use it yet: in a full run on an overloaded machine they hit their 300 s timeout, and
-    did so without the cache too, so whether it is safe for gloo children is still unverified.
-    """
-    cache = _CHILD_JAX_CACHE or pathlib.Path(tempfile.gettempdir()) / "sfd_jax_tests_jax_compilation_cache"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.update(overrides)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -113,9 +98,8 @@ def inception_net_weights():
 # out files in collection order, so the long ones start at once and the short ones fill in behind them.
 FILE_SECONDS = {  # measured on 2 busy cores (load 8-16), before this ordering and the child compilation cache
     "test_multiprocess.py": 602,
-    "test_demo.py": 425,
+    "test_demo.py": 425,  # with the ablation tests, which reuse its finished workdir
     # added since, measured in one full run on 2 cores shared with another job (setup + calls)
-    "test_ablation.py": 320,
     "test_trainer_guards.py": 300,
     "test_gcs.py": 150,
     "test_bad_inputs.py": 140,

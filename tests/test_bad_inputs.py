@@ -128,8 +128,7 @@ def snapshot(*paths) -> dict:
 
 
 def run_cli(args, cwd=REPO):
-    env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/sfd_jax_test_cache")
+    env = dict(os.environ)  # with conftest's compilation cache
     env["XLA_FLAGS"] = ""  # one CPU device: the refusals do not depend on the device count
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]

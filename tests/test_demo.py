@@ -1,6 +1,6 @@
 """The demo's CI guard: configs/demo.py:tiny runs every stage of `make demo` end to end (seconds-long settings) on
 a small synthetic dataset written in Fashion-MNIST's IDX format, then a re-run skips every stage and an interrupted
-DiT stage resumes to exactly the weights of the uninterrupted run."""
+DiT stage resumes to exactly the weights of the uninterrupted run. The ablation driver runs on the same stages."""
 
 import gzip
 import json
@@ -207,3 +207,83 @@ def test_a_vfm_checkpoint_replaces_the_random_dinov2_and_sets_the_geometry(tmp_p
     assert path == str(tmp_path / "vfm") and not is_random
     assert not os.path.exists(tmp_path / "work" / "dinov2")
     assert train_stages.dino_geometry(path, 4) == (56, 48)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `--mode=ablation` in miniature (configs/ablation.py:tiny) on the finished demo's stages: every run is trained and
+# scored, a stopped ablation finishes only the missing runs, and a run killed mid-training resumes from its
+# checkpoint. It lives in this file so that it runs in the demo's process and reuses its workdir.
+# ---------------------------------------------------------------------------------------------------------------
+def _ablation_config(data_dir, **ablation):
+    cfg = load_config("configs/ablation.py:tiny", {"demo.data_dir": str(data_dir)})
+    cfg.ablation.update(ablation)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def stopped_then_resumed(finished):
+    """The ablation on a copy of the finished demo's stages (its default place, <workdir>/demo): the two configs
+    agree on every demo field, so nothing before the ablation's own runs is trained again."""
+    from sfd_jax.demo import ablation
+
+    data, workdir = finished["data"], str(finished["root"] / "ablation")
+    shutil.copytree(finished["workdir"], os.path.join(workdir, "demo"))
+    first = ablation.run(_ablation_config(data, max_runs=2), workdir)  # "stopped" after two runs
+    second = ablation.run(_ablation_config(data), workdir)  # the same command again
+    return {"data": data, "workdir": workdir, "first": first, "second": second}
+
+
+def _all_ablation_runs():
+    cfg = _ablation_config("unused")
+    return [f"{s['name']}/seed{k}" for k in cfg.ablation.seeds for s in cfg.ablation.settings]
+
+
+def test_a_stopped_ablation_finishes_only_the_missing_runs(stopped_then_resumed):
+    first, second = stopped_then_resumed["first"], stopped_then_resumed["second"]
+    runs = _all_ablation_runs()
+    assert first["ran_in_this_invocation"] == runs[:2] and first["finished_runs"] == 2 and not first["complete"]
+    assert second["ran_in_this_invocation"] == runs[2:]
+    assert second["finished_runs"] == second["total_runs"] == len(runs) and second["complete"]
+
+
+def test_every_run_is_scored_at_each_fraction_of_the_budget(stopped_then_resumed):
+    s, workdir = stopped_then_resumed["second"], stopped_then_resumed["workdir"]
+    for entry in s["settings"].values():
+        assert entry["finished_seeds"] == [0, 1]
+        assert sorted(int(k) for k in entry["by_step"]) == [2, 4]
+        for row in entry["by_step"].values():
+            fids = row["fid"]["values"]
+            assert len(fids) == 2 and all(np.isfinite(fids)) and min(fids) >= 0
+            assert row["fid"]["mean"] == pytest.approx(np.mean(fids), rel=1e-12)
+            assert row["fid"]["std"] == pytest.approx(np.std(fids, ddof=1), rel=1e-12, abs=1e-12)
+            assert all(0 <= c <= 1 for c in row["class_consistency"]["values"])
+    # Different seeds are different runs.
+    finals = s["settings"]["sfd_dt0.3"]["final"]["fid"]["values"]
+    assert finals[0] != finals[1]
+    with open(os.path.join(workdir, "ablation.json")) as f:
+        assert json.load(f)["finished_runs"] == len(_all_ablation_runs())
+    for png in ("fid_vs_delta_t.png", "fid_vs_steps.png"):
+        assert os.path.getsize(os.path.join(workdir, png)) > 1000
+    # The random-encoder setting trains on its own extraction, made once in the demo's workdir.
+    assert os.path.exists(os.path.join(workdir, "demo", "latents_random", "stats.json"))
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(stopped_then_resumed):
+    from sfd_jax.demo import ablation
+
+    workdir, data = stopped_then_resumed["workdir"], stopped_then_resumed["data"]
+    run = os.path.join(workdir, "runs", "sfd_dt0.3", "seed1")
+    with open(os.path.join(run, "result.json")) as f:
+        before = json.load(f)
+    # What a kill right after the step-2 checkpoint leaves: no result, no later score, no later checkpoint.
+    os.remove(os.path.join(run, "result.json"))
+    os.remove(os.path.join(run, "scores", "step_4.json"))
+    shutil.rmtree(os.path.join(run, "checkpoints", "4"))
+    again = ablation.run(_ablation_config(data), workdir)
+    assert again["ran_in_this_invocation"] == ["sfd_dt0.3/seed1"]
+    with open(os.path.join(run, "result.json")) as f:
+        after = json.load(f)
+    assert after["resumed_from_step"] == 2
+    # The resumed run reaches the uninterrupted run's weights, hence the same samples and scores.
+    assert after["scores"]["4"]["fid"] == pytest.approx(before["scores"]["4"]["fid"], rel=1e-6)
+    assert after["scores"]["4"]["class_consistency"] == before["scores"]["4"]["class_consistency"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_trees_close, child_env
+from conftest import assert_trees_close
 from sfd_jax.config_loader import load_config
 from sfd_jax import parallel
 from sfd_jax.train import loop
@@ -56,7 +56,7 @@ def interrupted(tmp_path_factory):
         "--config.train.ckpt_every=1000",
         "--config.train.export_ema=False",
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

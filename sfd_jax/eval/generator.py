@@ -53,6 +53,14 @@ def trace_count(reset: bool = False) -> int:
     return n
 
 
+def clear_programs() -> None:
+    """Forget every cached generation program, so the next call of each ImageGenerator compiles anew.
+
+    The cache is per process and keyed by (model graph, settings, mesh, ...), so two generators with equal keys
+    share one program; clearing frees the compiled programs' memory in a long-lived session."""
+    _PROGRAMS.clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Labels and noise: functions of the image index only
 # ---------------------------------------------------------------------------------------------------------------
