@@ -39,6 +39,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config(variant)
+    c.mode = "ablation"  # the demo's stages still see mode 'demo' (sfd_jax.demo.ablation strips what is ours)
     if variant == "default":
         # The SSL-pretrained encoder, its random twin and the shorter budgets this ablation was started with (its
         # cached stages in <workdir>/demo were made with exactly these; changing them means a new workdir).

@@ -155,3 +155,33 @@ def test_derived_values_for_a_pod():
     derived = validate(c, device_count=64, process_count=16, num_slices=2)
     assert derived["mesh_shape"] == {"data": 2, "fsdp": 32, "tensor": 1}
     assert derived["per_process_batch"] == 16 and derived["per_device_batch"] == 4
+
+
+def _documented_commands():
+    """(where, config spec, mode) of every `--config=configs/….py[:variant] … --mode=…` line the user is shown."""
+    import re
+
+    pattern = re.compile(r"--config=(configs/\w+\.py(?::\w+)?)\b.*?--mode=(\w+)")
+    files = [REPO / "Makefile", REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    files += sorted((REPO / "launch").glob("*.sh")) + sorted((REPO / "configs").glob("*.py"))
+    found = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for spec, mode in pattern.findall(line):
+                found.append((f"{path.relative_to(REPO)}:{number}", spec, mode))
+    return found
+
+
+def test_every_documented_command_names_the_mode_of_its_config():
+    """main refuses a --mode that differs from the config's own `mode`, so a shown command that pairs them wrongly
+    (as `make ablation` once did: an ablation config whose mode said 'demo') fails at once for every user."""
+    from sfd_jax.config_loader import load_config
+
+    found = _documented_commands()
+    assert {"Makefile", "README.md"} <= {where.split(":")[0] for where, _, _ in found}
+    wrong = [
+        (where, spec, mode, config_mode)
+        for where, spec, mode in found
+        if (config_mode := load_config(spec).get("mode", "train")) != mode
+    ]
+    assert not wrong, wrong

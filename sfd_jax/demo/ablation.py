@@ -41,7 +41,8 @@ def _run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     demo_dir = a.demo_workdir or os.path.join(workdir, "demo")
     # The demo's stages see the demo's config only, so that a finished `make demo` workdir is accepted as is.
-    demo_config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items() if k != "ablation"})
+    demo_fields = {k: v for k, v in config.to_dict().items() if k != "ablation"}
+    demo_config = ml_collections.ConfigDict({**demo_fields, "mode": "demo"})
     p = pipeline.prepare(demo_config, demo_dir)
     clf = p["stages"].run("classifier", lambda: _classifier(config, p["workdir"]))
     settings = [dict(s) for s in a.settings]
