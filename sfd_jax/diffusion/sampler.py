@@ -33,7 +33,6 @@ import warnings
 from typing import Any, Callable
 
 import diffrax
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +47,22 @@ SOLVERS = ("dopri5", "euler", "heun")
 STEP_CONTROLS = ("per_sample", "batch")
 PHASE_MODES = ("jump", "split", "none")
 _DOPRI5_NEW_STAGES = 6  # 7 stages, FSAL: the first stage reuses the previous step's last one
+
+
+@jax.custom_batching.custom_vmap
+def _any_lane(flag):
+    """`flag` outside vmap; under vmap, whether any lane's flag is set, as one unbatched value.
+
+    diffrax evaluates Dopri5's first stage (a `lax.cond`) when any lane of a vmapped solve needs it, so the batched
+    forward runs for all lanes at once; counting it needs the same reduction over the batch.
+    """
+    return flag
+
+
+@_any_lane.def_vmap
+def _any_lane_vmap(axis_size, in_batched, flag):
+    (batched,) = in_batched
+    return (jnp.any(flag, axis=0) if batched else flag), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,8 +481,8 @@ class _CountingController(diffrax.AbstractStepSizeController):
 
     The controller state is the only solver state diffrax never rolls back on a rejected step, so the count lives
     here. Each attempt costs 6 new stages, plus the first stage when the FSAL value is invalid (the first step, or
-    the step after a jump, until one is accepted) — the same condition diffrax uses. `calls` mirrors diffrax's
-    `unvmap_any`, so under vmap it counts the batched forwards actually executed.
+    the step after a jump, until one is accepted) — the same condition diffrax uses. `calls` reduces that condition
+    over the vmapped lanes as diffrax does, so under vmap it counts the batched forwards actually executed.
     """
 
     inner: diffrax.AbstractStepSizeController
@@ -489,6 +504,6 @@ class _CountingController(diffrax.AbstractStepSizeController):
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
         )
         nfe = nfe + _DOPRI5_NEW_STAGES + first_stage_pending.astype(jnp.int32)
-        calls = calls + _DOPRI5_NEW_STAGES + eqxi.unvmap_any(first_stage_pending).astype(jnp.int32)
+        calls = calls + _DOPRI5_NEW_STAGES + _any_lane(first_stage_pending).astype(jnp.int32)
         first_stage_pending = jnp.where(keep, jnp.asarray(made_jump), first_stage_pending)
         return keep, next_t0, next_t1, made_jump, (inner_state, first_stage_pending, nfe, calls), result
