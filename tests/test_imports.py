@@ -20,6 +20,7 @@ LAYERS = {
     "paths": 0,
     "preemption": 0,
     "profiling": 0,
+    "programs": 0,
     "models": 1,
     "convert": 2,
     "diffusion": 3,

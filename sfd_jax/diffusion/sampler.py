@@ -26,11 +26,10 @@ Inputs may be sharded over a mesh along the batch axis.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import diffrax
 import jax
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax.programs import ProgramCache
 from sfd_jax.diffusion import schedule
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance, check_guidance, guided_velocity
 
@@ -86,17 +86,12 @@ class _Plan:
     return_trajectory: bool
 
 
-_TRACES = collections.Counter()
-_COMPILED: "collections.OrderedDict[Any, Callable]" = collections.OrderedDict()
-_CACHE_SIZE = 32
+_PROGRAMS = ProgramCache(size=32)
 
 
 def trace_count(reset: bool = False) -> int:
     """How many times a sampler program was traced (each trace = one compilation)."""
-    n = sum(_TRACES.values())
-    if reset:
-        _TRACES.clear()
-    return n
+    return _PROGRAMS.trace_count(reset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,14 +161,7 @@ def sample(
     )
     gparams = _guidance_params(guidance)
     key = (plan, main_static, guide_static)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = jax.jit(_build(plan, main_static, guide_static))
-        _COMPILED[key] = fn
-        while len(_COMPILED) > _CACHE_SIZE:
-            _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(key)
+    fn = _PROGRAMS.get(key, lambda: jax.jit(_build(plan, main_static, guide_static)))
     x_final, stats = fn(main_state, guide_state, gparams, z0.astype(jnp.float32), y.astype(jnp.int32))
     if isinstance(x_final, jax.core.Tracer):
         return x_final, stats
@@ -294,7 +282,7 @@ def _host_stats(stats: dict, plan: _Plan, on_max_steps: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def _build(plan: _Plan, main_static, guide_static) -> Callable:
     def program(main_state, guide_state, gparams, z0, y):
-        _TRACES[plan] += 1
+        _PROGRAMS.note_trace()
         main_fn = _bind(main_static, main_state)
         guide_fn = _bind(guide_static, guide_state)
         if plan.guidance_kind == "cfg":
