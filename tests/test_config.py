@@ -2,6 +2,8 @@
 
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -146,6 +148,33 @@ def test_eval_hook_needs_a_function():
     c.eval.fn = ""
     with pytest.raises(ConfigError, match="config.eval.fn"):
         train_loop.resolve_eval_fn(c, None)
+
+
+def test_eval_block_declares_every_field_the_in_training_fid_reads():
+    from sfd_jax.eval import in_training
+
+    c = get("tiny")
+    assert set(c.eval.keys()) - {"every", "fn"} == set(in_training.FIELDS)
+    block = in_training.read_block(c.eval, {"num_images": 16})
+    assert block["num_images"] == 16 and block["solver"] == "dopri5" and block["delta_t"] is None
+    partial = c.eval.to_dict()
+    del partial["grid_size"]
+    with pytest.raises(ValueError, match=r"config.eval lacks the in-training FID fields \['grid_size'\]"):
+        in_training.read_block(partial)
+    with pytest.raises(ValueError, match=r"unknown in-training eval fields \['num_image'\]"):
+        in_training.make_eval_fn(num_image=16)
+
+
+def test_the_config_file_imports_nothing_of_the_package():
+    """Its defaults are its own: reading configs/sfd.py does not import sfd_jax (the eval stack least of all)."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('c', {str(REPO / 'configs' / 'sfd.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.get_config('tiny')\n"
+        "print(sorted(n for n in sys.modules if n.startswith('sfd_jax')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_derived_values_for_a_pod():
