@@ -104,6 +104,9 @@ def test_unknown_variant_lists_the_valid_ones():
         ("train.batch_size", 12, 8, r"config.train.batch_size: 12 is not divisible by the data-parallel size 8"),
         ("mesh.ici", (2, 2, 1), 8, r"config.mesh.ici=\(2, 2, 1\): mesh size 4 != 8 .*device count 8"),
         ("mesh.ici", (3, -1, 1), 8, r"config.mesh.ici=\(3, -1, 1\)"),
+        # the same resolution as parallel.make_mesh: one process is one DCN unit, so a data-centre axis of 2 is refused
+        ("mesh.dcn", (2, 1, 1), 8, r"config.mesh.dcn=\(2, 1, 1\): 2 DCN units requested, but the devices form 1"),
+        ("mesh.dcn", ("a", 1, 1), 8, r"config.mesh.dcn=\('a', 1, 1\): expected 3 integers"),
         ("diffusion.delta_t", 1.0, 8, r"config.diffusion.delta_t: 1.0 must lie in \[0, 1\)"),
         ("diffusion.delta_t", -0.1, 8, r"config.diffusion.delta_t"),
         ("repa.mode", "l2", 8, r"config.repa.mode: 'l2'; valid: \('cos', 'mse', 'cos_mse'\)"),

@@ -126,7 +126,10 @@ def build(config, *, process_count: int | None = None, devices=None) -> Run:
 
     devices = jax.devices() if devices is None else list(devices)
     process_count = jax.process_count() if process_count is None else process_count
-    derived = config_lib.validate(config, device_count=len(devices), process_count=process_count)
+    # The DCN units of the devices themselves (TPU slices, else processes): the mesh built below uses the same count.
+    derived = config_lib.validate(
+        config, device_count=len(devices), process_count=process_count, num_slices=parallel.dcn_units(devices)
+    )
     model_cfg = model_config(config, derived["model_channels"])
     loss_cfg = loss_config(config)
     mesh, setup, schedule, train_step, compiled = _BUILD_CACHE.get(
