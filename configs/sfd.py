@@ -132,18 +132,53 @@ def base() -> ml_collections.ConfigDict:
 
 def eval_block() -> ml_collections.ConfigDict:
     """`every` and `fn` drive the loop's eval hook; the other fields are the settings of the default hook, the
-    in-training FID of sfd_jax.eval.in_training (listed here so that they can be overridden from the command line)."""
-    block = dict(
-        every=0,  # run the hook every this many steps and after the last (0 = off)
-        fn="sfd_jax.eval.in_training:fid",  # 'module:function', fn(EvalContext) -> {name: float}
+    in-training FID of sfd_jax.eval.in_training, which reads exactly these (its FIELDS). They are declared here, with
+    their defaults, so that the command line can set them. None: derived from the rest of the config."""
+    derived = config_dict.placeholder(float)
+    return ml_collections.ConfigDict(
+        dict(
+            every=0,  # run the hook every this many steps and after the last (0 = off)
+            fn="sfd_jax.eval.in_training:fid",  # 'module:function', fn(EvalContext) -> {name: float}
+            # the images: indices 0..num_images-1, their labels, their noise
+            num_images=5000,
+            labels="balanced",  # balanced | random | unconditional
+            num_classes=0,  # 0 = data.num_classes
+            seed=0,
+            # decoding
+            texture_vae="",  # weights directory or reference .ckpt (required)
+            vae_dtype="float32",
+            latent_stats="",  # '' = <data.path>/stats.json
+            latent_multiplier=derived,  # None = data.latent_multiplier
+            # the ODE solve, as --mode=sample
+            solver="dopri5",
+            num_steps=0,  # fixed-grid solvers only
+            rtol=1e-3,
+            atol=1e-6,
+            delta_t=derived,  # None = diffusion.delta_t
+            step_control="per_sample",
+            phase_mode="split",
+            max_steps=4096,
+            # guidance, as --mode=sample
+            guidance="none",
+            scale=1.5,
+            scale_sem=derived,
+            scale_tex=derived,
+            interval_start=derived,
+            guide="",
+            guide_use_ema=True,
+            per_device_batch=32,
+            decode_batch=8,
+            # the scorer: the FID Inception (inception_weights) or a feature function, against ref_batch
+            inception_weights="",
+            feature_fn="",
+            ref_batch="",
+            resize="tf1",
+            input_size=299,
+            feature_batch=256,
+            is_split_size=5000,
+            grid_size=16,  # the side of <workdir>/eval_grids/step_XXXXXXX.png, in images
+        )
     )
-    try:
-        from sfd_jax.eval.in_training import DEFAULTS
-    except ImportError:  # the eval stack is optional for training
-        DEFAULTS = {}
-    for name, value in DEFAULTS.items():
-        block[name] = config_dict.placeholder(float) if value is None else value
-    return ml_collections.ConfigDict(block)
 
 
 def get_config(arg: str = "xl") -> ml_collections.ConfigDict:

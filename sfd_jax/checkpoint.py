@@ -13,8 +13,9 @@ another mesh shape or device count -- and falls back to the previous checkpoint,
 one, when the newest cannot be read; the unreadable ones are moved to `<workdir>/checkpoints_corrupt/` so that training
 can write those step numbers again.
 
-`python -m sfd_jax.checkpoint export --workdir=DIR --out=DIR [--step=N] [--overwrite]` writes the EMA weights alone
-(the weights directory format of `sfd_jax.convert.dit.save_dit`) for sampling; a non-empty --out needs --overwrite.
+This module knows the layout and nothing of what is stored: `sfd_jax.train.export` writes a DiT run's EMA weights
+alone for sampling, and `restore_weights` reads one part of a stored state (e.g. the EMA weights) without the
+optimizer it was saved with.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -268,94 +268,72 @@ def quiet_libraries():
         absl_logger.setLevel(level)
 
 
-def read_config_json(workdir: str, step: int | None = None) -> dict:
-    """The config JSON stored with checkpoint `step` (default: newest) of a run."""
+def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
     directory = os.fspath(epath.Path(workdir) / CHECKPOINT_DIR)
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoints under {directory}")
-    manager = ocp.CheckpointManager(
+    return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data", "config")
     )
+
+
+def _steps(manager: ocp.CheckpointManager, step: int | None) -> list[int]:
+    """`[step]` if it exists, else all steps newest first; FileNotFoundError names what is there."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints under {manager.directory}")
+    if step is None:
+        return steps
+    if int(step) not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} under {manager.directory} (steps: {sorted(steps)})")
+    return [int(step)]
+
+
+def read_config_json(workdir: str, step: int | None = None) -> dict:
+    """The config JSON stored with checkpoint `step` (default: newest) of a run."""
+    manager = _read_only_manager(workdir)
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints under {directory}")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} under {directory} (steps: {steps})")
+        step = _steps(manager, step)[0]
         return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     finally:
         manager.close()
 
 
-def export_ema(directory: str, model_cfg: Any, model: Any, meta: dict | None = None) -> None:
-    """Writes one model (built from the EMA weights) in the weights-directory format used for sampling."""
-    from sfd_jax.convert.dit import save_dit
+def restore_weights(workdir: str, abstract_params: Any, *, step: int | None = None, part: str = "ema_params"):
+    """(step, weights): the `part` field of the train state stored with checkpoint `step` (default: the newest
+    readable), placed on the shardings of `abstract_params` (a tree of jax.ShapeDtypeStruct).
 
-    save_dit(directory, model_cfg, model, meta=meta)
-
-
-def export_ema_from_workdir(workdir: str, out: str, step: int | None = None, *, overwrite: bool = False) -> str:
-    """Restores checkpoint `step` (default: newest readable) of a run on this host's devices and exports its EMA
-    weights to `out`, which must be absent or empty unless `overwrite`. Returns `out`."""
-    from ml_collections import ConfigDict
-
-    from sfd_jax.errors import InputError
-
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise InputError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"{out} exists and is not a directory")
-    from sfd_jax.train.build import build
-
-    saved = read_config_json(workdir, step)
-    config = ConfigDict(saved["config"])
-    config.mesh.ici = (1, -1, 1)
-    config.mesh.dcn = (1, 1, 1)
-    run = build(config, process_count=1, devices=jax.local_devices())
-    ckpt = Checkpoints(workdir, keep_last=10**9)
-    try:
-        if step is None:
-            restored = ckpt.restore_latest(run.setup.abstract_state)
-            if restored is None:
-                raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
-            step, state = restored[0], restored[1]
-        else:
-            state, _, _ = ckpt.restore(step, run.setup.abstract_state)
-    finally:
-        ckpt.close()
-    aux = run.setup.init_aux()
-    export_ema(
-        out,
-        run.model_cfg,
-        run.setup.merge(state.ema_params, aux),
-        meta={"source": workdir if "://" in workdir else os.path.abspath(workdir), "step": int(step), "weights": "ema"},
-    )
-    log.info("exported EMA weights of step %d to %s", step, out)
-    return out
-
-
-def _main(argv):
-    from absl import app, flags
-
-    if argv[1:] not in ([], ["export"]):
-        raise app.UsageError(
-            f"unexpected arguments {argv[1:]}; usage: python -m sfd_jax.checkpoint export "
-            "--workdir=DIR --out=DIR [--step=N]"
+    Only that field is read, so a caller that wants a model needs neither the optimizer the run trained with nor
+    memory for its moments. Unreadable checkpoints are skipped with a warning but left in place: unlike a resuming
+    trainer, a reader does not move a run's files.
+    """
+    target = {part: abstract_params}
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
-    from sfd_jax.errors import InputError
-
+    )
+    manager = _read_only_manager(workdir)
     try:
-        export_ema_from_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step, overwrite=flags.FLAGS.overwrite)
-    except (InputError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
-    flags.DEFINE_string("out", None, "Directory to write the EMA weights to.", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: newest readable).")
-    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
-    app.run(_main)
+        errors = []
+        for candidate in _steps(manager, step):
+            try:
+                with quiet_libraries():
+                    return candidate, manager.restore(candidate, args=args).state[part]
+            except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
+                if step is not None:
+                    raise
+                log.warning(
+                    "checkpoint %s of %s is unreadable (%s); trying the previous one",
+                    candidate,
+                    workdir,
+                    _root_cause(e),
+                )
+                errors.append((candidate, e))
+        newest, err = errors[0]
+        raise NoReadableCheckpoint(
+            f"no readable checkpoint in {manager.directory} (tried steps {[s for s, _ in errors]}); the newest "
+            f"({newest}) failed with {_root_cause(err)}"
+        ) from None
+    finally:
+        manager.close()

@@ -2,7 +2,7 @@
 
 `InputError` means the input is wrong (a config field, a data file, a weights file), not the program: its message
 names the field or file, what was expected and what to do. `sfd_jax.main`, `sfd_jax.convert` and
-`sfd_jax.checkpoint` print `error: <message>` as the last line and exit 1; every other exception keeps its traceback.
+`sfd_jax.train.export` print `error: <message>` as the last line and exit 1; every other exception keeps its traceback.
 """
 
 from __future__ import annotations

@@ -81,13 +81,17 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Mesh
 # ----------------------------------------------------------------------------------------------------------------
+def _ints(shape: Sequence[int], field: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={shape!r}: expected {len(AXES)} integers for axes {AXES}, e.g. (1, -1, 1)") from None
+
+
 def fill_shape(shape: Sequence[int], total: int, field: str) -> tuple[int, ...]:
     """`shape` (one entry per mesh axis, at most one -1) with the -1 resolved so the product is `total`; errors
     name `field`."""
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"{field}={shape!r}: expected {len(AXES)} integers for axes {AXES}, e.g. (1, -1, 1)") from None
+    shape = _ints(shape, field)
     if len(shape) != len(AXES):
         raise ValueError(f"{field}={shape}: expected {len(AXES)} entries for axes {AXES}")
     if shape.count(-1) > 1:
@@ -114,27 +118,30 @@ def _granules(devices) -> tuple[int, bool]:
     return len({d.process_index for d in devices}), True
 
 
+def dcn_units(devices) -> int:
+    """How many DCN units `devices` form: TPU slices, else processes."""
+    return _granules(list(devices))[0]
+
+
+def mesh_shapes(ici: Sequence[int], dcn: Sequence[int], *, device_count: int, units: int):
+    """(ici_shape, dcn_shape) for `device_count` devices forming `units` DCN units, the -1 entries filled in; errors
+    name the field. Counts rather than devices, so a config can be checked for hardware this process does not see."""
+    dcn = _ints(dcn, "mesh.dcn")
+    dcn_shape = fill_shape(dcn, units if -1 in dcn else math.prod(dcn), "mesh.dcn")
+    parts = math.prod(dcn_shape)
+    if parts not in (1, units):
+        raise ValueError(
+            f"mesh.dcn={dcn}: {parts} DCN units requested, but the devices form {units} (TPU slices, else processes)"
+        )
+    if device_count % parts:
+        raise ValueError(f"mesh.dcn={dcn}: {device_count} devices cannot be split into {parts} equal parts")
+    return fill_shape(ici, device_count // parts, "mesh.ici"), dcn_shape
+
+
 def resolve_mesh_shape(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1), devices=None):
     """(ici_shape, dcn_shape) with the -1 entries filled in and the totals checked against the devices."""
     devices = jax.devices() if devices is None else list(devices)
-    n_granules, _ = _granules(devices)
-    dcn_shape = fill_shape(dcn, n_granules if -1 in tuple(dcn) else math.prod(dcn), "mesh.dcn")
-    if math.prod(dcn_shape) not in (1, n_granules):
-        raise ValueError(
-            f"mesh.dcn={tuple(dcn)}: {math.prod(dcn_shape)} DCN units requested, but the devices form "
-            f"{n_granules} (TPU slices, else processes)"
-        )
-    if len(devices) % math.prod(dcn_shape):
-        raise ValueError(
-            f"mesh.dcn={tuple(dcn)}: {len(devices)} devices cannot be split into {math.prod(dcn_shape)} equal parts"
-        )
-    ici_shape = fill_shape(ici, len(devices) // math.prod(dcn_shape), "mesh.ici")
-    if math.prod(ici_shape) * math.prod(dcn_shape) != len(devices):
-        raise ValueError(
-            f"mesh.ici={tuple(ici)} x mesh.dcn={tuple(dcn)} = "
-            f"{math.prod(ici_shape) * math.prod(dcn_shape)} devices, but {len(devices)} are present"
-        )
-    return ici_shape, dcn_shape
+    return mesh_shapes(ici, dcn, device_count=len(devices), units=dcn_units(devices))
 
 
 def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1), devices=None) -> jax.sharding.Mesh:

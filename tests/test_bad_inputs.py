@@ -257,7 +257,7 @@ def case_export_nonempty(assets, tmp):  # item 6: another run's ema/ is not over
     out.mkdir()
     (out / "config.json").write_text("another run")
     return (
-        ["-m", "sfd_jax.checkpoint", "export", f"--workdir={tmp / 'run'}", f"--out={out}"],
+        ["-m", "sfd_jax.train.export", f"--workdir={tmp / 'run'}", f"--out={out}"],
         [out],
         ["not empty", "--overwrite"],
     )

@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import CORRUPT_DIR, Checkpoints, export_ema, read_config_json
+from sfd_jax.checkpoint import CORRUPT_DIR, Checkpoints, NoReadableCheckpoint, read_config_json, restore_weights
+from sfd_jax.train.export import export_ema
 from sfd_jax.train.state import TrainState
 
 
@@ -107,6 +108,38 @@ def test_no_readable_checkpoint_raises_instead_of_restarting(tmp_path):
         ckpt.restore_latest(abstract_like(toy_state(mesh), mesh))
     assert ckpt.all_steps() == [1]  # nothing is moved when nothing could be read
     ckpt.close()
+
+
+def test_restore_weights_reads_one_part_onto_a_mesh_and_leaves_unreadable_ones_in_place(tmp_path, caplog):
+    """What a loader of a run's model uses: one field of the state, without the optimizer's tree to restore into."""
+    mesh = parallel.make_mesh((1, 8, 1))
+    ckpt = Checkpoints(tmp_path, keep_last=3)
+    for step in (1, 2):
+        ckpt.save(step, toy_state(mesh, seed=step), {"step": step}, {}, wait=True)
+    ckpt.close()
+    other = parallel.make_mesh((1, 2, 4))
+    expected = jax.device_get(toy_state(mesh, seed=2))
+    step, ema = restore_weights(tmp_path, abstract_like(toy_state(mesh).ema_params, other))
+    assert step == 2
+    chex.assert_trees_all_equal(jax.device_get(ema), expected.ema_params)
+    assert ema["blocks"][0]["kernel"].sharding.mesh.shape == other.shape
+    step, params = restore_weights(tmp_path, abstract_like(toy_state(mesh).params, other), step=1, part="params")
+    assert step == 1
+    chex.assert_trees_all_equal(jax.device_get(params), jax.device_get(toy_state(mesh, seed=1)).params)
+
+    _corrupt(tmp_path / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING, logger="sfd_jax.checkpoint"):
+        step, ema = restore_weights(tmp_path, abstract_like(toy_state(mesh).ema_params, mesh))
+    assert step == 1 and any("unreadable" in r.getMessage() for r in caplog.records)
+    chex.assert_trees_all_equal(jax.device_get(ema), jax.device_get(toy_state(mesh, seed=1)).ema_params)
+    assert Checkpoints(tmp_path).all_steps() == [1, 2] and not (tmp_path / CORRUPT_DIR).exists()
+    with pytest.raises(ValueError):  # the step asked for is unreadable (its metadata is cut): no fallback to another
+        restore_weights(tmp_path, abstract_like(toy_state(mesh).ema_params, mesh), step=2)
+    _corrupt(tmp_path / "checkpoints" / "1")
+    with pytest.raises(NoReadableCheckpoint, match=r"tried steps \[2, 1\]"):
+        restore_weights(tmp_path, abstract_like(toy_state(mesh).ema_params, mesh))
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 5"):
+        restore_weights(tmp_path, abstract_like(toy_state(mesh).ema_params, mesh), step=5)
 
 
 def test_keeps_last_n_plus_every_kth(tmp_path):

@@ -2,6 +2,8 @@
 
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -102,6 +104,9 @@ def test_unknown_variant_lists_the_valid_ones():
         ("train.batch_size", 12, 8, r"config.train.batch_size: 12 is not divisible by the data-parallel size 8"),
         ("mesh.ici", (2, 2, 1), 8, r"config.mesh.ici=\(2, 2, 1\): mesh size 4 != 8 .*device count 8"),
         ("mesh.ici", (3, -1, 1), 8, r"config.mesh.ici=\(3, -1, 1\)"),
+        # the same resolution as parallel.make_mesh: one process is one DCN unit, so a data-centre axis of 2 is refused
+        ("mesh.dcn", (2, 1, 1), 8, r"config.mesh.dcn=\(2, 1, 1\): 2 DCN units requested, but the devices form 1"),
+        ("mesh.dcn", ("a", 1, 1), 8, r"config.mesh.dcn=\('a', 1, 1\): expected 3 integers"),
         ("diffusion.delta_t", 1.0, 8, r"config.diffusion.delta_t: 1.0 must lie in \[0, 1\)"),
         ("diffusion.delta_t", -0.1, 8, r"config.diffusion.delta_t"),
         ("repa.mode", "l2", 8, r"config.repa.mode: 'l2'; valid: \('cos', 'mse', 'cos_mse'\)"),
@@ -146,6 +151,33 @@ def test_eval_hook_needs_a_function():
     c.eval.fn = ""
     with pytest.raises(ConfigError, match="config.eval.fn"):
         train_loop.resolve_eval_fn(c, None)
+
+
+def test_eval_block_declares_every_field_the_in_training_fid_reads():
+    from sfd_jax.eval import in_training
+
+    c = get("tiny")
+    assert set(c.eval.keys()) - {"every", "fn"} == set(in_training.FIELDS)
+    block = in_training.read_block(c.eval, {"num_images": 16})
+    assert block["num_images"] == 16 and block["solver"] == "dopri5" and block["delta_t"] is None
+    partial = c.eval.to_dict()
+    del partial["grid_size"]
+    with pytest.raises(ValueError, match=r"config.eval lacks the in-training FID fields \['grid_size'\]"):
+        in_training.read_block(partial)
+    with pytest.raises(ValueError, match=r"unknown in-training eval fields \['num_image'\]"):
+        in_training.make_eval_fn(num_image=16)
+
+
+def test_the_config_file_imports_nothing_of_the_package():
+    """Its defaults are its own: reading configs/sfd.py does not import sfd_jax (the eval stack least of all)."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('c', {str(REPO / 'configs' / 'sfd.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.get_config('tiny')\n"
+        "print(sorted(n for n in sys.modules if n.startswith('sfd_jax')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_derived_values_for_a_pod():

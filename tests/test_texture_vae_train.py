@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sfd_jax.config_loader import load_config
-from sfd_jax.convert.texture_vae import export_texture_vae, load_texture_vae
+from sfd_jax.convert.texture_vae import export_texture_vae, load_texture_vae, load_texture_vae_from_workdir
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 from sfd_jax.train import texture_vae as trainer
 from sfd_jax.train.metrics import read_metrics
@@ -49,7 +49,7 @@ def test_reconstruction_error_falls(trained):
 def test_checkpoint_holds_the_exported_weights(trained):
     workdir, config, _ = trained
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [config.train.num_steps]
-    cfg, restored = trainer.load_trained(str(workdir))
+    cfg, restored = load_texture_vae_from_workdir(str(workdir))
     exported = export_texture_vae(load_texture_vae(workdir / "texture_vae")[1])
     assert cfg == TextureVAEConfig.from_dict(config.model.to_dict())
     for key, value in export_texture_vae(restored).items():

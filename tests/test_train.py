@@ -210,7 +210,7 @@ def test_nonfinite_update_is_dropped_on_device():
 
 
 def test_ema_export_from_a_workdir(straight, tmp_path):
-    from sfd_jax.checkpoint import export_ema_from_workdir
+    from sfd_jax.train.export import export_ema_from_workdir
     from sfd_jax.convert.dit import restore_dit
 
     k, straight_dir, summary = straight

@@ -16,6 +16,7 @@ from conftest import REPO
 from sfd_jax import parallel
 from sfd_jax.diffusion import losses
 from sfd_jax.models import semvae as sv
+from sfd_jax.programs import ProgramCache
 from sfd_jax.train import build as build_lib
 from sfd_jax.train import semvae as semvae_trainer
 from sfd_jax.train.state import TrainState, make_optimizer
@@ -163,7 +164,7 @@ def test_label_dropout_replaces_labels_by_the_null_class(monkeypatch):
     seen = {}
     real = build_lib.make_train_step
     monkeypatch.setattr(build_lib, "make_train_step", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
-    monkeypatch.setattr(build_lib, "_BUILD_CACHE", {})
+    monkeypatch.setattr(build_lib, "_BUILD_CACHE", ProgramCache(size=4))
     config = sfd_config()
     config.optim.label_dropout = 0.25
     run = build_lib.build(config)  # builds the recipe only: nothing is initialised or compiled
@@ -174,7 +175,7 @@ def test_label_dropout_replaces_labels_by_the_null_class(monkeypatch):
 def test_ablate_no_semantic_step_trains_on_the_texture_channels(monkeypatch):
     """The texture-only ablation (semantic_chans 0, Δt 0): one real step's loss equals the SFD loss of the initial
     model on channels [0:32] of the batch, and the EMA moves by the configured decay."""
-    monkeypatch.setattr(build_lib, "_BUILD_CACHE", {})
+    monkeypatch.setattr(build_lib, "_BUILD_CACHE", ProgramCache(size=4))
     config = sfd_config(semantic_chans=0, delta_t=0.0)
     config.optim.label_dropout = 0.0
     run = build_lib.build(config)

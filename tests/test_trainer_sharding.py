@@ -19,6 +19,7 @@ from configs.semvae import get_config as semvae_config
 from conftest import assert_trees_close
 from sfd_jax import parallel
 from sfd_jax.config_loader import load_config
+from sfd_jax.convert.texture_vae import load_texture_vae_from_workdir
 from sfd_jax.train import semvae, texture_vae
 from sfd_jax.train.metrics import read_metrics
 
@@ -65,7 +66,7 @@ def test_texture_vae_fsdp_equals_replicated(tmp_path):
         config.train.update(num_steps=STEPS, log_every=1, ckpt_every=STEPS)
         config.eval.every = 0
         texture_vae.run(config, str(tmp_path / name))
-        _, model = texture_vae.load_trained(str(tmp_path / name), use_ema=False)
+        _, model = load_texture_vae_from_workdir(str(tmp_path / name), use_ema=False)
         params[name] = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     _check_metrics(tmp_path, ("loss", "l1", "mse", "kl", "grad_norm"))
     print("texture VAE max |Δparam|", _max_diff(params["fsdp"], params["replicated"]))

@@ -18,11 +18,13 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfd_jax import paths
+from sfd_jax import parallel, paths
+from sfd_jax.checkpoint import read_config_json, restore_weights
 from sfd_jax.convert.common import (
     CONFIG_NAME,
     ConversionError,
@@ -178,6 +180,32 @@ def load_texture_vae(
         for path, var in nnx.to_flat_state(state)
     ]
     return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_texture_vae_from_workdir(
+    workdir: str, *, step: int | None = None, use_ema: bool = True
+) -> tuple[TextureVAEConfig, TextureVAE]:
+    """(cfg, model) from a checkpoint of a `--mode=train_texture_vae` run (newest readable unless `step`), e.g. of an
+    interrupted run; a finished run's weights are also in `<workdir>/texture_vae/` for `load_texture_vae`.
+
+    Only the weights are read (the EMA, kept in float32 by the trainer, unless `use_ema=False`), laid out over this
+    host's devices by the run's sharding rules.
+    """
+    config = read_config_json(workdir, step)["config"]
+    cfg = TextureVAEConfig.from_dict(config["model"])
+    graphdef, params, aux = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    if jax.tree.leaves(aux):
+        # Such state would have to be initialised, not restored; the trainer does not checkpoint it either.
+        raise NotImplementedError("TextureVAE has non-parameter state now; restore it along with the weights")
+    mesh = parallel.make_mesh((1, -1, 1), devices=jax.local_devices())
+    shardings = parallel.state_shardings(params, mesh, parallel.parse_rules(config["mesh"]["rules"]))
+    abstract = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, jnp.float32 if use_ema else x.dtype, sharding=sharding),
+        nnx.to_pure_dict(params),
+        shardings,
+    )
+    _, weights = restore_weights(workdir, abstract, step=step, part="ema_params" if use_ema else "params")
+    return cfg, nnx.merge(graphdef, weights, aux)
 
 
 def export_texture_vae(model: TextureVAE) -> dict[str, np.ndarray]:

@@ -250,14 +250,12 @@ def load_encoders(cfg) -> Encoders:
     """Encoders from checkpoint paths in the `extract` config block (see docs/data.md)."""
     from sfd_jax.convert.dinov2 import load_dinov2
     from sfd_jax.convert.semvae import load_semvae
-    from sfd_jax.convert.texture_vae import load_texture_vae
+    from sfd_jax.convert.texture_vae import load_texture_vae, load_texture_vae_from_workdir
 
     dtype = cfg.get("dtype") or "float32"
     sources = {}
     if cfg.get("texture_vae_workdir"):
-        from sfd_jax.train.texture_vae import load_trained
-
-        _, texture_vae = load_trained(cfg.texture_vae_workdir)
+        _, texture_vae = load_texture_vae_from_workdir(cfg.texture_vae_workdir)
         sources["texture_vae"] = f"workdir:{paths.absolute(cfg.texture_vae_workdir)}"
     elif cfg.get("texture_vae"):
         _, texture_vae = load_texture_vae(cfg.texture_vae, dtype=dtype)

@@ -26,19 +26,18 @@ Inputs may be sharded over a mesh along the batch axis.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import diffrax
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfd_jax.programs import ProgramCache
 from sfd_jax.diffusion import schedule
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance, check_guidance, guided_velocity
 
@@ -48,6 +47,22 @@ SOLVERS = ("dopri5", "euler", "heun")
 STEP_CONTROLS = ("per_sample", "batch")
 PHASE_MODES = ("jump", "split", "none")
 _DOPRI5_NEW_STAGES = 6  # 7 stages, FSAL: the first stage reuses the previous step's last one
+
+
+@jax.custom_batching.custom_vmap
+def _any_lane(flag):
+    """`flag` outside vmap; under vmap, whether any lane's flag is set, as one unbatched value.
+
+    diffrax evaluates Dopri5's first stage (a `lax.cond`) when any lane of a vmapped solve needs it, so the batched
+    forward runs for all lanes at once; counting it needs the same reduction over the batch.
+    """
+    return flag
+
+
+@_any_lane.def_vmap
+def _any_lane_vmap(axis_size, in_batched, flag):
+    (batched,) = in_batched
+    return (jnp.any(flag, axis=0) if batched else flag), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +86,12 @@ class _Plan:
     return_trajectory: bool
 
 
-_TRACES = collections.Counter()
-_COMPILED: "collections.OrderedDict[Any, Callable]" = collections.OrderedDict()
-_CACHE_SIZE = 32
+_PROGRAMS = ProgramCache(size=32)
 
 
 def trace_count(reset: bool = False) -> int:
     """How many times a sampler program was traced (each trace = one compilation)."""
-    n = sum(_TRACES.values())
-    if reset:
-        _TRACES.clear()
-    return n
+    return _PROGRAMS.trace_count(reset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,14 +161,7 @@ def sample(
     )
     gparams = _guidance_params(guidance)
     key = (plan, main_static, guide_static)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = jax.jit(_build(plan, main_static, guide_static))
-        _COMPILED[key] = fn
-        while len(_COMPILED) > _CACHE_SIZE:
-            _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(key)
+    fn = _PROGRAMS.get(key, lambda: jax.jit(_build(plan, main_static, guide_static)))
     x_final, stats = fn(main_state, guide_state, gparams, z0.astype(jnp.float32), y.astype(jnp.int32))
     if isinstance(x_final, jax.core.Tracer):
         return x_final, stats
@@ -279,7 +282,7 @@ def _host_stats(stats: dict, plan: _Plan, on_max_steps: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def _build(plan: _Plan, main_static, guide_static) -> Callable:
     def program(main_state, guide_state, gparams, z0, y):
-        _TRACES[plan] += 1
+        _PROGRAMS.note_trace()
         main_fn = _bind(main_static, main_state)
         guide_fn = _bind(guide_static, guide_state)
         if plan.guidance_kind == "cfg":
@@ -466,8 +469,8 @@ class _CountingController(diffrax.AbstractStepSizeController):
 
     The controller state is the only solver state diffrax never rolls back on a rejected step, so the count lives
     here. Each attempt costs 6 new stages, plus the first stage when the FSAL value is invalid (the first step, or
-    the step after a jump, until one is accepted) — the same condition diffrax uses. `calls` mirrors diffrax's
-    `unvmap_any`, so under vmap it counts the batched forwards actually executed.
+    the step after a jump, until one is accepted) — the same condition diffrax uses. `calls` reduces that condition
+    over the vmapped lanes as diffrax does, so under vmap it counts the batched forwards actually executed.
     """
 
     inner: diffrax.AbstractStepSizeController
@@ -489,6 +492,6 @@ class _CountingController(diffrax.AbstractStepSizeController):
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
         )
         nfe = nfe + _DOPRI5_NEW_STAGES + first_stage_pending.astype(jnp.int32)
-        calls = calls + _DOPRI5_NEW_STAGES + eqxi.unvmap_any(first_stage_pending).astype(jnp.int32)
+        calls = calls + _DOPRI5_NEW_STAGES + _any_lane(first_stage_pending).astype(jnp.int32)
         first_stage_pending = jnp.where(keep, jnp.asarray(made_jump), first_stage_pending)
         return keep, next_t0, next_t1, made_jump, (inner_state, first_stage_pending, nfe, calls), result

@@ -22,10 +22,9 @@ scales are part of that key.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,20 +36,16 @@ from sfd_jax import parallel
 from sfd_jax.diffusion import sampler
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
 from sfd_jax.eval.decoding import TextureDecoder, read_latent_stats  # noqa: F401 (part of this module's API)
+from sfd_jax.programs import ProgramCache
 
 LABEL_MODES = ("balanced", "random", "unconditional")
 
-_TRACES = collections.Counter()
-_PROGRAMS: "collections.OrderedDict[Any, Callable]" = collections.OrderedDict()
-_CACHE_SIZE = 8
+_PROGRAMS = ProgramCache(size=8)
 
 
 def trace_count(reset: bool = False) -> int:
     """How many times a generation program was traced (each trace = one compilation)."""
-    n = sum(_TRACES.values())
-    if reset:
-        _TRACES.clear()
-    return n
+    return _PROGRAMS.trace_count(reset)
 
 
 def clear_programs() -> None:
@@ -240,10 +235,9 @@ class ImageGenerator:
             self.mesh,
             self.per_device_batch,
         )
-        fn = _PROGRAMS.get(key)
-        if fn is not None:
-            _PROGRAMS.move_to_end(key)
-            return fn
+        return _PROGRAMS.get(key, lambda: self._build_program(model_graph, guide_graph, guidance_spec, latent_shape))
+
+    def _build_program(self, model_graph, guide_graph, guidance_spec: tuple, latent_shape: tuple):
         settings, decoder, mesh = self.settings, self.decoder, self.mesh
         vae_graph = self._vae[0]
         semantic_chans = latent_shape[-1] - decoder.channels
@@ -256,7 +250,7 @@ class ImageGenerator:
         )
 
         def program(model_state, guide_state, vae_state, mean, std, noise_key, indices, labels):
-            _TRACES[key] += 1
+            _PROGRAMS.note_trace()
             model = nnx.merge(model_graph, model_state)
             guidance = _rebuild_guidance(guidance_spec, guide_graph, guide_state)
             z0 = initial_noise(noise_key, indices, latent_shape)
@@ -272,13 +266,9 @@ class ImageGenerator:
             }
 
         rep = NamedSharding(mesh, P())
-        fn = jax.jit(
+        return jax.jit(
             program, out_shardings=(self.batch_sharding, {"nfe": rep, "nfe_sum": rep, "max_steps_reached": rep})
         )
-        _PROGRAMS[key] = fn
-        while len(_PROGRAMS) > _CACHE_SIZE:
-            _PROGRAMS.popitem(last=False)
-        return fn
 
     # ---- call
     def __call__(self, model, indices, labels, **kwargs) -> tuple[np.ndarray, list]:

@@ -19,8 +19,10 @@ samples the same N images every time — indices 0..N−1, class-balanced labels
 FID-N is biased upwards for small N (and, against ADM's 50K-image statistics, not comparable to FID-50K): use it
 as a training curve. It also writes `<workdir>/eval_grids/step_XXXXXXX.png`.
 
-Fields read from `config.eval` (defaults in `DEFAULTS`); latent_stats defaults to `<data.path>/stats.json`,
-latent_multiplier to `data.latent_multiplier`, delta_t to `diffusion.delta_t`, num_classes to `data.num_classes`.
+Fields read from `config.eval`: `FIELDS`, every one of them, declared with its default by the config file
+(configs/sfd.py `eval_block`). Empty or None values are derived: latent_stats from `<data.path>/stats.json`,
+latent_multiplier from `data.latent_multiplier`, delta_t from `diffusion.delta_t`, num_classes (0) from
+`data.num_classes`.
 """
 
 from __future__ import annotations
@@ -40,41 +42,62 @@ from sfd_jax.eval.generator import ImageGenerator, TextureDecoder, class_labels
 from sfd_jax.eval.sample import config_get, guidance_from_config, settings_from_config
 from sfd_jax.eval.sample_files import grid_indices, make_grid, save_png
 
-DEFAULTS = dict(
-    num_images=5000,
-    labels="balanced",
-    num_classes=0,
-    seed=0,
-    texture_vae="",
-    vae_dtype="float32",
-    latent_stats="",
-    latent_multiplier=None,
-    solver="dopri5",
-    num_steps=0,
-    rtol=1e-3,
-    atol=1e-6,
-    delta_t=None,
-    step_control="per_sample",
-    phase_mode="split",
-    max_steps=4096,
-    guidance="none",
-    scale=1.5,
-    scale_sem=None,
-    scale_tex=None,
-    interval_start=None,
-    guide="",
-    guide_use_ema=True,
-    per_device_batch=32,
-    decode_batch=8,
-    inception_weights="",
-    feature_fn="",
-    ref_batch="",
-    resize="tf1",
-    input_size=299,
-    feature_batch=256,
-    is_split_size=5000,
-    grid_size=16,
+FIELDS = (
+    "num_images",
+    "labels",
+    "num_classes",
+    "seed",
+    "texture_vae",
+    "vae_dtype",
+    "latent_stats",
+    "latent_multiplier",
+    "solver",
+    "num_steps",
+    "rtol",
+    "atol",
+    "delta_t",
+    "step_control",
+    "phase_mode",
+    "max_steps",
+    "guidance",
+    "scale",
+    "scale_sem",
+    "scale_tex",
+    "interval_start",
+    "guide",
+    "guide_use_ema",
+    "per_device_batch",
+    "decode_batch",
+    "inception_weights",
+    "feature_fn",
+    "ref_batch",
+    "resize",
+    "input_size",
+    "feature_batch",
+    "is_split_size",
+    "grid_size",
 )
+
+
+def _checked(overrides: dict) -> dict:
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown in-training eval fields {unknown}; valid: {sorted(FIELDS)}")
+    return dict(overrides)
+
+
+def read_block(eval_block, overrides: dict | None = None) -> dict:
+    """{field: value} for every name in FIELDS from `config.eval`, then `overrides`; a field the config does not
+    declare is an error naming it (a config written for another hook, or an old one)."""
+    overrides = _checked(overrides or {})
+    declared = set(eval_block.keys()) | set(overrides)
+    missing = [name for name in FIELDS if name not in declared]
+    if missing:
+        raise ValueError(
+            f"config.eval lacks the in-training FID fields {missing}; declare them with their defaults as "
+            "configs/sfd.py eval_block() does"
+        )
+    return {name: overrides[name] if name in overrides else eval_block[name] for name in FIELDS}
 
 
 def _import(spec: str) -> Callable:
@@ -121,7 +144,7 @@ class FidEvaluator:
         from sfd_jax.eval.evaluate import read_reference_statistics, reference_features
         from sfd_jax.eval.features import InceptionExtractor, open_images
 
-        get = lambda name: config_get(block, name, DEFAULTS[name])  # noqa: E731
+        get = lambda name: config_get(block, name)  # noqa: E731
         self.block, self.workdir = block, workdir
         self.num_images = int(get("num_images"))
         if self.num_images < 2:
@@ -251,9 +274,7 @@ _EVALUATORS: dict = {}
 
 def _evaluator(ctx, feature_fn: Callable | None, overrides: dict) -> FidEvaluator:
     config = ctx.config
-    block = dict(DEFAULTS)
-    block.update({k: v for k, v in dict(config.eval).items() if k in DEFAULTS and v is not None})
-    block.update(overrides)
+    block = read_block(config.eval, overrides)
     data = config.get("data", {}) if hasattr(config, "get") else {}
     data_path = str(data.get("path", "")) if data.get("source", "") == "arrayrecord" else ""
     key = json.dumps([block, ctx.workdir, data_path, id(feature_fn)], sort_keys=True, default=str)
@@ -284,9 +305,7 @@ def fid(ctx) -> dict[str, float]:
 def make_eval_fn(feature_fn: Callable | None = None, **overrides) -> Callable:
     """An eval hook for `sfd_jax.train.loop.run(config, workdir, eval_fn=...)` with an in-memory feature function
     (uint8 (n, H, W, 3) → (n, D)) and/or `config.eval` fields overridden by keyword."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown in-training eval fields {unknown}; valid: {sorted(DEFAULTS)}")
+    _checked(overrides)  # a misspelt field fails here, not at the first evaluation
 
     def eval_fn(ctx) -> dict[str, float]:
         evaluator = _evaluator(ctx, feature_fn, overrides)

@@ -110,7 +110,7 @@ def load_model(path: str, *, use_ema: bool = True, dtype: str | None = None, wha
         if paths.isdir(paths.join(path, "checkpoints")) and not paths.exists(paths.join(path, "config.json")):
             raise ValueError(
                 f"config.{what}: {path} is a training workdir; export its EMA weights first with "
-                f"`python -m sfd_jax.checkpoint export --workdir={path} --out=OUT` and pass OUT"
+                f"`python -m sfd_jax.train.export --workdir={path} --out=OUT` and pass OUT"
             )
         _, model = restore_dit(path, dtype=dtype)
         meta_path = paths.join(path, "meta.json")

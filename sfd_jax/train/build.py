@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 
 from sfd_jax import parallel
+from sfd_jax.programs import ProgramCache
 from sfd_jax.train import config as config_lib
 from sfd_jax.train.state import TrainSetup, make_optimizer
 from sfd_jax.train.step import jit_train_step, make_train_step
@@ -103,8 +104,7 @@ def loss_config(config):
 # The sharded-state recipe and the compiled step depend only on these parts of the config, the global batch and the
 # devices. (train.num_steps is not among them because make_optimizer's schedules ignore it; add it if one decays.)
 _STEP_FIELDS = ("model", "diffusion", "repa", "optim", "mesh", "seed")
-_BUILD_CACHE: dict = {}
-_BUILD_CACHE_SIZE = 4
+_BUILD_CACHE = ProgramCache(size=4)
 
 
 def _build_key(config, devices, process_count) -> str:
@@ -122,34 +122,20 @@ def _build_key(config, devices, process_count) -> str:
 
 def build(config, *, process_count: int | None = None, devices=None) -> Run:
     """Validates `config` and builds the mesh, the sharded-state recipe and the jitted step (nothing allocated)."""
-    from sfd_jax.diffusion.losses import sfd_loss
-    from sfd_jax.models.lightningdit import LightningDiT, train_flops_per_image
+    from sfd_jax.models.lightningdit import train_flops_per_image
 
     devices = jax.devices() if devices is None else list(devices)
     process_count = jax.process_count() if process_count is None else process_count
-    derived = config_lib.validate(config, device_count=len(devices), process_count=process_count)
+    # The DCN units of the devices themselves (TPU slices, else processes): the mesh built below uses the same count.
+    derived = config_lib.validate(
+        config, device_count=len(devices), process_count=process_count, num_slices=parallel.dcn_units(devices)
+    )
     model_cfg = model_config(config, derived["model_channels"])
     loss_cfg = loss_config(config)
-    key = _build_key(config, devices, process_count)
-    if key not in _BUILD_CACHE:
-        mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn), devices)
-        rules = parallel.parse_rules(config.mesh.rules)
-        tx, schedule = make_optimizer(config.optim, int(config.train.num_steps))
-        setup = TrainSetup(lambda rngs: LightningDiT(model_cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
-        step_fn = make_train_step(
-            setup.graphdef,
-            tx,
-            sfd_loss,
-            loss_cfg,
-            ema_decay=float(config.optim.ema_decay),
-            label_dropout=float(config.optim.label_dropout),
-            null_class=model_cfg.num_classes,
-            model_channels=derived["model_channels"],
-        )
-        while len(_BUILD_CACHE) >= _BUILD_CACHE_SIZE:
-            _BUILD_CACHE.pop(next(iter(_BUILD_CACHE)))
-        _BUILD_CACHE[key] = (mesh, setup, schedule, jit_train_step(step_fn, setup, mesh), {})
-    mesh, setup, schedule, train_step, compiled = _BUILD_CACHE[key]
+    mesh, setup, schedule, train_step, compiled = _BUILD_CACHE.get(
+        _build_key(config, devices, process_count),
+        lambda: _build_step(config, devices, model_cfg, derived["model_channels"], loss_cfg),
+    )
     derived["num_params"] = int(setup.num_params)
     return Run(
         config=config,
@@ -163,6 +149,28 @@ def build(config, *, process_count: int | None = None, devices=None) -> Run:
         flops_per_image=float(train_flops_per_image(model_cfg)),
         compiled=compiled,
     )
+
+
+def _build_step(config, devices, model_cfg, model_channels: int, loss_cfg) -> tuple:
+    """(mesh, sharded-state recipe, learning-rate schedule, jitted step, {} for its compilations)."""
+    from sfd_jax.diffusion.losses import sfd_loss
+    from sfd_jax.models.lightningdit import LightningDiT
+
+    mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn), devices)
+    rules = parallel.parse_rules(config.mesh.rules)
+    tx, schedule = make_optimizer(config.optim, int(config.train.num_steps))
+    setup = TrainSetup(lambda rngs: LightningDiT(model_cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
+    step_fn = make_train_step(
+        setup.graphdef,
+        tx,
+        sfd_loss,
+        loss_cfg,
+        ema_decay=float(config.optim.ema_decay),
+        label_dropout=float(config.optim.label_dropout),
+        null_class=model_cfg.num_classes,
+        model_channels=model_channels,
+    )
+    return mesh, setup, schedule, jit_train_step(step_fn, setup, mesh), {}
 
 
 def config_json(run: Run) -> dict:

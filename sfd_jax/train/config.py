@@ -45,7 +45,8 @@ def require_finite_optim(o) -> None:
 def validate(config, *, device_count: int, process_count: int = 1, num_slices: int | None = None) -> dict:
     """Checks `config` for a run on `device_count` devices in `process_count` processes; returns derived values.
 
-    num_slices: DCN units available when `mesh.dcn` holds -1 (TPU slices; default: process_count).
+    num_slices: the DCN units of the devices (TPU slices, else processes; default: process_count): what a -1 in
+    `mesh.dcn` takes, and the only product of `mesh.dcn` besides 1 that can be met.
     """
     m, d, r, o, t, data = config.model, config.diffusion, config.repa, config.optim, config.train, config.data
     sizes = tuple(SIZES)
@@ -107,24 +108,13 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
     try:
-        dcn = tuple(int(v) for v in config.mesh.dcn)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"config.mesh.dcn={config.mesh.dcn!r}: expected {len(parallel.AXES)} integers for axes "
-            f"{parallel.AXES}, e.g. (1, 1, 1)"
-        ) from None
-    slices = process_count if num_slices is None else num_slices
-    try:
-        dcn_shape = parallel.fill_shape(dcn, slices if -1 in dcn else math.prod(dcn), "mesh.dcn")
-        require(
-            device_count % math.prod(dcn_shape) == 0,
-            "mesh.dcn",
-            f"{dcn}: {device_count} devices cannot be split into {math.prod(dcn_shape)} equal parts",
+        ici_shape, dcn_shape = parallel.mesh_shapes(
+            config.mesh.ici,
+            config.mesh.dcn,
+            device_count=device_count,
+            units=process_count if num_slices is None else num_slices,
         )
-        ici_shape = parallel.fill_shape(tuple(config.mesh.ici), device_count // math.prod(dcn_shape), "mesh.ici")
     except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"config.{e} (device count {device_count})") from None
     shape = {a: i * j for a, i, j in zip(parallel.AXES, ici_shape, dcn_shape)}
     dp = shape["data"] * shape["fsdp"]

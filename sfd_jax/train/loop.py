@@ -26,10 +26,10 @@ from etils import epath
 from flax import nnx
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import export_ema
 from sfd_jax.train import config as config_lib
 from sfd_jax.train import skeleton
 from sfd_jax.train.build import build, config_json
+from sfd_jax.train.export import export_ema
 from sfd_jax.train.metrics import is_remote, peak_flops_per_device
 from sfd_jax.train.state import TrainSetup
 

@@ -31,7 +31,6 @@ from flax import nnx
 from PIL import Image
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import Checkpoints, read_config_json
 from sfd_jax.convert.texture_vae import save_texture_vae
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 from sfd_jax.train import skeleton
@@ -217,26 +216,6 @@ def _aux(setup: TrainSetup):
 
 def _mesh(config):
     return parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.get("dcn", (1, 1, 1))))
-
-
-def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True) -> tuple[TextureVAEConfig, TextureVAE]:
-    """(cfg, model) from a checkpoint of a run (newest readable unless `step`), e.g. of an interrupted run; a
-    finished run's weights are also in `<workdir>/texture_vae/` for `load_texture_vae`."""
-    saved = read_config_json(workdir, step)
-    config = ml_collections.ConfigDict(saved["config"])
-    setup = _setup(config, parallel.make_mesh((1, -1, 1), devices=jax.local_devices()))
-    ckpt = Checkpoints(workdir, keep_last=10**9)
-    try:
-        if step is None:
-            restored = ckpt.restore_latest(setup.abstract_state)
-            if restored is None:
-                raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
-            step, state = restored[:2]
-        else:
-            state = ckpt.restore(step, setup.abstract_state)[0]
-    finally:
-        ckpt.close()
-    return _model_config(config), setup.merge(state.ema_params if use_ema else state.params, _aux(setup))
 
 
 # ----------------------------------------------------------------------------------------------------------------
