@@ -202,6 +202,17 @@ def test_compiles_once_per_shape(models, euler_ref):
     assert not np.allclose(np.asarray(first), np.asarray(second))
 
 
+def test_a_tolerance_sweep_compiles_once(models, dopri_ref):
+    main, _ = models
+    z0, y = nhwc(dopri_ref["z0"]), dopri_ref["y"]
+    loose, loose_stats = sample(main, z0, y, rtol=1e-2, atol=1e-5)
+    before = sampler.trace_count()
+    tight, tight_stats = sample(main, z0, y, rtol=1e-6, atol=1e-9)  # rtol/atol are traced: the same program
+    assert sampler.trace_count() == before
+    assert tight_stats["nfe"] > loose_stats["nfe"]  # ... that does obey the new tolerances
+    assert not np.array_equal(np.asarray(loose), np.asarray(tight))
+
+
 @pytest.mark.parametrize("step_control", ["batch", "per_sample"])
 def test_dopri5_beats_reference(step_control, models, dopri_ref):
     """At the paper's rtol 1e-3 / atol 1e-6 with the default per-phase solve: the documented 45 model calls and

@@ -67,12 +67,11 @@ def _any_lane_vmap(axis_size, in_batched, flag):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything static about one sampler compilation."""
+    """Everything static about one sampler compilation (the guidance scales and Dopri5's rtol/atol are traced
+    inputs instead: a sweep over them reuses one program)."""
 
     solver: str
     num_steps: int | None
-    rtol: float
-    atol: float
     delta_t: float
     step_control: str
     phase_mode: str
@@ -159,13 +158,13 @@ def sample(
     guide_static, guide_state = (
         _split(guidance.guide_model, "AutoGuidance.guide_model") if isinstance(guidance, AutoGuidance) else (None, None)
     )
-    gparams = _guidance_params(guidance)
+    gparams = jnp.concatenate([_guidance_params(guidance), jnp.asarray([rtol, atol], jnp.float32)])
     key = (plan, main_static, guide_static)
     fn = _PROGRAMS.get(key, lambda: jax.jit(_build(plan, main_static, guide_static)))
     x_final, stats = fn(main_state, guide_state, gparams, z0.astype(jnp.float32), y.astype(jnp.int32))
     if isinstance(x_final, jax.core.Tracer):
         return x_final, stats
-    return x_final, _host_stats(stats, plan, on_max_steps)
+    return x_final, _host_stats(stats, plan, (rtol, atol), on_max_steps)
 
 
 def _make_plan(
@@ -215,8 +214,6 @@ def _make_plan(
     return _Plan(
         solver=solver,
         num_steps=None if num_steps is None else int(num_steps),
-        rtol=float(rtol),
-        atol=float(atol),
         delta_t=delta_t,
         step_control=step_control,
         phase_mode=phase_mode,
@@ -261,14 +258,14 @@ def _guidance_params(guidance) -> jax.Array:
     return jnp.asarray([w_tex, w_sem, start], jnp.float32)
 
 
-def _host_stats(stats: dict, plan: _Plan, on_max_steps: str) -> dict:
+def _host_stats(stats: dict, plan: _Plan, tolerances: tuple[float, float], on_max_steps: str) -> dict:
     out = {k: (v if k == "trajectory" else np.asarray(v)) for k, v in stats.items()}
     out["nfe"] = int(out["nfe"])
     hit = out["max_steps_reached"]
     if hit.any():
         msg = (
             f"dopri5 hit max_steps={plan.max_steps} for samples {np.flatnonzero(hit).tolist()} "
-            f"(rtol={plan.rtol}, atol={plan.atol}); their results are truncated. Raise max_steps or loosen the "
+            f"(rtol={tolerances[0]}, atol={tolerances[1]}); their results are truncated. Raise max_steps or loosen the "
             "tolerances."
         )
         if on_max_steps == "raise":
@@ -282,6 +279,7 @@ def _host_stats(stats: dict, plan: _Plan, on_max_steps: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def _build(plan: _Plan, main_static, guide_static) -> Callable:
     def program(main_state, guide_state, gparams, z0, y):
+        """gparams: (w_tex, w_sem, interval start, rtol, atol), float32."""
         _PROGRAMS.note_trace()
         main_fn = _bind(main_static, main_state)
         guide_fn = _bind(guide_static, guide_state)
@@ -313,12 +311,13 @@ def _build(plan: _Plan, main_static, guide_static) -> Callable:
 
         if plan.solver != "dopri5":
             return _fixed_grid(plan, velocity, z0, y)
+        tol = (gparams[3], gparams[4])
         if plan.step_control == "batch":
-            x, counts = _adaptive(plan, velocity, z0, y)
+            x, counts = _adaptive(plan, tol, velocity, z0, y)
             return x, _stats_from_counts(counts, z0.shape[0], batched=False)
 
         def one_sample(z, label):
-            x, counts = _adaptive(plan, velocity, z[None], label[None])
+            x, counts = _adaptive(plan, tol, velocity, z[None], label[None])
             return x[0], counts
 
         x, counts = jax.vmap(one_sample)(z0, y)
@@ -394,7 +393,7 @@ def _fixed_grid(plan: _Plan, velocity: Callable, z0, y):
 # ---------------------------------------------------------------------------------------------------------------
 # Adaptive Dopri5
 # ---------------------------------------------------------------------------------------------------------------
-def _adaptive(plan: _Plan, velocity: Callable, z0, y):
+def _adaptive(plan: _Plan, tol, velocity: Callable, z0, y):
     """Dopri5 over [0, 1 + Δt] for the batch z0 (b, H, W, C) sharing one error norm; returns (x, [per-phase counts])."""
     num_channels = z0.shape[-1]
     tex_chans = num_channels - plan.semantic_chans
@@ -407,7 +406,7 @@ def _adaptive(plan: _Plan, velocity: Callable, z0, y):
             return velocity(x, tau, y) * schedule.channel_mask(tex_m, sem_m, num_channels, plan.semantic_chans)
 
         jump_ts = schedule.phase_boundaries(plan.delta_t) if plan.phase_mode == "jump" else ()
-        x, counts = _dopri5(plan, field, z0, np.float32(0.0), tau_end, jump_ts)
+        x, counts = _dopri5(plan, tol, field, z0, np.float32(0.0), tau_end, jump_ts)
         return x, [counts]
 
     x = z0
@@ -423,17 +422,17 @@ def _adaptive(plan: _Plan, velocity: Callable, z0, y):
             return velocity(full, tau, y)[..., lo:hi]
 
         t0, t1 = np.float32(phase.start), np.float32(phase.end)
-        part, counts = _dopri5(plan, field, x[..., lo:hi], t0, t1, ())
+        part, counts = _dopri5(plan, tol, field, x[..., lo:hi], t0, t1, ())
         x = jnp.concatenate([x[..., :lo], part, x[..., hi:]], axis=-1)
         all_counts.append(counts)
     return x, all_counts
 
 
-def _dopri5(plan: _Plan, field: Callable, y0, t0, t1, jump_ts) -> tuple[jax.Array, dict]:
+def _dopri5(plan: _Plan, tol, field: Callable, y0, t0, t1, jump_ts) -> tuple[jax.Array, dict]:
     pcoeff, icoeff, dcoeff = plan.pid
     controller = diffrax.PIDController(
-        rtol=plan.rtol,
-        atol=plan.atol,
+        rtol=tol[0],
+        atol=tol[1],
         pcoeff=pcoeff,
         icoeff=icoeff,
         dcoeff=dcoeff,
