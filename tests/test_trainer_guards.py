@@ -292,6 +292,18 @@ def test_a_stale_lock_does_not_block_the_resume(stale, tmp_path):
     assert not (tmp_path / lock_lib.LOCK_NAME).exists()  # released on exit
 
 
+def test_the_heartbeat_refreshes_the_lock_in_place(tmp_path, monkeypatch):
+    """A live run's heartbeat moves forward (else after STALE_S another host would take its workdir), and each
+    refresh replaces the file whole, leaving no temporary file behind."""
+    monkeypatch.setattr(lock_lib, "HEARTBEAT_S", 0.05)
+    with lock_lib.WorkdirLock(str(tmp_path)):
+        first = json.loads((tmp_path / lock_lib.LOCK_NAME).read_text())
+        time.sleep(0.5)
+        later = json.loads((tmp_path / lock_lib.LOCK_NAME).read_text())
+        assert later["heartbeat"] > first["heartbeat"] and later["started"] == first["started"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_only_process_zero_holds_the_lock(tmp_path):
     with lock_lib.WorkdirLock(str(tmp_path), enabled=False):
         assert not (tmp_path / lock_lib.LOCK_NAME).exists()

@@ -21,6 +21,8 @@ import time
 
 from etils import epath
 
+from sfd_jax import paths
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "train.lock"
@@ -143,10 +145,8 @@ class WorkdirLock:
             if holder is None or holder.get("pid") != self._record["pid"] or holder.get("host") != self._record["host"]:
                 return  # the lock was taken from us (deleted by hand); never overwrite another run's lock
             self._record["heartbeat"] = time.time()
-            tmp = self.path.parent / f"{LOCK_NAME}.tmp-{os.getpid()}"
-            try:
-                tmp.write_text(json.dumps(self._record))
-                tmp.rename(self.path)
+            try:  # replaces the file whole (epath's rename refuses an existing destination)
+                paths.write_atomic(os.fspath(self.path), json.dumps(self._record))
             except OSError as e:
                 log.warning("cannot refresh the workdir lock %s: %s", self.path, e)
 
