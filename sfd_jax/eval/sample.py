@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import time
 from typing import Iterator
 
 import jax
 import numpy as np
-from absl import logging
 
 from sfd_jax import parallel, paths
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
@@ -65,6 +65,8 @@ from sfd_jax.eval.sample_files import (
     write_chunk,
     write_npz,
 )
+
+log = logging.getLogger(__name__)
 
 GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
 MANIFEST = "sample_manifest.json"
@@ -227,7 +229,7 @@ def _check_manifest(path: str, manifest: dict, overwrite: bool) -> None:
             "--workdir, or set --config.sample.overwrite=True to discard the old chunks"
         )
     if old.get("execution") != manifest.get("execution"):
-        logging.warning(
+        log.warning(
             "sampling with %s (earlier chunks: %s): images agree up to float rounding only",
             manifest.get("execution"),
             old.get("execution"),
@@ -247,7 +249,7 @@ def _progress_logger(total_todo: int, total: int, already: int, log_every_s: flo
         state["last"] = now
         rate = state["done"] / max(now - state["t0"], 1e-9)
         eta = (total_todo - state["done"]) / max(rate, 1e-9)
-        logging.info(
+        log.info(
             "sample: %d/%d images (%.1f%%), %.2f img/s, ETA %s, NFE %d per batch (%.1f per image)",
             already + state["done"],
             total,
@@ -374,7 +376,7 @@ def run(config, workdir: str) -> dict:
     new_piece[1:] = (np.diff(todo) != 1) | (todo[1:] // chunk_size != todo[:-1] // chunk_size)
     piece_start = todo[np.maximum.accumulate(np.where(new_piece, np.arange(todo.size), 0))] if todo.size else todo
     piece_len = dict(zip(*np.unique(piece_start, return_counts=True))) if todo.size else {}
-    logging.info(
+    log.info(
         "sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d on %d devices",
         num_images,
         image_shape,
@@ -416,7 +418,7 @@ def run(config, workdir: str) -> dict:
                         if filled and _is_main():
                             write_chunk(chunk_dir, s, buf[:filled])
                     preempted = True
-                    logging.warning(
+                    log.warning(
                         "sample: preempted after %d of %d images; rerun the command to finish",
                         already + offset + len(images),
                         num_images,
@@ -455,7 +457,7 @@ def run(config, workdir: str) -> dict:
     if _is_main():
         summary.update(_write_outputs(c, workdir, chunk_dir, num_images, image_shape, labels))
         paths.write_json_atomic(paths.join(workdir, "sample.json"), summary, indent=2)
-        logging.info(
+        log.info(
             "sample: done, %s",
             {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s", "nfe_per_image_mean") if k in summary},
         )
