@@ -201,6 +201,101 @@ def _check_or_write_dataset_json(out_dir: str, meta: dict, is_writer: bool) -> N
         records.write_json_atomic(path, meta)
 
 
+def _check_job(pi: int, pc: int, encoders: Encoders, options: ExtractOptions) -> None:
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+    if (encoders.semvae is None) != (options.semantic == "pca"):
+        raise ValueError(
+            f"extract.semantic={options.semantic!r} but the encoders "
+            f"{'have' if encoders.semvae is not None else 'lack'} a SemVAE"
+        )
+
+
+def _prepare_dataset(source, out_dir: str, encoders: Encoders, options: ExtractOptions, pool, pi: int, barrier):
+    """The dataset's encoders (with a fitted PCA where asked), record layout and shard names, after checking them
+    against (or writing) its dataset.json. Returns (encoders, layout, names, made_by)."""
+    if options.semantic == "pca" and encoders.pca is None:
+        encoders = _with_fitted_pca(source, out_dir, encoders, options, pool, pi, barrier)
+    layout = _probe_layout(encoders, options)
+    num_images = len(source)
+    num_shards = math.ceil(num_images / options.shard_size)
+    names = [records.shard_name(options.prefix, s, num_shards) for s in range(num_shards)]
+    made_by = encoders.describe()
+    meta = {
+        "format": records.FORMAT,
+        "layout": layout.to_json(),
+        "shards": names,
+        "num_source_images": num_images,
+        "extraction": options.identity(),
+        "source": describe_source(source),
+        "made_by": made_by,
+        "record_fields": "see sfd_jax/data/records.py and docs/data.md",
+    }
+    _check_or_write_dataset_json(out_dir, meta, pi == 0)
+    return encoders, layout, names, made_by
+
+
+def _with_fitted_pca(source, out_dir: str, encoders: Encoders, options: ExtractOptions, pool, pi: int, barrier):
+    """`encoders` with the PCA of `out_dir/pca.npz`, which process 0 fits first when it is not there yet."""
+    pca_path = paths.join(out_dir, "pca.npz")
+    if not paths.exists(pca_path) and pi == 0:
+        _fit_pca(source, encoders, options, pool).save(pca_path)
+    barrier("sfd_extract_pca")
+    return dataclasses.replace(
+        encoders, pca=PCA.load(pca_path), sources={**encoders.sources, "pca": f"fitted:{pca_path}"}
+    )
+
+
+def _shard_writer(source, out_dir: str, names: list, encoders: Encoders, layout, selection, options, pool, mesh):
+    """write_shard(s, bar) -> images processed: encodes shard `s` on `mesh` and writes it."""
+    encode = make_encode_fn(
+        encoders,
+        seed=options.seed,
+        dino_size=options.dino_size,
+        feature_dtype=records.DTYPES[options.feature_dtype],
+        mesh=mesh,
+    )
+    batch = options.batch_size_per_device * mesh.size
+
+    def write_shard(s: int, bar) -> int:
+        indices = _shard_range(s, options.shard_size, len(source))
+        return _extract_shard(source, out_dir, names[s], indices, encode, layout, batch, selection, options, pool, bar)
+
+    return write_shard
+
+
+def _write_shards(todo: list, write_shard, bar, profile: Profiler, preemption) -> tuple[int, int, bool]:
+    """Writes the shards in `todo` with `write_shard(s, bar)`, stopping after the one in progress when preempted.
+    Returns (images processed, shards written, preempted)."""
+    processed, written = 0, 0
+    try:
+        for k, s in enumerate(todo):
+            profile(k)
+            processed += write_shard(s, bar)
+            written += 1
+            if preemption.reached(k) and k + 1 < len(todo):
+                log.warning("preempted: %d shards written this run, the rest is left to the rerun", k + 1)
+                return processed, written, True
+    finally:
+        bar.close()
+        profile.close()
+    return processed, written, False
+
+
+def _finalize_stats(out_dir: str, names: list, made_by: dict, options: ExtractOptions, selection) -> dict:
+    return records.finalize_stats(
+        out_dir,
+        names,
+        made_by=made_by,
+        selection={
+            "seed": options.seed,
+            "max_images": options.stats_images,
+            "flipped": False,
+            "requested": int(len(selection)),
+        },
+    )
+
+
 def extract(
     source,
     out_dir: str,
@@ -224,13 +319,7 @@ def extract(
     options = options or ExtractOptions()
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
-    if not 0 <= pi < pc:
-        raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
-    if (encoders.semvae is None) != (options.semantic == "pca"):
-        raise ValueError(
-            f"extract.semantic={options.semantic!r} but the encoders "
-            f"{'have' if encoders.semvae is not None else 'lack'} a SemVAE"
-        )
+    _check_job(pi, pc, encoders, options)
     barrier = _Barrier()
     paths.makedirs(out_dir)
     num_images = len(source)
@@ -238,71 +327,20 @@ def extract(
         raise ValueError("the image source is empty")
     pool = concurrent.futures.ThreadPoolExecutor(options.num_workers)
     try:
-        if options.semantic == "pca" and encoders.pca is None:
-            pca_path = paths.join(out_dir, "pca.npz")
-            if not paths.exists(pca_path) and pi == 0:
-                _fit_pca(source, encoders, options, pool).save(pca_path)
-            barrier("sfd_extract_pca")
-            encoders = dataclasses.replace(
-                encoders, pca=PCA.load(pca_path), sources={**encoders.sources, "pca": f"fitted:{pca_path}"}
-            )
-        layout = _probe_layout(encoders, options)
-        num_shards = math.ceil(num_images / options.shard_size)
-        names = [records.shard_name(options.prefix, s, num_shards) for s in range(num_shards)]
-        made_by = encoders.describe()
-        meta = {
-            "format": records.FORMAT,
-            "layout": layout.to_json(),
-            "shards": names,
-            "num_source_images": num_images,
-            "extraction": options.identity(),
-            "source": describe_source(source),
-            "made_by": made_by,
-            "record_fields": "see sfd_jax/data/records.py and docs/data.md",
-        }
-        _check_or_write_dataset_json(out_dir, meta, pi == 0)
+        encoders, layout, names, made_by = _prepare_dataset(source, out_dir, encoders, options, pool, pi, barrier)
+        num_shards = len(names)
         selection = records.stats_selection(num_images, options.stats_images, options.seed)
         mine = [s for s in range(num_shards) if s % pc == pi]
         todo = [s for s in mine if not records.shard_done(out_dir, names[s])]
         if options.max_shards is not None:
             todo = todo[: options.max_shards]
-        done_images = sum(len(_shard_range(s, options.shard_size, num_images)) for s in mine if s not in todo)
-        mesh = mesh or _local_mesh()
-        encode = make_encode_fn(
-            encoders,
-            seed=options.seed,
-            dino_size=options.dino_size,
-            feature_dtype=records.DTYPES[options.feature_dtype],
-            mesh=mesh,
+        size = {s: len(_shard_range(s, options.shard_size, num_images)) for s in mine}
+        write_shard = _shard_writer(
+            source, out_dir, names, encoders, layout, selection, options, pool, mesh or _local_mesh()
         )
-        batch = options.batch_size_per_device * mesh.size
-        total = sum(len(_shard_range(s, options.shard_size, num_images)) for s in mine)
-        bar = _progress(total, done_images, progress)
-        t0, processed, preempted, written = time.time(), 0, False, 0
-        try:
-            for k, s in enumerate(todo):
-                profile(k)
-                processed += _extract_shard(
-                    source,
-                    out_dir,
-                    names[s],
-                    _shard_range(s, options.shard_size, num_images),
-                    encode,
-                    layout,
-                    batch,
-                    selection,
-                    options,
-                    pool,
-                    bar,
-                )
-                written += 1
-                if preemption.reached(k) and k + 1 < len(todo):
-                    log.warning("preempted: %d shards written this run, the rest is left to the rerun", k + 1)
-                    preempted = True
-                    break
-        finally:
-            bar.close()
-            profile.close()
+        bar = _progress(sum(size.values()), sum(size[s] for s in mine if s not in todo), progress)
+        t0 = time.time()
+        processed, written, preempted = _write_shards(todo, write_shard, bar, profile, preemption)
         remaining = [s for s in mine if not records.shard_done(out_dir, names[s])]
         summary = {
             "out_dir": out_dir,
@@ -318,17 +356,7 @@ def extract(
             return summary
         barrier("sfd_extract_shards")
         if pi == 0:
-            summary["stats"] = records.finalize_stats(
-                out_dir,
-                names,
-                made_by=made_by,
-                selection={
-                    "seed": options.seed,
-                    "max_images": options.stats_images,
-                    "flipped": False,
-                    "requested": int(len(selection)),
-                },
-            )
+            summary["stats"] = _finalize_stats(out_dir, names, made_by, options, selection)
         barrier("sfd_extract_stats")
         summary["complete"] = True
         return summary

@@ -75,70 +75,40 @@ def _to_records(arrays: dict[str, np.ndarray], semantic_key: str) -> dict[str, n
     }
 
 
-def convert(
-    src: str,
-    dst: str,
-    *,
-    semantic_key: str = "latents_sv",
-    stats: str = "auto",
-    latent_dtype: str = "float32",
-    feature_dtype: str = "float16",
-    stats_images: int = 10000,
-    seed: int = 0,
-) -> dict:
-    """Convert every `*.safetensors` in `src` into a dataset in `dst` (resumable: finished shards are kept).
-
-    `stats`: 'auto' (reference .pt files when both exist, else computed), 'reference' (require them), or 'compute'.
-    """
+def _count_images(files: list[str]) -> list[int]:
+    """Images per file, from the 'labels' tensor's shape alone (nothing is read yet)."""
     from safetensors import safe_open
 
-    if stats not in ("auto", "reference", "compute"):
-        raise ValueError(f"stats={stats!r}; choose 'auto', 'reference' or 'compute'")
-    files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {src}")
     counts = []
     for path in files:
         with safe_open(path, framework="np") as f:
             if "labels" not in f.keys():
                 raise ValueError(f"{path}: no 'labels' tensor; present: {sorted(f.keys())}")
             counts.append(int(f.get_slice("labels").get_shape()[0]))
-    total = sum(counts)
-    first = _read_file(files[0], semantic_key)
-    sample = _to_records({k: v[:1] for k, v in first.items()}, semantic_key)
-    layout = records.RecordLayout(
-        sample["texture"].shape[1:], sample["semantic"].shape[1:], sample["dino"].shape[1:], latent_dtype, feature_dtype
-    )
-    names = [records.shard_name("latents", s, len(files)) for s in range(len(files))]
-    # The PCA channels (latents_dino) are not normalised by the reference, so only the texture file is needed then.
-    ref_stats = [os.path.join(src, "latents_stats.pt")]
-    if semantic_key == "latents_sv":
-        ref_stats.append(os.path.join(src, "latents_sv_stats.pt"))
-    use_reference = stats == "reference" or (stats == "auto" and all(map(os.path.exists, ref_stats)))
-    made_by = {
-        "reference_latents": {
-            "src": os.path.abspath(src),
-            "files": [os.path.basename(f) for f in files],
-            "semantic_key": semantic_key,
-            "stats": "reference .pt files" if use_reference else "computed",
-        }
-    }
-    meta = {
+    return counts
+
+
+def _dataset_meta(src: str, files: list[str], layout, total: int, use_reference: bool, settings: dict) -> dict:
+    """dataset.json of the conversion; `settings`: semantic_key, latent_dtype, feature_dtype, seed, stats_images."""
+    return {
         "format": records.FORMAT,
         "layout": layout.to_json(),
-        "shards": names,
+        "shards": [records.shard_name("latents", s, len(files)) for s in range(len(files))],
         "num_source_images": total,
-        "extraction": {
-            "converted_from": "SFD reference safetensors",
-            "semantic_key": semantic_key,
-            "latent_dtype": latent_dtype,
-            "feature_dtype": feature_dtype,
-            "seed": seed,
-            "stats_images": stats_images,
-        },
+        "extraction": {"converted_from": "SFD reference safetensors", **settings},
         "source": {"kind": "reference_latents", "src": os.path.abspath(src)},
-        "made_by": made_by,
+        "made_by": {
+            "reference_latents": {
+                "src": os.path.abspath(src),
+                "files": [os.path.basename(f) for f in files],
+                "semantic_key": settings["semantic_key"],
+                "stats": "reference .pt files" if use_reference else "computed",
+            }
+        },
     }
+
+
+def _check_or_write_dataset_json(dst: str, meta: dict) -> None:
     os.makedirs(dst, exist_ok=True)
     meta_path = os.path.join(dst, "dataset.json")
     if os.path.exists(meta_path):
@@ -149,43 +119,42 @@ def convert(
             raise ValueError(f"{dst} already holds a different dataset; use a new directory")
     else:
         records.write_json_atomic(meta_path, meta)
-    selection = records.stats_selection(total, stats_images, seed)
-    start = 0
-    for s, (path, n) in enumerate(zip(files, counts)):
-        if not records.shard_done(dst, names[s]):
-            arrays = first if s == 0 else _read_file(path, semantic_key)
-            if len(arrays["labels"]) != n:
-                raise ValueError(f"{path}: labels changed length while converting")
-            fields = _to_records(arrays, semantic_key)
-            index = np.arange(start, start + n)
-            writer = records.ShardWriter(os.path.join(dst, names[s]))
-            try:
-                writer.write(layout.pack_pairs(index=index, label=arrays["labels"], **fields))
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            chosen = np.isin(index, selection)
-            stored = {k: fields[k][chosen].astype(layout.field_spec(k)[0]) for k in ("texture", "semantic")}
-            shard_meta = {
-                "num_records": 2 * n,
-                "num_images": n,
-                "first_index": start,
-                "stop_index": start + n,
-                "skipped": [],
-                "label_range": [int(np.min(arrays["labels"])), int(np.max(arrays["labels"]))],
-                "source_file": os.path.basename(path),
-                "moments": {
-                    "images": int(chosen.sum()),
-                    "texture": records.Moments.of(stored["texture"]).to_json(),
-                    "semantic": records.Moments.of(stored["semantic"]).to_json(),
-                },
-            }
-            records.write_json_atomic(os.path.join(dst, names[s] + ".json"), shard_meta)
-        start += n
-    selection_info = {"seed": seed, "max_images": stats_images, "flipped": False, "requested": int(len(selection))}
-    if not use_reference:
-        return records.finalize_stats(dst, names, made_by=made_by, selection=selection_info)
+
+
+def _write_shard(dst: str, name: str, path: str, arrays: dict, start: int, layout, selection, semantic_key: str):
+    """One reference file's images as shard `name` (records first, then its .json with the moments of the images
+    in the stats `selection`); source indices run from `start`."""
+    n = len(arrays["labels"])
+    fields = _to_records(arrays, semantic_key)
+    index = np.arange(start, start + n)
+    writer = records.ShardWriter(os.path.join(dst, name))
+    try:
+        writer.write(layout.pack_pairs(index=index, label=arrays["labels"], **fields))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    chosen = np.isin(index, selection)
+    stored = {k: fields[k][chosen].astype(layout.field_spec(k)[0]) for k in ("texture", "semantic")}
+    shard_meta = {
+        "num_records": 2 * n,
+        "num_images": n,
+        "first_index": start,
+        "stop_index": start + n,
+        "skipped": [],
+        "label_range": [int(np.min(arrays["labels"])), int(np.max(arrays["labels"]))],
+        "source_file": os.path.basename(path),
+        "moments": {
+            "images": int(chosen.sum()),
+            "texture": records.Moments.of(stored["texture"]).to_json(),
+            "semantic": records.Moments.of(stored["semantic"]).to_json(),
+        },
+    }
+    records.write_json_atomic(os.path.join(dst, name + ".json"), shard_meta)
+
+
+def _write_reference_stats(dst: str, ref_stats: list[str], layout, semantic_key: str, made_by: dict) -> dict:
+    """stats.json from the reference's *_stats.pt files (reading them needs torch)."""
     missing = [p for p in ref_stats if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"stats='reference' but {missing} do not exist")
@@ -205,6 +174,63 @@ def convert(
     doc["made_by"] = made_by
     records.write_json_atomic(os.path.join(dst, "stats.json"), doc)
     return doc
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    semantic_key: str = "latents_sv",
+    stats: str = "auto",
+    latent_dtype: str = "float32",
+    feature_dtype: str = "float16",
+    stats_images: int = 10000,
+    seed: int = 0,
+) -> dict:
+    """Convert every `*.safetensors` in `src` into a dataset in `dst` (resumable: finished shards are kept).
+
+    `stats`: 'auto' (reference .pt files when both exist, else computed), 'reference' (require them), or 'compute'.
+    """
+    if stats not in ("auto", "reference", "compute"):
+        raise ValueError(f"stats={stats!r}; choose 'auto', 'reference' or 'compute'")
+    files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {src}")
+    counts = _count_images(files)
+    total = sum(counts)
+    first = _read_file(files[0], semantic_key)
+    sample = _to_records({k: v[:1] for k, v in first.items()}, semantic_key)
+    layout = records.RecordLayout(
+        sample["texture"].shape[1:], sample["semantic"].shape[1:], sample["dino"].shape[1:], latent_dtype, feature_dtype
+    )
+    # The PCA channels (latents_dino) are not normalised by the reference, so only the texture file is needed then.
+    ref_stats = [os.path.join(src, "latents_stats.pt")]
+    if semantic_key == "latents_sv":
+        ref_stats.append(os.path.join(src, "latents_sv_stats.pt"))
+    use_reference = stats == "reference" or (stats == "auto" and all(map(os.path.exists, ref_stats)))
+    settings = {
+        "semantic_key": semantic_key,
+        "latent_dtype": latent_dtype,
+        "feature_dtype": feature_dtype,
+        "seed": seed,
+        "stats_images": stats_images,
+    }
+    meta = _dataset_meta(src, files, layout, total, use_reference, settings)
+    names, made_by = meta["shards"], meta["made_by"]
+    _check_or_write_dataset_json(dst, meta)
+    selection = records.stats_selection(total, stats_images, seed)
+    start = 0
+    for s, (path, n) in enumerate(zip(files, counts)):
+        if not records.shard_done(dst, names[s]):
+            arrays = first if s == 0 else _read_file(path, semantic_key)
+            if len(arrays["labels"]) != n:
+                raise ValueError(f"{path}: labels changed length while converting")
+            _write_shard(dst, names[s], path, arrays, start, layout, selection, semantic_key)
+        start += n
+    if use_reference:
+        return _write_reference_stats(dst, ref_stats, layout, semantic_key, made_by)
+    selection_info = {"seed": seed, "max_images": stats_images, "flipped": False, "requested": int(len(selection))}
+    return records.finalize_stats(dst, names, made_by=made_by, selection=selection_info)
 
 
 def _main(argv: Sequence[str]) -> None:

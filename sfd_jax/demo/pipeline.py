@@ -8,8 +8,6 @@ import logging
 import os
 import time
 
-from absl import logging as absl_logging
-
 from sfd_jax.demo import eval_stages, outputs, train_stages
 from sfd_jax.demo.data import check_data
 from sfd_jax.demo.outputs import write_json
@@ -110,7 +108,7 @@ def _quiet_orbax():
     def keep(record) -> bool:
         return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
-    absl = absl_logging.get_absl_logger()
+    absl = logging.getLogger("absl")
     absl.addFilter(keep)
     try:
         yield

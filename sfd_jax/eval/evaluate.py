@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from sfd_jax import paths
 from sfd_jax.convert.inception import load_inception
 from sfd_jax.eval import metrics
 from sfd_jax.eval.features import ImageSource, InceptionExtractor, open_images
 from sfd_jax.preemption import Preempted, Preemption
+
+log = logging.getLogger(__name__)
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 TASKS = ("score", "build_reference")
@@ -78,7 +80,7 @@ def build_reference_batch(
     if jax.process_index() == 0:
         with paths.local_target(out_path, suffix=".npz") as tmp:
             np.savez(tmp, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    logging.info("reference batch %s: statistics of %d images, %d images kept", out_path, n, len(rows))
+    log.info("reference batch %s: statistics of %d images, %d images kept", out_path, n, len(rows))
     return {"reference_batch": os.fspath(out_path), "num_images": int(n), "num_kept": int(len(rows))}
 
 
@@ -133,7 +135,7 @@ def reference_features(
         key = json.dumps([_file_id(ref_path), cache_key, extractor.resize, extractor.size])
         cache = paths.join(cache_dir, f"ref_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
         if paths.exists(cache):
-            logging.info("reference features from cache %s", cache)
+            log.info("reference features from cache %s", cache)
             with np.load(paths.local_copy(cache)) as z:
                 return {k: z[k] for k in z.files}
     feats = extractor(open_images(ref_path), outputs=("pool", "spatial"), what="reference images")
@@ -159,7 +161,7 @@ def score(
     ref = reference_features(ref_path, extractor, cache_dir=cache_dir, cache_key=cache_key)
     ref_stats = read_reference_statistics(ref_path)
     if ref_stats is None:
-        logging.info("%s stores no statistics; using those of its %d images", ref_path, ref["pool"].shape[0])
+        log.info("%s stores no statistics; using those of its %d images", ref_path, ref["pool"].shape[0])
         ref_stats = dict(zip(("mu", "sigma"), metrics.statistics(ref["pool"])))
         ref_stats.update(zip(("mu_s", "sigma_s"), metrics.statistics(ref["spatial"])))
     source = open_images(samples_path)
@@ -203,7 +205,7 @@ def make_extractor(cfg) -> InceptionExtractor:
     if cfg.dtype not in dtypes:
         raise ValueError(f"config.eval.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
     if cfg.dtype != "float32":
-        logging.warning("config.eval.dtype=%s: features will not match ADM's float32 numbers", cfg.dtype)
+        log.warning("config.eval.dtype=%s: features will not match ADM's float32 numbers", cfg.dtype)
     model = load_inception(_require_file(cfg, "inception_weights"), dtype=dtypes[cfg.dtype], precision=cfg.precision)
     return InceptionExtractor(model, batch_size=cfg.batch_size, resize=cfg.resize, size=cfg.input_size)
 
@@ -243,7 +245,7 @@ def run(config, workdir: str) -> dict:
         except Preempted:
             return {"preempted": True}
         result["inception_weights"] = paths.absolute(cfg.inception_weights)
-        logging.info(
+        log.info(
             "FID %.4f  sFID %.4f  IS %.3f  precision %.4f  recall %.4f",
             result["fid"],
             result["sfid"],
@@ -254,5 +256,5 @@ def run(config, workdir: str) -> dict:
     output = cfg.output or paths.join(workdir, f"{cfg.task}.json")
     if jax.process_index() == 0:
         paths.write_json_atomic(output, result, indent=2)
-        logging.info("wrote %s", output)
+        log.info("wrote %s", output)
     return result

@@ -17,6 +17,7 @@ reads only its slice of every global batch.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 import zipfile
@@ -25,12 +26,13 @@ from typing import Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.models.inception import INPUT_SIZE, RESIZE_MODES, InceptionV3, preprocess
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -260,7 +262,7 @@ class InceptionExtractor:
                         chunks[k].append(z[k])
                 begin = hi
         if begin:
-            logging.info("%s: features of %d images restored from %s", what, begin, progress_dir)
+            log.info("%s: features of %d images restored from %s", what, begin, progress_dir)
         saved = begin
         pending, t0, last_log = None, time.time(), time.time()
 
@@ -285,7 +287,7 @@ class InceptionExtractor:
                 pending = None
                 save(start)
                 if stop:
-                    logging.warning("%s: preempted after %d of %d images; rerun to continue", what, start, n)
+                    log.warning("%s: preempted after %d of %d images; rerun to continue", what, start, n)
                     raise Preempted(what)
             images = self._local_rows(source, start, n)
             batch = jax.make_array_from_process_local_data(self._data, images, shape)
@@ -296,10 +298,10 @@ class InceptionExtractor:
             if time.time() - last_log > log_every_s:
                 done = start + pending[1]
                 rate = done / (time.time() - t0)
-                logging.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", what, done, n, rate, (n - done) / rate)
+                log.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", what, done, n, rate, (n - done) / rate)
                 last_log = time.time()
         if pending is not None:
             collect(pending)
         seconds = time.time() - t0
-        logging.info("%s: %d images in %.1f s (%.1f img/s)", what, n, seconds, n / seconds)
+        log.info("%s: %d images in %.1f s (%.1f img/s)", what, n, seconds, n / seconds)
         return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import time
 from typing import Callable
 
 import jax
 import numpy as np
-from absl import logging
 
 from sfd_jax import paths
 from sfd_jax.eval import metrics
 from sfd_jax.eval.generator import ImageGenerator, TextureDecoder, class_labels
 from sfd_jax.eval.sample import config_get, guidance_from_config, settings_from_config
 from sfd_jax.eval.sample_files import grid_indices, make_grid, save_png
+
+log = logging.getLogger(__name__)
 
 FIELDS = (
     "num_images",
@@ -296,7 +298,7 @@ def fid(ctx) -> dict[str, float]:
     """The loop's eval hook: `config.eval.fn='sfd_jax.eval.in_training:fid'`."""
     evaluator = _evaluator(ctx, None, {})
     result = evaluator(ctx.model(ema=True), mesh=ctx.mesh, step=ctx.step)
-    logging.info(
+    log.info(
         "in-training FID-%d at step %d: %s", evaluator.num_images, ctx.step, {k: round(v, 4) for k, v in result.items()}
     )
     return result

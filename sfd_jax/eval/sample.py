@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import jax
 import numpy as np
-from absl import logging
 
 from sfd_jax import parallel, paths
 from sfd_jax.diffusion.guidance import CFG, AutoGuidance
@@ -65,6 +65,8 @@ from sfd_jax.eval.sample_files import (
     write_chunk,
     write_npz,
 )
+
+log = logging.getLogger(__name__)
 
 GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
 MANIFEST = "sample_manifest.json"
@@ -227,7 +229,7 @@ def _check_manifest(path: str, manifest: dict, overwrite: bool) -> None:
             "--workdir, or set --config.sample.overwrite=True to discard the old chunks"
         )
     if old.get("execution") != manifest.get("execution"):
-        logging.warning(
+        log.warning(
             "sampling with %s (earlier chunks: %s): images agree up to float rounding only",
             manifest.get("execution"),
             old.get("execution"),
@@ -247,7 +249,7 @@ def _progress_logger(total_todo: int, total: int, already: int, log_every_s: flo
         state["last"] = now
         rate = state["done"] / max(now - state["t0"], 1e-9)
         eta = (total_todo - state["done"]) / max(rate, 1e-9)
-        logging.info(
+        log.info(
             "sample: %d/%d images (%.1f%%), %.2f img/s, ETA %s, NFE %d per batch (%.1f per image)",
             already + state["done"],
             total,
@@ -259,6 +261,233 @@ def _progress_logger(total_todo: int, total: int, already: int, log_every_s: flo
         )
 
     return on_batch, state
+
+
+class _Job(NamedTuple):
+    """What `config.sample` asks for, loaded and checked against itself."""
+
+    num_images: int
+    settings: SamplerSettings
+    dtype: str
+    model: object
+    model_desc: dict
+    guidance: object
+    guidance_desc: dict
+    decoder: TextureDecoder
+    mesh: object
+    gen: ImageGenerator
+    num_classes: int
+    latent_shape: tuple
+    image_shape: tuple
+    labels: np.ndarray
+
+
+class _Plan(NamedTuple):
+    """The images still missing (`todo`, in index order) and the pieces they are written as: runs of consecutive
+    missing indices within one cell of the chunk grid (a whole chunk, unless an interrupted run left its first
+    part). `piece_start[j]` is the piece of `todo[j]`; `piece_len` maps a piece's start to its length."""
+
+    todo: np.ndarray
+    already: int
+    piece_start: np.ndarray
+    piece_len: dict
+
+
+def _decoder_from_config(c) -> TextureDecoder:
+    stats_path = str(c.latent_stats)
+    if not c.texture_vae or not stats_path:
+        raise ValueError(
+            "config.sample.texture_vae and config.sample.latent_stats are required (the texture VAE "
+            "weights and the extraction job's stats.json)"
+        )
+    return TextureDecoder.from_files(
+        str(c.texture_vae),
+        stats_path,
+        latent_multiplier=float(c.latent_multiplier),
+        decode_batch=int(c.decode_batch) or None,
+        dtype=str(c.vae_dtype),
+    )
+
+
+def _num_classes(c, cfg) -> int:
+    num_classes = int(c.num_classes) or cfg.num_classes
+    if not 0 < num_classes <= cfg.num_classes:
+        raise InputError(
+            f"config.sample.num_classes={int(c.num_classes)}: the model {c.model} has "
+            f"{cfg.num_classes} classes (labels 0..{cfg.num_classes - 1}; {cfg.num_classes} is its "
+            f"null label); use 1..{cfg.num_classes}, or 0 for all of them"
+        )
+    return num_classes
+
+
+def _job_from_config(config, num_images: int) -> _Job:
+    c = config.sample
+    settings = settings_from_config(c)
+    dtype = str(c.dtype)
+    model, model_desc = load_model(str(c.model), use_ema=bool(c.use_ema), dtype=dtype)
+    guidance, guidance_desc = guidance_from_config(c, dtype=dtype)
+    decoder = _decoder_from_config(c)
+    mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn))
+    rules = parallel.parse_rules(config.mesh.rules)
+    gen = ImageGenerator(
+        decoder,
+        settings=settings,
+        seed=int(config.seed),
+        mesh=mesh,
+        rules=rules,
+        per_device_batch=int(c.per_device_batch),
+    )
+    cfg = model.cfg
+    if isinstance(guidance, AutoGuidance):
+        check_guide(cfg, getattr(guidance.guide_model, "cfg", None), str(c.model), str(c.guide))
+    num_classes = _num_classes(c, cfg)
+    latent_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+    labels = class_labels(
+        np.arange(num_images),
+        num_images=num_images,
+        num_classes=num_classes,
+        mode=str(c.labels),
+        seed=int(c.label_seed),
+        null_label=cfg.num_classes,
+    )
+    return _Job(
+        num_images=num_images,
+        settings=settings,
+        dtype=dtype,
+        model=model,
+        model_desc=model_desc,
+        guidance=guidance,
+        guidance_desc=guidance_desc,
+        decoder=decoder,
+        mesh=mesh,
+        gen=gen,
+        num_classes=num_classes,
+        latent_shape=latent_shape,
+        image_shape=gen.image_shape(latent_shape),
+        labels=labels,
+    )
+
+
+def _manifest(config, job: _Job) -> dict:
+    """What makes the images what they are (`identity`: a workdir holds images of one identity only) and how they
+    were computed (`execution`: changes the float rounding only)."""
+    c = config.sample
+    manifest = {
+        "identity": {
+            "model": job.model_desc,
+            "dtype": job.dtype,
+            "guidance": job.guidance_desc,
+            "settings": job.settings.to_dict(),
+            "seed": int(config.seed),
+            "num_images": job.num_images,
+            "labels": str(c.labels),
+            "num_classes": job.num_classes,
+            "label_seed": int(c.label_seed),
+            "texture_vae": paths.absolute(str(c.texture_vae)),
+            "vae_dtype": str(c.vae_dtype),
+            "latent_stats": paths.absolute(str(c.latent_stats)),
+            "texture_mean": job.decoder.mean.tolist(),
+            "texture_std": job.decoder.std.tolist(),
+            "latent_multiplier": float(c.latent_multiplier),
+            "image_shape": list(job.image_shape),
+        },
+        "execution": {"per_device_batch": job.gen.per_device_batch, "decode_batch": job.decoder.decode_batch},
+    }
+    return json.loads(json.dumps(manifest, default=str))
+
+
+def _claim_workdir(workdir: str, chunk_dir: str, num_images: int, manifest: dict, overwrite: bool) -> None:
+    """Writes the manifest, after checking that the workdir's earlier chunks were made with the same identity
+    (or removing them with `overwrite`)."""
+    error = ""
+    if _is_main():  # one process decides; the others learn the outcome instead of waiting forever
+        try:
+            if overwrite:
+                for _, _, path in scan_chunks(chunk_dir, num_images):
+                    paths.remove(path)
+            _check_manifest(paths.join(workdir, MANIFEST), manifest, overwrite)
+            paths.write_json_atomic(paths.join(workdir, MANIFEST), manifest, indent=2)
+        except (ValueError, OSError) as e:
+            error = str(e)
+            if jax.process_count() == 1:
+                raise
+    if not int(_from_main(np.asarray(0 if error else 1, np.int32))):
+        raise RuntimeError(error or "process 0 refused the workdir (see its log)")
+
+
+def _plan(chunk_dir: str, num_images: int, chunk_size: int) -> _Plan:
+    done = _from_main(
+        coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main() else np.zeros(num_images, bool)
+    )
+    todo = np.flatnonzero(~done).astype(np.int64)
+    new_piece = np.ones(todo.size, bool)
+    new_piece[1:] = (np.diff(todo) != 1) | (todo[1:] // chunk_size != todo[:-1] // chunk_size)
+    piece_start = todo[np.maximum.accumulate(np.where(new_piece, np.arange(todo.size), 0))] if todo.size else todo
+    piece_len = dict(zip(*np.unique(piece_start, return_counts=True))) if todo.size else {}
+    return _Plan(todo, num_images - todo.size, piece_start, piece_len)
+
+
+def _sample_missing(job: _Job, plan: _Plan, chunk_dir: str, on_batch, profile: Profiler) -> bool:
+    """Samples the plan's images, writing each piece as a chunk once it is complete. Returns True when preempted
+    (then each unfinished piece's images so far are written too)."""
+    todo, null_label = plan.todo, job.model.cfg.num_classes
+    pending: dict[int, list] = {}  # piece start -> [images filled so far, images]
+    preempted = False
+    with Preemption(sync=True) as preemption:
+        labels = job.labels[todo]
+        batches = job.gen.batches(
+            job.model, todo, labels, guidance=job.guidance, latent_shape=job.latent_shape, null_label=null_label
+        )
+        for b, (offset, images, stats) in enumerate(batches):
+            profile(b)
+            for k in range(len(images)):
+                j = offset + k
+                s = int(plan.piece_start[j])
+                entry = pending.setdefault(s, [0, np.empty((int(plan.piece_len[s]),) + job.image_shape, np.uint8)])
+                entry[1][int(todo[j]) - s] = images[k]
+                entry[0] += 1
+            for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
+                _, chunk_images = pending.pop(s)
+                if _is_main():
+                    write_chunk(chunk_dir, s, chunk_images)
+            on_batch(len(images), stats)
+            if preemption.reached(b) and offset + len(images) < todo.size:
+                # Pieces fill in index order, so what a piece holds so far is its first `filled` images.
+                for s, (filled, buf) in pending.items():
+                    if filled and _is_main():
+                        write_chunk(chunk_dir, s, buf[:filled])
+                preempted = True
+                log.warning(
+                    "sample: preempted after %d of %d images; rerun the command to finish",
+                    plan.already + offset + len(images),
+                    job.num_images,
+                )
+                break
+    profile.close()
+    return preempted
+
+
+def _summary(config, job: _Job, plan: _Plan, progress: dict, sample_seconds: float) -> dict:
+    todo = plan.todo
+    return {
+        "num_images": job.num_images,
+        "image_shape": list(job.image_shape),
+        "labels": str(config.sample.labels),
+        "num_classes": job.num_classes,
+        "sampled_this_run": int(todo.size),
+        "resumed_images": int(plan.already),
+        "preempted": False,
+        "seconds": round(sample_seconds, 2),
+        "images_per_s": round(todo.size / sample_seconds, 3) if todo.size and sample_seconds > 0 else None,
+        "nfe_per_batch_mean": float(np.mean(progress["nfe"])) if progress["nfe"] else None,
+        "nfe_per_image_mean": float(np.mean(progress["nfe_img"])) if progress["nfe_img"] else None,
+        "devices": int(job.mesh.devices.size),
+        "processes": jax.process_count(),
+        "global_batch": job.gen.global_batch,
+        "settings": job.settings.to_dict(),
+        "guidance": job.guidance_desc,
+        "seed": int(config.seed),
+    }
 
 
 def run(config, workdir: str) -> dict:
@@ -275,187 +504,45 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"config.sample.num_images must be positive, got {num_images}")
     if str(c.labels) not in LABEL_MODES:
         raise ValueError(f"config.sample.labels={c.labels!r}; valid: {LABEL_MODES}")
-    settings = settings_from_config(c)
-    dtype = str(c.dtype)
-    model, model_desc = load_model(str(c.model), use_ema=bool(c.use_ema), dtype=dtype)
-    guidance, guidance_desc = guidance_from_config(c, dtype=dtype)
-    stats_path = str(c.latent_stats)
-    if not c.texture_vae or not stats_path:
-        raise ValueError(
-            "config.sample.texture_vae and config.sample.latent_stats are required (the texture VAE "
-            "weights and the extraction job's stats.json)"
-        )
-    decoder = TextureDecoder.from_files(
-        str(c.texture_vae),
-        stats_path,
-        latent_multiplier=float(c.latent_multiplier),
-        decode_batch=int(c.decode_batch) or None,
-        dtype=str(c.vae_dtype),
-    )
-    mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn))
-    rules = parallel.parse_rules(config.mesh.rules)
-    gen = ImageGenerator(
-        decoder,
-        settings=settings,
-        seed=int(config.seed),
-        mesh=mesh,
-        rules=rules,
-        per_device_batch=int(c.per_device_batch),
-    )
-    cfg = model.cfg
-    if isinstance(guidance, AutoGuidance):
-        check_guide(cfg, getattr(guidance.guide_model, "cfg", None), str(c.model), str(c.guide))
-    num_classes = int(c.num_classes) or cfg.num_classes
-    if not 0 < num_classes <= cfg.num_classes:
-        raise InputError(
-            f"config.sample.num_classes={int(c.num_classes)}: the model {c.model} has "
-            f"{cfg.num_classes} classes (labels 0..{cfg.num_classes - 1}; {cfg.num_classes} is its "
-            f"null label); use 1..{cfg.num_classes}, or 0 for all of them"
-        )
-    latent_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
-    image_shape = gen.image_shape(latent_shape)
-    labels = class_labels(
-        np.arange(num_images),
-        num_images=num_images,
-        num_classes=num_classes,
-        mode=str(c.labels),
-        seed=int(c.label_seed),
-        null_label=cfg.num_classes,
-    )
-
-    manifest = {
-        "identity": {
-            "model": model_desc,
-            "dtype": dtype,
-            "guidance": guidance_desc,
-            "settings": settings.to_dict(),
-            "seed": int(config.seed),
-            "num_images": num_images,
-            "labels": str(c.labels),
-            "num_classes": num_classes,
-            "label_seed": int(c.label_seed),
-            "texture_vae": paths.absolute(str(c.texture_vae)),
-            "vae_dtype": str(c.vae_dtype),
-            "latent_stats": paths.absolute(stats_path),
-            "texture_mean": decoder.mean.tolist(),
-            "texture_std": decoder.std.tolist(),
-            "latent_multiplier": float(c.latent_multiplier),
-            "image_shape": list(image_shape),
-        },
-        "execution": {"per_device_batch": gen.per_device_batch, "decode_batch": decoder.decode_batch},
-    }
-    manifest = json.loads(json.dumps(manifest, default=str))
-    error = ""
-    if _is_main():  # one process decides; the others learn the outcome instead of waiting forever
-        try:
-            if bool(c.overwrite):
-                for _, _, path in scan_chunks(chunk_dir, num_images):
-                    paths.remove(path)
-            _check_manifest(paths.join(workdir, MANIFEST), manifest, bool(c.overwrite))
-            paths.write_json_atomic(paths.join(workdir, MANIFEST), manifest, indent=2)
-        except (ValueError, OSError) as e:
-            error = str(e)
-            if jax.process_count() == 1:
-                raise
-    if not int(_from_main(np.asarray(0 if error else 1, np.int32))):
-        raise RuntimeError(error or "process 0 refused the workdir (see its log)")
+    job = _job_from_config(config, num_images)
+    _claim_workdir(workdir, chunk_dir, num_images, _manifest(config, job), bool(c.overwrite))
 
     chunk_size = int(c.chunk_size)
     if chunk_size < 1:
         raise ValueError(f"config.sample.chunk_size must be positive, got {chunk_size}")
-    done = _from_main(
-        coverage(scan_chunks(chunk_dir, num_images), num_images) if _is_main() else np.zeros(num_images, bool)
-    )
-    # Images still missing, in index order; they are written as pieces: runs of consecutive missing indices within
-    # one cell of the chunk grid (a whole chunk, unless an interrupted run left its first part).
-    todo = np.flatnonzero(~done).astype(np.int64)
-    already = num_images - todo.size
-    new_piece = np.ones(todo.size, bool)
-    new_piece[1:] = (np.diff(todo) != 1) | (todo[1:] // chunk_size != todo[:-1] // chunk_size)
-    piece_start = todo[np.maximum.accumulate(np.where(new_piece, np.arange(todo.size), 0))] if todo.size else todo
-    piece_len = dict(zip(*np.unique(piece_start, return_counts=True))) if todo.size else {}
-    logging.info(
+    plan = _plan(chunk_dir, num_images, chunk_size)
+    log.info(
         "sample: %d images of %s, %d already in %s, %d to sample | %s | guidance %s | global batch %d on %d devices",
         num_images,
-        image_shape,
-        already,
+        job.image_shape,
+        plan.already,
         chunk_dir,
-        todo.size,
-        settings.to_dict(),
-        guidance_desc["kind"],
-        gen.global_batch,
-        mesh.devices.size,
+        plan.todo.size,
+        job.settings.to_dict(),
+        job.guidance_desc["kind"],
+        job.gen.global_batch,
+        job.mesh.devices.size,
     )
 
-    on_batch, progress = _progress_logger(todo.size, num_images, already, float(c.log_every_s))
+    on_batch, progress = _progress_logger(plan.todo.size, num_images, plan.already, float(c.log_every_s))
     profile = Profiler(config.get("profile"), workdir)
-    t0, preempted = time.perf_counter(), False
-    if todo.size:
-        pending: dict[int, list] = {}  # piece start -> [images filled so far, images]
-        with Preemption(sync=True) as preemption:
-            for b, (offset, images, stats) in enumerate(
-                gen.batches(
-                    model, todo, labels[todo], guidance=guidance, latent_shape=latent_shape, null_label=cfg.num_classes
-                )
-            ):
-                profile(b)
-                for k in range(len(images)):
-                    j = offset + k
-                    s = int(piece_start[j])
-                    entry = pending.setdefault(s, [0, np.empty((int(piece_len[s]),) + image_shape, np.uint8)])
-                    entry[1][int(todo[j]) - s] = images[k]
-                    entry[0] += 1
-                for s in [s for s, (filled, buf) in pending.items() if filled == len(buf)]:
-                    _, chunk_images = pending.pop(s)
-                    if _is_main():
-                        write_chunk(chunk_dir, s, chunk_images)
-                on_batch(len(images), stats)
-                if preemption.reached(b) and offset + len(images) < todo.size:
-                    # Pieces fill in index order, so what a piece holds so far is its first `filled` images.
-                    for s, (filled, buf) in pending.items():
-                        if filled and _is_main():
-                            write_chunk(chunk_dir, s, buf[:filled])
-                    preempted = True
-                    logging.warning(
-                        "sample: preempted after %d of %d images; rerun the command to finish",
-                        already + offset + len(images),
-                        num_images,
-                    )
-                    break
-        profile.close()
+    t0 = time.perf_counter()
+    preempted = _sample_missing(job, plan, chunk_dir, on_batch, profile) if plan.todo.size else False
     sample_seconds = time.perf_counter() - t0
     _sync("sfd_sample_chunks")
     if preempted:
         return {
             "num_images": num_images,
             "preempted": True,
-            "resumed_images": int(already),
+            "resumed_images": int(plan.already),
             "sampled_this_run": int(progress["done"]),
         }
 
-    summary = {
-        "num_images": num_images,
-        "image_shape": list(image_shape),
-        "labels": str(c.labels),
-        "num_classes": num_classes,
-        "sampled_this_run": int(todo.size),
-        "resumed_images": int(already),
-        "preempted": False,
-        "seconds": round(sample_seconds, 2),
-        "images_per_s": round(todo.size / sample_seconds, 3) if todo.size and sample_seconds > 0 else None,
-        "nfe_per_batch_mean": float(np.mean(progress["nfe"])) if progress["nfe"] else None,
-        "nfe_per_image_mean": float(np.mean(progress["nfe_img"])) if progress["nfe_img"] else None,
-        "devices": int(mesh.devices.size),
-        "processes": jax.process_count(),
-        "global_batch": gen.global_batch,
-        "settings": settings.to_dict(),
-        "guidance": guidance_desc,
-        "seed": int(config.seed),
-    }
+    summary = _summary(config, job, plan, progress, sample_seconds)
     if _is_main():
-        summary.update(_write_outputs(c, workdir, chunk_dir, num_images, image_shape, labels))
+        summary.update(_write_outputs(c, workdir, chunk_dir, num_images, job.image_shape, job.labels))
         paths.write_json_atomic(paths.join(workdir, "sample.json"), summary, indent=2)
-        logging.info(
+        log.info(
             "sample: done, %s",
             {k: summary[k] for k in ("npz", "grid", "seconds", "images_per_s", "nfe_per_image_mean") if k in summary},
         )

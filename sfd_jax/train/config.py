@@ -42,19 +42,16 @@ def require_finite_optim(o) -> None:
     )
 
 
-def validate(config, *, device_count: int, process_count: int = 1, num_slices: int | None = None) -> dict:
-    """Checks `config` for a run on `device_count` devices in `process_count` processes; returns derived values.
-
-    num_slices: the DCN units of the devices (TPU slices, else processes; default: process_count): what a -1 in
-    `mesh.dcn` takes, and the only product of `mesh.dcn` besides 1 that can be met.
-    """
-    m, d, r, o, t, data = config.model, config.diffusion, config.repa, config.optim, config.train, config.data
+def _validate_model(m) -> None:
     sizes = tuple(SIZES)
     require(str(m.size).lower() in sizes, "model.size", f"{m.size!r} is not a model size; valid sizes: {sizes}")
     require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; valid: {DTYPES}")
     policy = m.get("remat_policy", "full")
     require(policy in REMAT_POLICIES, "model.remat_policy", f"{policy!r}; valid: {tuple(REMAT_POLICIES)}")
 
+
+def _validate_diffusion(d, r) -> None:
+    """The diffusion and REPA blocks."""
     require(0.0 <= float(d.delta_t) < 1.0, "diffusion.delta_t", f"{d.delta_t} must lie in [0, 1)")
     require(
         0 <= int(d.semantic_chans) <= MAX_SEMANTIC_CHANS,
@@ -73,6 +70,8 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     require(r.mode in REPA_MODES, "repa.mode", f"{r.mode!r}; valid: {REPA_MODES}")
     require(float(r.weight) >= 0, "repa.weight", f"{r.weight} must be >= 0 (0 switches REPA off)")
 
+
+def _validate_optim(o) -> None:
     require_finite_optim(o)
     require(0 <= float(o.b1) < 1, "optim.b1", f"{o.b1} must lie in [0, 1)")
     require(0 <= float(o.b2) < 1, "optim.b2", f"{o.b2} must lie in [0, 1)")
@@ -82,6 +81,10 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
     require(0 <= float(o.ema_decay) <= 1, "optim.ema_decay", f"{o.ema_decay} must lie in [0, 1]")
     require(0 <= float(o.label_dropout) < 1, "optim.label_dropout", f"{o.label_dropout} must lie in [0, 1)")
 
+
+def _validate_run(config) -> None:
+    """The train and data blocks and the distributed switch."""
+    t, data = config.train, config.data
     require(t.batch_size > 0, "train.batch_size", f"{t.batch_size} must be a positive integer")
     skeleton.validate_loop(config, ConfigError)
     peak = t.get("peak_flops_per_device")
@@ -102,7 +105,10 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
         f"{config.get('distributed')!r}; valid: ('auto', 'on', 'off')",
     )
 
-    # Mesh: sizes against the devices, rules against the mesh axes.
+
+def _validate_mesh(config, device_count: int, process_count: int, num_slices: int | None) -> dict:
+    """Mesh sizes against the devices, rules against the mesh axes, the batch against the data-parallel size and
+    the processes. Returns the derived values of the mesh and the batch."""
     try:
         rules = parallel.parse_rules(config.mesh.rules)
     except ValueError as e:
@@ -118,7 +124,7 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
         raise ConfigError(f"config.{e} (device count {device_count})") from None
     shape = {a: i * j for a, i, j in zip(parallel.AXES, ici_shape, dcn_shape)}
     dp = shape["data"] * shape["fsdp"]
-    batch = int(t.batch_size)
+    batch = int(config.train.batch_size)
     require(
         batch % dp == 0,
         "train.batch_size",
@@ -138,5 +144,18 @@ def validate(config, *, device_count: int, process_count: int = 1, num_slices: i
         "global_batch": batch,
         "per_process_batch": batch // process_count,
         "per_device_batch": batch / dp,
-        "model_channels": TEXTURE_CHANS + int(d.semantic_chans),
     }
+
+
+def validate(config, *, device_count: int, process_count: int = 1, num_slices: int | None = None) -> dict:
+    """Checks `config` for a run on `device_count` devices in `process_count` processes; returns derived values.
+
+    num_slices: the DCN units of the devices (TPU slices, else processes; default: process_count): what a -1 in
+    `mesh.dcn` takes, and the only product of `mesh.dcn` besides 1 that can be met.
+    """
+    _validate_model(config.model)
+    _validate_diffusion(config.diffusion, config.repa)
+    _validate_optim(config.optim)
+    _validate_run(config)
+    derived = _validate_mesh(config, device_count, process_count, num_slices)
+    return {**derived, "model_channels": TEXTURE_CHANS + int(config.diffusion.semantic_chans)}

@@ -150,6 +150,79 @@ def _line(values: dict) -> str:
     return f"loss {values.get('loss', float('nan')):.4f} | grad {values.get('grad_norm', float('nan')):.3g}"
 
 
+def _step_fn(config, run_, aux) -> Callable:
+    """The skeleton's step: checks this process's batch, makes it global and runs the step compiled at first use."""
+    derived = run_.derived
+    compiled = {}
+
+    def step(state, batch):
+        batch = _check_batch(
+            batch,
+            derived["per_process_batch"],
+            derived["model_channels"],
+            exact=int(config.diffusion.semantic_chans) > 0 and config.data.source != "synthetic",
+        )
+        batch = parallel.host_to_global(batch, run_.mesh)
+        if "fn" not in compiled:
+            compiled["fn"] = run_.compile(state, aux, batch)
+        return compiled["fn"](state, aux, batch)
+
+    return step
+
+
+def _data_fn(config, per_process_batch: int) -> Callable:
+    """The skeleton's make_data: this process's iterator, moved to a checkpointed position where there is one."""
+
+    def make_data(start_step: int, data_state: dict | None):
+        data = make_data_iterator(
+            config,
+            batch_size=per_process_batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        if data_state is not None:
+            data.set_state(data_state)
+        return data
+
+    return make_data
+
+
+def _eval_hook(config, workdir: str, run_, aux, eval_fn: Callable) -> Callable:
+    """The skeleton's evaluate: `eval_fn` on an EvalContext of the state, its results named `eval/<name>`."""
+
+    def evaluate(at: int, state) -> dict:
+        values = (
+            eval_fn(
+                EvalContext(
+                    step=at,
+                    config=config,
+                    workdir=workdir,
+                    mesh=run_.mesh,
+                    model_cfg=run_.model_cfg,
+                    setup=run_.setup,
+                    params=state.params,
+                    ema_params=state.ema_params,
+                    aux=aux,
+                )
+            )
+            or {}
+        )
+        return {f"eval/{k}": v for k, v in values.items()}
+
+    return evaluate
+
+
+def _export_final_ema(workdir: str, run_, state, aux, step: int) -> None:
+    out = os.fspath(epath.Path(workdir) / "ema")
+    export_ema(
+        out,
+        run_.model_cfg,
+        run_.setup.merge(state.ema_params, aux),
+        meta={"step": step, "weights": "ema", "workdir": workdir},
+    )
+    log.info("EMA weights of step %d exported to %s", step, out)
+
+
 def run(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
     """Trains until `train.num_steps`, resuming from the newest readable checkpoint in `workdir`.
 
@@ -174,79 +247,27 @@ def run(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
         derived["device_count"],
     )
     aux = run_.setup.init_aux()
-    compiled = {}
-
-    def step(state, batch):
-        batch = _check_batch(
-            batch,
-            derived["per_process_batch"],
-            derived["model_channels"],
-            exact=int(config.diffusion.semantic_chans) > 0 and config.data.source != "synthetic",
-        )
-        batch = parallel.host_to_global(batch, run_.mesh)
-        if "fn" not in compiled:
-            compiled["fn"] = run_.compile(state, aux, batch)
-        return compiled["fn"](state, aux, batch)
-
-    def make_data(start_step: int, data_state: dict | None):
-        data = make_data_iterator(
-            config,
-            batch_size=derived["per_process_batch"],
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        if data_state is not None:
-            data.set_state(data_state)
-        return data
-
-    def evaluate(at: int, state) -> dict:
-        values = (
-            eval_fn(
-                EvalContext(
-                    step=at,
-                    config=config,
-                    workdir=workdir,
-                    mesh=run_.mesh,
-                    model_cfg=run_.model_cfg,
-                    setup=run_.setup,
-                    params=state.params,
-                    ema_params=state.ema_params,
-                    aux=aux,
-                )
-            )
-            or {}
-        )
-        return {f"eval/{k}": v for k, v in values.items()}
-
     task = skeleton.Task(
         name="DiT",
         setup=run_.setup,
-        step=step,
-        make_data=make_data,
+        step=_step_fn(config, run_, aux),
+        make_data=_data_fn(config, derived["per_process_batch"]),
         saved_config=saved_config,
         global_batch=derived["global_batch"],
         lr=run_.schedule,
         line=_line,
-        evaluate=evaluate if eval_fn is not None else None,
+        evaluate=_eval_hook(config, workdir, run_, aux, eval_fn) if eval_fn is not None else None,
         flops_per_image=run_.flops_per_image,
         peak_flops=peak_flops_per_device(config.train.peak_flops_per_device),
         device_count=derived["device_count"],
     )
     result = skeleton.run(task, config, workdir)
-    state = result.state
     if not result.preempted and result.step >= config.train.num_steps and config.train.export_ema:
-        out = os.fspath(epath.Path(workdir) / "ema")
-        export_ema(
-            out,
-            run_.model_cfg,
-            run_.setup.merge(state.ema_params, aux),
-            meta={"step": result.step, "weights": "ema", "workdir": workdir},
-        )
-        log.info("EMA weights of step %d exported to %s", result.step, out)
+        _export_final_ema(workdir, run_, result.state, aux, result.step)
     return {
         "step": result.step,
         "last_metrics": result.last_metrics,
         "preempted": result.preempted,
         "skipped_steps": result.skipped_steps,
-        "state": state,
+        "state": result.state,
     }

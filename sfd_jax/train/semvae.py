@@ -304,6 +304,33 @@ def make_evaluate(config, mesh, eval_step, eval_items, dino_params):
     return evaluate
 
 
+def _save_config(config, workdir: str, cfg, data_info: dict, mesh, setup: TrainSetup) -> dict:
+    """The run's description, written to `workdir/config.json` (by process 0) and saved with the checkpoints."""
+    saved_config = {
+        "config": json.loads(config.to_json_best_effort()),
+        "model": cfg.to_dict(),
+        "data": data_info,
+        "mesh": dict(mesh.shape),
+        "params": int(setup.num_params),
+    }
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(saved_config, f, indent=2, default=str)
+    return saved_config
+
+
+def _data_fn(config, train_items):
+    """The skeleton's make_data: this process's rows of each step's batch."""
+    local_batch = config.train.batch_size // jax.process_count()
+
+    def make_data(start_step: int, data_state: dict | None):
+        del data_state  # the order depends on (seed, step) only
+        return skeleton.StepIndexed(train_batches(train_items, config, local_batch, start_step), start_step)
+
+    return make_data
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     """Train (or resume) a SemVAE in `workdir`; returns {'step', 'start_step', 'train', 'eval', 'first_eval',
     'export', 'state', 'preempted'}: the final and the starting step (0, or the restored checkpoint's), the last
@@ -325,17 +352,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     dino_graphdef, dino_params = load_frozen_dino(config, mesh, rules)
     dino_shardings = jax.tree.map(lambda x: x.sharding, dino_params) if dino_params is not None else None
     train_step, eval_step = make_steps(config, setup, dino_graphdef, mesh, dino_shardings)
-    saved_config = {
-        "config": json.loads(config.to_json_best_effort()),
-        "model": cfg.to_dict(),
-        "data": data_info,
-        "mesh": dict(mesh.shape),
-        "params": int(setup.num_params),
-    }
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(saved_config, f, indent=2, default=str)
+    saved_config = _save_config(config, workdir, cfg, data_info, mesh, setup)
     log.info(
         "SemVAE %.2fM params | mesh %s | batch %d | data %s",
         setup.num_params / 1e6,
@@ -344,20 +361,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         data_info,
     )
 
-    local_batch = t.batch_size // jax.process_count()
-
-    def step(state, batch):
-        return train_step(state, dino_params, parallel.host_to_global({"x": batch}, mesh)["x"])
-
-    def make_data(start_step: int, data_state: dict | None):
-        del data_state  # the order depends on (seed, step) only
-        return skeleton.StepIndexed(train_batches(train_items, config, local_batch, start_step), start_step)
-
     task = skeleton.Task(
         name="SemVAE",
         setup=setup,
-        step=step,
-        make_data=make_data,
+        step=lambda state, batch: train_step(state, dino_params, parallel.host_to_global({"x": batch}, mesh)["x"]),
+        make_data=_data_fn(config, train_items),
         saved_config=saved_config,
         global_batch=t.batch_size,
         lr=schedule,

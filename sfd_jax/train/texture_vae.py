@@ -265,6 +265,49 @@ def make_evaluate(config, workdir: str, setup: TrainSetup, mesh, aux, eval_sourc
     return evaluate
 
 
+def _step_fn(config, setup: TrainSetup, mesh, aux):
+    """The skeleton's step: the compiled VAE step on this process's images made global."""
+    train_step = jit_train_step(
+        make_vae_train_step(
+            setup.graphdef,
+            setup.tx,
+            recon_loss=config.loss.recon,
+            kl_weight=config.loss.kl_weight,
+            ema_decay=config.optim.ema_decay,
+        ),
+        setup,
+        mesh,
+    )
+
+    def step(state, images):
+        return train_step(state, aux, parallel.host_to_global({"images": images}, mesh))
+
+    return step
+
+
+def _data_fn(config, source):
+    """The skeleton's make_data: this process's rows of each step's batch, a function of (seed, step) only."""
+    t, size = config.train, config.data.image_size
+    local = t.batch_size // jax.process_count()
+    lo = jax.process_index() * local
+
+    def batches(start_step: int):
+        for step in itertools.count(start_step):
+            idx = batch_indices(step, t.batch_size, len(source), config.seed)[lo : lo + local]
+            yield load_images(source, idx, size)
+
+    return lambda start, _: skeleton.StepIndexed(batches(start), start)
+
+
+def _export_final_ema(workdir: str, setup: TrainSetup, state, aux, step: int) -> None:
+    out = save_texture_vae(
+        os.path.join(workdir, "texture_vae"),
+        setup.merge(state.ema_params, aux),
+        meta={"workdir": workdir, "step": step, "weights": "ema"},
+    )
+    log.info("wrote the trained texture VAE to %s", out)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     """Train (or resume) a texture VAE in `workdir`; returns the last evaluation's metrics.
 
@@ -277,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     source = make_image_source(config.data.source) if source is None else source
     if len(source) < 1:
         raise ValueError("the image source is empty")
-    t, size = config.train, config.data.image_size
+    t = config.train
     model_cfg = _model_config(config)
     setup = _setup(config, mesh)
     aux = _aux(setup)
@@ -297,36 +340,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         describe() if describe else type(source),
     )
 
-    train_step = jit_train_step(
-        make_vae_train_step(
-            setup.graphdef,
-            setup.tx,
-            recon_loss=config.loss.recon,
-            kl_weight=config.loss.kl_weight,
-            ema_decay=config.optim.ema_decay,
-        ),
-        setup,
-        mesh,
-    )
+    step = _step_fn(config, setup, mesh, aux)
     eval_cfg = config.eval.get("source")
     eval_source = make_image_source(eval_cfg) if eval_cfg is not None and eval_cfg.get("kind") else source
     evaluate = make_evaluate(config, workdir, setup, mesh, aux, eval_source)
-    local = t.batch_size // jax.process_count()
-    lo = jax.process_index() * local
-
-    def batches(start_step: int):
-        for step in itertools.count(start_step):
-            idx = batch_indices(step, t.batch_size, len(source), config.seed)[lo : lo + local]
-            yield load_images(source, idx, size)
-
-    def step(state, images):
-        return train_step(state, aux, parallel.host_to_global({"images": images}, mesh))
-
     task = skeleton.Task(
         name="texture VAE",
         setup=setup,
         step=step,
-        make_data=lambda start, _: skeleton.StepIndexed(batches(start), start),
+        make_data=_data_fn(config, source),
         saved_config=saved_config,
         global_batch=t.batch_size,
         lr=_setup_schedule(config),
@@ -340,10 +362,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     if result.start_step >= t.num_steps:  # a finished workdir: re-evaluated only (its metrics and grid hold it)
         last_eval = evaluate(result.step, result.state, write=False)
     if not result.preempted and jax.process_index() == 0:
-        out = save_texture_vae(
-            os.path.join(workdir, "texture_vae"),
-            setup.merge(result.state.ema_params, aux),
-            meta={"workdir": workdir, "step": result.step, "weights": "ema"},
-        )
-        log.info("wrote the trained texture VAE to %s", out)
+        _export_final_ema(workdir, setup, result.state, aux, result.step)
     return last_eval
