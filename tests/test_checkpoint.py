@@ -74,12 +74,17 @@ def _corrupt(step_dir):
                 f.truncate(os.path.getsize(path) // 2)
 
 
-def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
-    mesh = parallel.make_mesh((1, 8, 1))
+def _checkpoints_1_and_2(tmp_path, mesh):
+    """Steps 1 and 2 of toy_state (seed = step), data state {'step': step}, saved and closed."""
     ckpt = Checkpoints(tmp_path, keep_last=3)
     for step in (1, 2):
         ckpt.save(step, toy_state(mesh, seed=step), {"step": step}, {}, wait=True)
     ckpt.close()
+
+
+def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
+    mesh = parallel.make_mesh((1, 8, 1))
+    _checkpoints_1_and_2(tmp_path, mesh)
     _corrupt(tmp_path / "checkpoints" / "2")
 
     ckpt = Checkpoints(tmp_path, keep_last=3)
@@ -113,10 +118,7 @@ def test_no_readable_checkpoint_raises_instead_of_restarting(tmp_path):
 def test_restore_weights_reads_one_part_onto_a_mesh_and_leaves_unreadable_ones_in_place(tmp_path, caplog):
     """What a loader of a run's model uses: one field of the state, without the optimizer's tree to restore into."""
     mesh = parallel.make_mesh((1, 8, 1))
-    ckpt = Checkpoints(tmp_path, keep_last=3)
-    for step in (1, 2):
-        ckpt.save(step, toy_state(mesh, seed=step), {"step": step}, {}, wait=True)
-    ckpt.close()
+    _checkpoints_1_and_2(tmp_path, mesh)
     other = parallel.make_mesh((1, 2, 4))
     expected = jax.device_get(toy_state(mesh, seed=2))
     step, ema = restore_weights(tmp_path, abstract_like(toy_state(mesh).ema_params, other))
