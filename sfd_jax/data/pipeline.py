@@ -218,7 +218,14 @@ class _ChooseView:
 
 
 class LatentIterator:
-    """Endless host-local batch iterator with a JSON-serialisable, restorable position."""
+    """Endless host-local batch iterator with a JSON-serialisable, restorable position: the training-batch iterator
+    of this process. `batch_size` is the per-process (host-local) batch.
+
+    Batches: {x1 float32 (b, H, W, C_tex + C_sem), y int32 (b,), dino (b, T, D) in the stored dtype}; with
+    `with_meta` also the source `index` (int64) and the `flip` choice (bool) of every row. `channels`: the model's
+    (texture, semantic) channel counts, checked against the records (0 semantic: any); `data.num_classes`, when
+    set, bounds the labels.
+    """
 
     def __init__(
         self,
@@ -326,29 +333,5 @@ class LatentIterator:
         self._iter.set_state(dict(state["grain"]))
 
 
-def make_iterator(
-    data_config,
-    *,
-    batch_size: int,
-    process_index: int,
-    process_count: int,
-    seed: int,
-    with_meta: bool = False,
-    channels: tuple[int, int] | None = None,
-) -> LatentIterator:
-    """The training-batch iterator for this process. `batch_size` is the per-process (host-local) batch.
-
-    Batches: {x1 float32 (b, H, W, C_tex + C_sem), y int32 (b,), dino (b, T, D) in the stored dtype}; with
-    `with_meta` also the source `index` (int64) and the `flip` choice (bool) of every row. `channels`: the model's
-    (texture, semantic) channel counts, checked against the records (0 semantic: any); `data.num_classes`, when
-    set, bounds the labels.
-    """
-    return LatentIterator(
-        data_config,
-        batch_size=batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        seed=seed,
-        with_meta=with_meta,
-        channels=channels,
-    )
+# The name the trainers use (sfd_jax.data.synthetic.make_iterator has the same signature).
+make_iterator = LatentIterator
