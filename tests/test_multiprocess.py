@@ -128,23 +128,35 @@ def test_two_processes_train_like_one(two_processes, one_process):
     assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == list(range(1, STEPS + 1))
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, tmp_path):
+def _continue_in_this_process(src, dst):
+    """A copy of the run in `src` (its EMA export removed) continued in this process to step STEPS + 2."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "ema")
+    loop.run(tiny_config(STEPS + 2, ckpt_every=2, export_ema=True, async_checkpoint=False), str(dst))
+    steps = [r["step"] for r in read_metrics(dst) if "loss" in r]
+    assert steps == list(range(1, STEPS + 3)), f"{dst.name}: steps logged {steps} (resume must not repeat steps)"
+    return dst
+
+
+@pytest.fixture(scope="module")
+def single_continued(one_process, tmp_path_factory):
+    return _continue_in_this_process(one_process, tmp_path_factory.mktemp("continued") / "single")
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(two_processes, single_continued, tmp_path):
     """The two processes' checkpoint (state + both data-iterator states) continues in one process to the same
-    weights as the single-process run continued from its own checkpoint, and the single process's checkpoint
-    continues in two processes to those weights too."""
+    weights as the single-process run continued from its own checkpoint."""
     workdir, _ = two_processes
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
-    continued = {}
-    for name, src in (("multi", workdir), ("single", one_process)):
-        dst = tmp_path / name
-        shutil.copytree(src, dst)
-        shutil.rmtree(dst / "ema")
-        loop.run(tiny_config(STEPS + 2, ckpt_every=2, export_ema=True, async_checkpoint=False), str(dst))
-        steps = [r["step"] for r in read_metrics(dst) if "loss" in r]
-        assert steps == list(range(1, STEPS + 3)), f"{name}: steps logged {steps} (resume must not repeat steps)"
-        continued[name] = dst
-    _assert_same_weights(_ema(continued["multi"] / "ema"), _ema(continued["single"] / "ema"), 1e-6)
-    # and the other way: the single process's checkpoint continues in two processes (more hosts after a preemption)
+    multi = _continue_in_this_process(workdir, tmp_path / "multi")
+    _assert_same_weights(_ema(multi / "ema"), _ema(single_continued / "ema"), 1e-6)
+
+
+def test_one_process_checkpoint_continues_in_two_on_a_hybrid_mesh(one_process, single_continued, tmp_path):
+    """More hosts after a preemption, on the multi-slice / multi-node layout: the single process's checkpoint
+    continues in two processes with mesh.dcn=(2,1,1), mesh.ici=(1,4,1) (data parallel over the slow network, FSDP
+    inside each process, built by create_hybrid_device_mesh with processes as the DCN units). Steps 5 and 6 have the
+    losses, and the run ends on the EMA weights, of the single process's own continuation."""
     dst = tmp_path / "single_then_two"
     shutil.copytree(one_process, dst)
     shutil.rmtree(dst / "ema")
@@ -154,35 +166,18 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
             f"--config.train.num_steps={STEPS + 2}",
             "--config.train.log_every=1",
             "--config.train.ckpt_every=2",
-        ],
-        dst,
-    )
-    assert "written by 1 processes, resuming with 2" in outputs[1]
-    assert [r["step"] for r in read_metrics(dst) if "loss" in r] == list(range(1, STEPS + 3))
-    _assert_same_weights(_ema(dst / "ema"), _ema(continued["single"] / "ema"), 1e-6)
-
-
-def test_data_parallel_across_processes_fsdp_inside(one_process, tmp_path):
-    """mesh.dcn=(2,1,1), mesh.ici=(1,4,1): the multi-slice / multi-node layout (data parallel over the slow
-    network, FSDP inside each process) built by create_hybrid_device_mesh with processes as the DCN units. Same
-    losses and EMA weights as FSDP over all 8 devices in one process."""
-    workdir = tmp_path / "hybrid"
-    outputs = run_two_processes(
-        [
-            "--config=configs/sfd.py:tiny",
-            f"--config.train.num_steps={STEPS}",
-            "--config.train.log_every=1",
-            "--config.train.ckpt_every=2",
             "--config.mesh.dcn=(2,1,1)",
             "--config.mesh.ici=(1,4,1)",
         ],
-        workdir,
+        dst,
     )
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in outputs[0]
-    hybrid, single = losses_by_step(workdir), losses_by_step(one_process)
+    assert "written by 1 processes, resuming with 2" in outputs[1]
+    assert [r["step"] for r in read_metrics(dst) if "loss" in r] == list(range(1, STEPS + 3))
+    hybrid, single = losses_by_step(dst), losses_by_step(single_continued)
     assert hybrid.keys() == single.keys()
     np.testing.assert_allclose([hybrid[s] for s in sorted(hybrid)], [single[s] for s in sorted(single)], rtol=1e-6)
-    _assert_same_weights(_ema(workdir / "ema"), _ema(one_process / "ema"), 1e-6)
+    _assert_same_weights(_ema(dst / "ema"), _ema(single_continued / "ema"), 1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ --mode=sample

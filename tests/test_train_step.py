@@ -219,3 +219,38 @@ def test_semvae_loss_weights_other_than_the_defaults():
     total = 0.7 * want["mse"] + 0.3 * want["l1"] + 0.5 * want["cos"] + 0.01 * want["kl"]
     assert float(terms["total"]) == pytest.approx(total, rel=1e-5)
     assert abs(0.01 * want["kl"]) > 1e-3 * total  # the KL term is visible at that tolerance
+
+
+# ------------------------------------------------------------------------------------------------ initialisers
+def _setups():
+    """The DiT's (FSDP over 8 devices), the SemVAE's and the texture VAE's TrainSetup, tiny configs."""
+    from sfd_jax.config_loader import load_config
+    from sfd_jax.models.lightningdit import LightningDiT
+    from sfd_jax.train import texture_vae as texture_vae_trainer
+    from sfd_jax.train.state import TrainSetup
+
+    c = sfd_config()
+    dit_cfg = build_lib.model_config(c)
+    mesh = parallel.make_mesh((1, -1, 1))
+    tx = make_optimizer(c.optim, 10)[0]
+    yield TrainSetup(lambda rngs: LightningDiT(dit_cfg, rngs=rngs), tx, mesh, parallel.parse_rules(c.mesh.rules), 0)
+    s = load_config(str(REPO / "configs" / "semvae.py:tiny"))
+    semvae_cfg = semvae_trainer.semvae_config(s)
+    tx = semvae_trainer.make_optimizer(s.optim)[0]
+    yield TrainSetup(lambda rngs: sv.SemVAE(semvae_cfg, rngs=rngs), tx, mesh, parallel.parse_rules(s.mesh.rules), 1)
+    t = load_config(str(REPO / "configs" / "texture_vae.py:tiny"))
+    yield texture_vae_trainer._setup(t, texture_vae_trainer._mesh(t))
+
+
+def test_initialisers_compiled_for_one_run_give_the_usual_bits():
+    """TrainSetup compiles its initialisers at a lower CPU optimisation level (compile time is all they cost). The
+    weights, EMA copy, optimizer state and buffers must be the bits of the normally compiled program, or a run's
+    initial weights would depend on how its initialiser was compiled."""
+    key = jax.random.PRNGKey(3)
+    for setup in _setups():  # (state, aux): the buffers init_aux computes are checked here too
+        init = setup._init_jit
+        assert init.options == setup._init_aux_jit.options == {"xla_backend_optimization_level": 1}
+        fast, usual = jax.tree.leaves_with_path(init(key)), jax.tree.leaves(init.jitted(key))
+        assert len(fast) == len(usual)
+        for (path, a), b in zip(fast, usual):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))

@@ -67,7 +67,8 @@ def train_classifier(
         raise ValueError(
             f"classifier images must be (N, {cfg.image_size}, {cfg.image_size}, {cfg.channels}), got {images.shape}"
         )
-    model = SmallCNN(cfg, rngs=nnx.Rngs(seed))
+    # One compiled initialiser: created eagerly, each weight's random draw was a program of its own to compile.
+    model = nnx.jit(lambda: SmallCNN(cfg, rngs=nnx.Rngs(seed)))()
     graphdef, params = nnx.split(model)
     tx = optax.adam(lr)
     opt_state = tx.init(params)
@@ -140,7 +141,7 @@ def save_classifier(model: SmallCNN, cfg: ClassifierConfig, directory: str) -> N
 def load_classifier(directory: str) -> SmallCNN:
     with open(os.path.join(directory, "config.json")) as f:
         cfg = ClassifierConfig(**json.load(f))
-    model = SmallCNN(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: SmallCNN(cfg, rngs=nnx.Rngs(0)))  # shapes only: every weight is replaced below
     with np.load(os.path.join(directory, "params.npz")) as d:
         values = {k: d[k] for k in d.files}
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))

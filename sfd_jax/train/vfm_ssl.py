@@ -250,6 +250,7 @@ def features(vit: Dinov2, images_u8: np.ndarray, batch: int = 1000) -> np.ndarra
     """float32 (N, D) mean-pooled patch tokens of uint8 (N, H, W) gray images (no augmentation)."""
     graphdef, state = nnx.split(vit)
     size = images_u8.shape[1]
+    batch = min(batch, len(images_u8))  # a small set is one call, not one padded to `batch` images
 
     @jax.jit
     def fn(state, x):
