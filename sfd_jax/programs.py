@@ -14,11 +14,19 @@ goes first.
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any, Callable, Hashable, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ProgramCache"]
+__all__ = ["ProgramCache", "config_key"]
+
+
+def config_key(config, fields, **extra) -> str:
+    """A cache key from the named top-level blocks of an ml_collections config plus `extra` (JSON-able values such as
+    device ids): the trainers' programs depend on those blocks and nothing else of the config."""
+    cfg = json.loads(config.to_json_best_effort())
+    return json.dumps({"fields": {k: cfg.get(k) for k in fields}, **extra}, sort_keys=True)
 
 
 class ProgramCache:

@@ -254,3 +254,37 @@ def test_initialisers_compiled_for_one_run_give_the_usual_bits():
         assert len(fast) == len(usual)
         for (path, a), b in zip(fast, usual):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_texture_vae_and_semvae_reuse_programs_only_for_the_same_step_settings():
+    """A second run in the process with the same step settings gets the same compiled programs (no new trace or
+    compile); a run whose step reads another value (KL weight, EMA decay, the DINOv2's architecture) gets new ones,
+    and one that differs only in host-side settings (steps, logging) shares them."""
+    from sfd_jax.config_loader import load_config
+    from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
+    from flax import nnx
+    from sfd_jax.train import texture_vae as tv
+
+    def texture(**changes):
+        c = load_config(str(REPO / "configs" / "texture_vae.py:tiny"))
+        for path, value in changes.items():
+            block, field = path.split(".")
+            c[block][field] = value
+        return tv._setup_and_step(c, tv._mesh(c))
+
+    base = texture()
+    assert texture() is base and texture(**{"train.num_steps": 3, "train.log_every": 1}) is base
+    assert texture(**{"loss.kl_weight": 1e-3}) is not base and texture(**{"optim.ema_decay": 0.5}) is not base
+
+    def semvae(layer_norm_eps=1e-6, **changes):
+        c = load_config(str(REPO / "configs" / "semvae.py:tiny"))
+        for path, value in changes.items():
+            block, field = path.split(".")
+            c[block][field] = value
+        dc = Dinov2Config(**{**c.dino.config.to_dict(), "layer_norm_eps": layer_norm_eps})
+        graphdef = nnx.split(nnx.eval_shape(lambda: Dinov2(dc, rngs=nnx.Rngs(0))), nnx.Param)[0]
+        return semvae_trainer.setup_and_steps(c, parallel.make_mesh(tuple(c.mesh.ici)), graphdef, None)
+
+    base = semvae()
+    assert semvae() is base and semvae(**{"train.num_steps": 3}) is base
+    assert semvae(**{"loss.kl": 0.5}) is not base and semvae(layer_norm_eps=1e-5) is not base

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 
 from sfd_jax import parallel
-from sfd_jax.programs import ProgramCache
+from sfd_jax.programs import ProgramCache, config_key
 from sfd_jax.train import config as config_lib
 from sfd_jax.train.state import TrainSetup, make_optimizer
 from sfd_jax.train.step import jit_train_step, make_train_step
@@ -108,16 +108,8 @@ _BUILD_CACHE = ProgramCache(size=4)
 
 
 def _build_key(config, devices, process_count) -> str:
-    cfg = json.loads(config.to_json_best_effort())
-    return json.dumps(
-        {
-            "fields": {k: cfg.get(k) for k in _STEP_FIELDS},
-            "batch": cfg["train"]["batch_size"],
-            "devices": [d.id for d in devices],
-            "processes": process_count,
-        },
-        sort_keys=True,
-    )
+    batch, ids = int(config.train.batch_size), [d.id for d in devices]
+    return config_key(config, _STEP_FIELDS, batch=batch, devices=ids, processes=process_count)
 
 
 def build(config, *, process_count: int | None = None, devices=None) -> Run:

@@ -41,6 +41,7 @@ from flax import nnx
 from sfd_jax import parallel
 from sfd_jax.models import semvae as sv
 from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
+from sfd_jax.programs import ProgramCache, config_key
 from sfd_jax.train import skeleton
 from sfd_jax.train.config import ConfigError, require, require_finite_optim
 from sfd_jax.train.state import TrainSetup, TrainState
@@ -230,6 +231,28 @@ def load_frozen_dino(config, mesh, rules):
     return graphdef, init()
 
 
+# Runs in one process whose steps read the same settings (the tests, the demo's two SemVAEs) share the sharded-state
+# recipe and the jitted steps; new jitted functions for each run would trace and compile them again. The frozen
+# DINOv2 enters through its graph (architecture), not its weights, which are an argument of the steps.
+_PROGRAM_FIELDS = ("model", "optim", "loss", "mesh", "seed", "data")
+_PROGRAMS = ProgramCache(size=4)
+
+
+def setup_and_steps(config, mesh, dino_graphdef, dino_params) -> tuple[TrainSetup, Any, Any]:
+    """(TrainSetup, jitted train step, jitted eval step), reused for the same settings, mesh and DINOv2 graph."""
+    dino_shardings = jax.tree.map(lambda x: x.sharding, dino_params) if dino_params is not None else None
+
+    def build():
+        cfg, tx = semvae_config(config), make_optimizer(config.optim)[0]
+        rules = parallel.parse_rules(config.mesh.rules)
+        setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules, config.seed)
+        return (setup, *make_steps(config, setup, dino_graphdef, mesh, dino_shardings))
+
+    devices = [d.id for d in mesh.devices.flat]
+    key = config_key(config, _PROGRAM_FIELDS, devices=devices, mesh=dict(mesh.shape), dino=str(dino_graphdef))
+    return _PROGRAMS.get(key, build)
+
+
 def make_steps(config, setup: TrainSetup, dino_graphdef, mesh, dino_shardings):
     weights = sv.LossWeights(**{k: float(config.loss[k]) for k in ("mse", "l1", "cos", "kl")})
     cos_axis, decay = str(config.loss.cos_axis), float(config.optim.ema_decay)
@@ -347,11 +370,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     t = config.train
     train_items, eval_items, data_info = build_inputs(config, source)
     cfg = semvae_config(config)
-    tx, schedule = make_optimizer(config.optim)
-    setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules, config.seed)
+    schedule = make_optimizer(config.optim)[1]
     dino_graphdef, dino_params = load_frozen_dino(config, mesh, rules)
-    dino_shardings = jax.tree.map(lambda x: x.sharding, dino_params) if dino_params is not None else None
-    train_step, eval_step = make_steps(config, setup, dino_graphdef, mesh, dino_shardings)
+    setup, train_step, eval_step = setup_and_steps(config, mesh, dino_graphdef, dino_params)
     saved_config = _save_config(config, workdir, cfg, data_info, mesh, setup)
     log.info(
         "SemVAE %.2fM params | mesh %s | batch %d | data %s",

@@ -33,6 +33,7 @@ from PIL import Image
 from sfd_jax import parallel
 from sfd_jax.convert.texture_vae import save_texture_vae
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
+from sfd_jax.programs import ProgramCache, config_key
 from sfd_jax.train import skeleton
 from sfd_jax.train.config import ConfigError, require, require_finite_optim
 from sfd_jax.train.state import TrainSetup, TrainState, make_optimizer
@@ -265,19 +266,32 @@ def make_evaluate(config, workdir: str, setup: TrainSetup, mesh, aux, eval_sourc
     return evaluate
 
 
-def _step_fn(config, setup: TrainSetup, mesh, aux):
-    """The skeleton's step: the compiled VAE step on this process's images made global."""
-    train_step = jit_train_step(
-        make_vae_train_step(
+# Runs in one process whose step reads the same settings (the tests, a sweep) share the sharded-state recipe and the
+# jitted step; a new jitted function for each run would trace and compile it again.
+_PROGRAM_FIELDS = ("model", "optim", "loss", "mesh", "seed")
+_PROGRAMS = ProgramCache(size=4)
+
+
+def _setup_and_step(config, mesh) -> tuple[TrainSetup, Any]:
+    """(TrainSetup, the jitted VAE train step)."""
+
+    def build():
+        setup = _setup(config, mesh)
+        step = make_vae_train_step(
             setup.graphdef,
             setup.tx,
             recon_loss=config.loss.recon,
             kl_weight=config.loss.kl_weight,
             ema_decay=config.optim.ema_decay,
-        ),
-        setup,
-        mesh,
-    )
+        )
+        return setup, jit_train_step(step, setup, mesh)
+
+    devices = [d.id for d in mesh.devices.flat]
+    return _PROGRAMS.get(config_key(config, _PROGRAM_FIELDS, devices=devices, mesh=dict(mesh.shape)), build)
+
+
+def _step_fn(train_step, mesh, aux):
+    """The skeleton's step: the compiled VAE step on this process's images made global."""
 
     def step(state, images):
         return train_step(state, aux, parallel.host_to_global({"images": images}, mesh))
@@ -322,7 +336,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         raise ValueError("the image source is empty")
     t = config.train
     model_cfg = _model_config(config)
-    setup = _setup(config, mesh)
+    setup, train_step = _setup_and_step(config, mesh)
     aux = _aux(setup)
     saved_config = {
         "config": config.to_dict(),
@@ -340,7 +354,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         describe() if describe else type(source),
     )
 
-    step = _step_fn(config, setup, mesh, aux)
+    step = _step_fn(train_step, mesh, aux)
     eval_cfg = config.eval.get("source")
     eval_source = make_image_source(eval_cfg) if eval_cfg is not None and eval_cfg.get("kind") else source
     evaluate = make_evaluate(config, workdir, setup, mesh, aux, eval_source)
