@@ -171,15 +171,24 @@ def _step_fn(config, run_, aux) -> Callable:
 
 
 def _data_fn(config, per_process_batch: int) -> Callable:
-    """The skeleton's make_data: this process's iterator, moved to a checkpointed position where there is one."""
+    """The skeleton's make_data: this process's iterator, moved to a checkpointed position where there is one.
 
-    def make_data(start_step: int, data_state: dict | None):
-        data = make_data_iterator(
+    The first iterator is opened here, so that a dataset that must be refused (layout, labels, statistics, shards)
+    is refused before anything is compiled; the skeleton's first call takes it.
+    """
+
+    def open_iterator():
+        return make_data_iterator(
             config,
             batch_size=per_process_batch,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+
+    opened = [open_iterator()]
+
+    def make_data(start_step: int, data_state: dict | None):
+        data = opened.pop() if opened else open_iterator()
         if data_state is not None:
             data.set_state(data_state)
         return data
@@ -246,12 +255,13 @@ def run(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
         derived["per_process_batch"],
         derived["device_count"],
     )
+    make_data = _data_fn(config, derived["per_process_batch"])
     aux = run_.setup.init_aux()
     task = skeleton.Task(
         name="DiT",
         setup=run_.setup,
         step=_step_fn(config, run_, aux),
-        make_data=_data_fn(config, derived["per_process_batch"]),
+        make_data=make_data,
         saved_config=saved_config,
         global_batch=derived["global_batch"],
         lr=run_.schedule,
