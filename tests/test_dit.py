@@ -219,10 +219,15 @@ def test_remat_policies_same_values_and_grads(inputs):
     cfg = DiTConfig.from_size("tiny", depth=3, repa_depth=1)
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
     # Perturb everything so that the zero-initialised adaLN / final layers do not hide a wrong recomputation.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    @jax.jit  # one program, not one per weight shape
+    def perturb(params):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(7), len(leaves))
+        return jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+    params = perturb(params)
     names = lambda m: [(p, v.shape) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))]  # noqa: E731
     graphdefs = []
     for policy in ("dots_no_batch", "dots"):
