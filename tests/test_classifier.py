@@ -28,6 +28,8 @@ def test_classifier_learns_and_round_trips(tmp_path):
     clf.save_classifier(model, cfg, str(tmp_path / "clf"))
     restored = clf.load_classifier(str(tmp_path / "clf"))
     a_logits, a_feats = clf.apply_batched(model, xt, batch_size=100)
+    traces = clf._FORWARD.trace_count()
     b_logits, b_feats = clf.apply_batched(restored, xt, batch_size=100)
     np.testing.assert_array_equal(a_logits, b_logits)
+    assert clf._FORWARD.trace_count() == traces  # another judge of the same architecture: no new compile
     assert a_feats.shape == (256, 16)

@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sfd_jax.programs import ProgramCache
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
@@ -101,16 +103,28 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.roll(x, (int(dy), int(dx)), axis=(1, 2))
 
 
+# One compiled forward per judge architecture in a process: the ablation scores dozens of checkpoints with one judge.
+_FORWARD = ProgramCache(size=4)
+
+
+def _forward(graphdef):
+    def build():
+        @jax.jit
+        def run(p, x):
+            _FORWARD.note_trace()
+            m = nnx.merge(graphdef, p)
+            f = m.features(x)
+            return m.head(f), f
+
+        return run
+
+    return _FORWARD.get(graphdef, build)
+
+
 def apply_batched(model: SmallCNN, images: np.ndarray, *, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """(logits, features) for all images, in fixed-size jitted batches (the last one padded)."""
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def run(p, x):
-        m = nnx.merge(graphdef, p)
-        f = m.features(x)
-        return m.head(f), f
-
+    run = _forward(graphdef)
     logits, feats = [], []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
