@@ -43,8 +43,11 @@ def _free_slurm_job_id() -> int:
     raise RuntimeError("no free port in 61440-65535 for the jax coordinator")
 
 
-def run_two_processes(args, workdir, timeout=300):
-    """`python -m sfd_jax.main ARGS --workdir=WORKDIR` as SLURM tasks 0 and 1 of one step; returns their outputs."""
+def run_two_processes(args, workdir, timeout=600):
+    """`python -m sfd_jax.main ARGS --workdir=WORKDIR` as SLURM tasks 0 and 1 of one step; returns their outputs.
+
+    Each pair takes 20-50 s here; the timeout only ends a hang (a collective waiting for a dead peer), with room for
+    a CI machine several times slower."""
     job_id = _free_slurm_job_id()
     cmd = [sys.executable, "-m", "sfd_jax.main", *args, f"--workdir={workdir}"]
     procs = []
