@@ -1,6 +1,7 @@
 """What the train steps do with their configured numbers, each against an independent NumPy computation: the EMA
 formula, warm-up and gradient clipping as applied by the optimizers, the label-dropout null id, the texture-only
-ablation's step, and the SemVAE loss weights."""
+ablation's step, and the SemVAE loss weights. Also how the trainers build their programs: the initialisers' compile
+level keeps the usual bits, and a program is reused only for the settings it was built from."""
 
 import importlib.util
 
