@@ -22,10 +22,12 @@ T = TypeVar("T")
 __all__ = ["ProgramCache", "config_key"]
 
 
-def config_key(config, fields, **extra) -> str:
-    """A cache key from the named top-level blocks of an ml_collections config plus `extra` (JSON-able values such as
-    device ids): the trainers' programs depend on those blocks and nothing else of the config."""
+def config_key(config, fields, *, mesh=None, **extra) -> str:
+    """A cache key from the named top-level blocks of an ml_collections config, the mesh (its devices and axis sizes)
+    and `extra` (JSON-able values): the trainers' programs depend on those blocks and nothing else of the config."""
     cfg = json.loads(config.to_json_best_effort())
+    if mesh is not None:
+        extra.update(devices=[d.id for d in mesh.devices.flat], mesh=dict(mesh.shape))
     return json.dumps({"fields": {k: cfg.get(k) for k in fields}, **extra}, sort_keys=True)
 
 

@@ -271,7 +271,7 @@ def test_texture_vae_and_semvae_reuse_programs_only_for_the_same_step_settings()
         for path, value in changes.items():
             block, field = path.split(".")
             c[block][field] = value
-        return tv._setup_and_step(c, tv._mesh(c))
+        return tv._setup_and_programs(c, tv._mesh(c))
 
     base = texture()
     assert texture() is base and texture(**{"train.num_steps": 3, "train.log_every": 1}) is base

@@ -248,9 +248,7 @@ def setup_and_steps(config, mesh, dino_graphdef, dino_params) -> tuple[TrainSetu
         setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules, config.seed)
         return (setup, *make_steps(config, setup, dino_graphdef, mesh, dino_shardings))
 
-    devices = [d.id for d in mesh.devices.flat]
-    key = config_key(config, _PROGRAM_FIELDS, devices=devices, mesh=dict(mesh.shape), dino=str(dino_graphdef))
-    return _PROGRAMS.get(key, build)
+    return _PROGRAMS.get(config_key(config, _PROGRAM_FIELDS, mesh=mesh, dino=str(dino_graphdef)), build)
 
 
 def make_steps(config, setup: TrainSetup, dino_graphdef, mesh, dino_shardings):

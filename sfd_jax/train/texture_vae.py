@@ -247,10 +247,10 @@ def _line(values: dict) -> str:
     return f"loss {values['loss']:.4g} l1 {values['l1']:.4g} mse {values['mse']:.4g} kl {values['kl']:.4g}"
 
 
-def make_evaluate(config, workdir: str, setup: TrainSetup, mesh, aux, eval_source):
+def make_evaluate(config, workdir: str, reconstruct, mesh, aux, eval_source):
     """evaluate(step, state, write=True) -> {'eval/l1', 'eval/mse', 'eval/psnr'}; with `write`, also the grid
-    `recon_<step>.png` of originals above their reconstructions from the posterior mean."""
-    reconstruct = make_reconstruct(setup.graphdef, setup, mesh)
+    `recon_<step>.png` of originals above their reconstructions from the posterior mean. `reconstruct`: the jitted
+    program of make_reconstruct."""
     size = config.data.image_size
     eval_images = load_images(eval_source, range(min(config.eval.num_images, len(eval_source))), size)
     eval_global = jax.make_array_from_process_local_data(parallel.replicated(mesh), eval_images)
@@ -266,14 +266,14 @@ def make_evaluate(config, workdir: str, setup: TrainSetup, mesh, aux, eval_sourc
     return evaluate
 
 
-# Runs in one process whose step reads the same settings (the tests, a sweep) share the sharded-state recipe and the
-# jitted step; a new jitted function for each run would trace and compile it again.
+# Runs in one process whose programs read the same settings (the tests, a sweep) share the sharded-state recipe, the
+# jitted step and the jitted reconstruction; new jitted functions for each run would trace and compile them again.
 _PROGRAM_FIELDS = ("model", "optim", "loss", "mesh", "seed")
 _PROGRAMS = ProgramCache(size=4)
 
 
-def _setup_and_step(config, mesh) -> tuple[TrainSetup, Any]:
-    """(TrainSetup, the jitted VAE train step)."""
+def _setup_and_programs(config, mesh) -> tuple[TrainSetup, Any, Any]:
+    """(TrainSetup, the jitted VAE train step, the jitted evaluation reconstruction)."""
 
     def build():
         setup = _setup(config, mesh)
@@ -284,10 +284,9 @@ def _setup_and_step(config, mesh) -> tuple[TrainSetup, Any]:
             kl_weight=config.loss.kl_weight,
             ema_decay=config.optim.ema_decay,
         )
-        return setup, jit_train_step(step, setup, mesh)
+        return setup, jit_train_step(step, setup, mesh), make_reconstruct(setup.graphdef, setup, mesh)
 
-    devices = [d.id for d in mesh.devices.flat]
-    return _PROGRAMS.get(config_key(config, _PROGRAM_FIELDS, devices=devices, mesh=dict(mesh.shape)), build)
+    return _PROGRAMS.get(config_key(config, _PROGRAM_FIELDS, mesh=mesh), build)
 
 
 def _step_fn(train_step, mesh, aux):
@@ -336,7 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
         raise ValueError("the image source is empty")
     t = config.train
     model_cfg = _model_config(config)
-    setup, train_step = _setup_and_step(config, mesh)
+    setup, train_step, reconstruct = _setup_and_programs(config, mesh)
     aux = _aux(setup)
     saved_config = {
         "config": config.to_dict(),
@@ -357,7 +356,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     step = _step_fn(train_step, mesh, aux)
     eval_cfg = config.eval.get("source")
     eval_source = make_image_source(eval_cfg) if eval_cfg is not None and eval_cfg.get("kind") else source
-    evaluate = make_evaluate(config, workdir, setup, mesh, aux, eval_source)
+    evaluate = make_evaluate(config, workdir, reconstruct, mesh, aux, eval_source)
     task = skeleton.Task(
         name="texture VAE",
         setup=setup,
