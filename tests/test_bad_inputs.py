@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 LAYOUT_ARGS = dict(texture=(4, 4, 32), semantic=(4, 4, 16), dino=(16, 8))
@@ -129,7 +131,7 @@ def snapshot(*paths) -> dict:
 
 def run_cli(args, cwd=REPO):
     env = dict(os.environ)  # with conftest's compilation cache
-    env["XLA_FLAGS"] = ""  # one CPU device: the refusals do not depend on the device count
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device: the refusals do not depend on the device count
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     return proc.returncode, lines

@@ -8,13 +8,15 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import TEST_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_accelerator_dry_run():
     # The 8-minute cap is for an accelerator; a shared CI CPU may compile slower.
     env = dict(os.environ, PYTHON=sys.executable, ACCELERATOR_TIMEOUT_S="880")
-    env.pop("XLA_FLAGS", None)  # one real CPU device, as on a single accelerator
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # one real CPU device, as on a single accelerator
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "accelerator.sh"), "--dry-run"],
         cwd=REPO,

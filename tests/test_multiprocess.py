@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close
+from conftest import TEST_XLA_FLAGS, assert_close
 from sfd_jax.convert.dit import restore_dit
 from sfd_jax.train import loop
 from sfd_jax.train.metrics import read_metrics
@@ -54,7 +54,7 @@ def run_two_processes(args, workdir, timeout=600):
     for rank in range(2):
         env = dict(
             os.environ,
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4",
             JAX_PLATFORMS="cpu",
             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
             SLURM_JOB_ID=str(job_id),

@@ -75,3 +75,27 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tmp_path):
     assert not np.allclose(
         np.asarray(whole.patch_embed.kernel[...]), np.asarray(Dinov2(cfg, rngs=nnx.Rngs(0)).patch_embed.kernel[...])
     )
+
+
+def test_features_compile_once_per_architecture_and_size_and_match_one_call():
+    """Two encoders of one architecture (the demo's pretrained and random DINOv2) on two splits share one compiled
+    program per batch shape; batching and padding leave every image's features as one whole-set call gives them."""
+    from flax import nnx
+
+    from sfd_jax.models.dinov2 import Dinov2, Dinov2Config
+    from sfd_jax.train import vfm_ssl
+
+    cfg = Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=4, image_size=16, num_register_tokens=1
+    )
+    a, b = Dinov2(cfg, rngs=nnx.Rngs(0)), Dinov2(cfg, rngs=nnx.Rngs(1))
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16), dtype=np.uint8)
+    vfm_ssl._FEATURES.clear()
+    whole = vfm_ssl.features(a, images)
+    assert vfm_ssl._FEATURES.trace_count() == 1
+    batched = vfm_ssl.features(a, images, batch=4)  # batches of 4, 4 and 2 padded to 4
+    np.testing.assert_allclose(batched, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+    assert vfm_ssl._FEATURES.trace_count() == 2  # the batch-4 shape
+    other = vfm_ssl.features(b, images)
+    assert vfm_ssl._FEATURES.trace_count() == 2  # the second encoder reuses the batch-10 program
+    assert not np.allclose(other, whole)

@@ -66,8 +66,8 @@ def _split(model: nnx.Module):
 class _Initialiser:
     """A jitted initialiser, compiled at LLVM optimisation level 1 on the CPU.
 
-    It runs once per process, so compile time is all that level 2 (XLA's default) could cost or save here: the
-    texture VAE's on 8 devices compiled in 2.9 s at level 1 and 7.6 s at level 2. Levels 1 and 2 gave the same bits
+    It runs once per process, so compile time is all that XLA's default level (3) could cost or save here: the
+    texture VAE's on 8 devices compiled in 2.9 s at level 1 and 7.6 s at the default. Level 1 gave the default's bits
     for the DiT, the SemVAE and the texture VAE (tests/test_train_step.py compares the two programs on every run of
     the suite); level 0 did not (it moved some DiT weights by 2 ULP). Other platforms compile as usual.
     """

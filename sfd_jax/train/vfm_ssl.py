@@ -34,6 +34,7 @@ from flax import nnx
 
 from sfd_jax.data.preprocess import dino_from_unit_range
 from sfd_jax.models.dinov2 import Dinov2
+from sfd_jax.programs import ProgramCache
 
 log = logging.getLogger("sfd_jax.vfm_ssl")
 
@@ -246,16 +247,28 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------
 # Frozen features and the linear probe
 # ---------------------------------------------------------------------------------------------------------------
+# One compiled feature program per ViT architecture and image size in a process: the demo probes the pretrained and
+# the random encoder (one architecture) on the training and the test split.
+_FEATURES = ProgramCache(size=4)
+
+
+def _features_program(graphdef, size: int):
+    def build():
+        @jax.jit
+        def fn(state, x):
+            _FEATURES.note_trace()
+            return pooled(nnx.merge(graphdef, state), dino_input(x.astype(jnp.float32) / 255.0, size))
+
+        return fn
+
+    return _FEATURES.get((graphdef, size), build)
+
+
 def features(vit: Dinov2, images_u8: np.ndarray, batch: int = 1000) -> np.ndarray:
     """float32 (N, D) mean-pooled patch tokens of uint8 (N, H, W) gray images (no augmentation)."""
     graphdef, state = nnx.split(vit)
-    size = images_u8.shape[1]
+    fn = _features_program(graphdef, images_u8.shape[1])
     batch = min(batch, len(images_u8))  # a small set is one call, not one padded to `batch` images
-
-    @jax.jit
-    def fn(state, x):
-        return pooled(nnx.merge(graphdef, state), dino_input(x.astype(jnp.float32) / 255.0, size))
-
     out = []
     for i in range(0, len(images_u8), batch):
         x = images_u8[i : i + batch]
