@@ -14,3 +14,8 @@ class InputError(ValueError):
 
 class DataError(InputError):
     """A dataset, statistics or sample file that is corrupt or does not fit the model; the message names the file."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file the run was pointed at (a dataset description, statistics, a model's config) does not exist. Still a
+    FileNotFoundError for callers that test for one."""

@@ -28,6 +28,8 @@ from typing import Any, Iterator
 
 from etils import epath
 
+from sfd_jax.errors import MissingInputError
+
 
 def configure_emulator(environ=os.environ) -> None:
     host = environ.get("STORAGE_EMULATOR_HOST")
@@ -123,7 +125,7 @@ def write_json_atomic(p: Any, obj: Any, *, indent: int = 1, default=None) -> Non
 
 def read_json(p: Any, what: str) -> dict:
     if not exists(p):
-        raise FileNotFoundError(f"{what} not found: {os.fspath(p)}")
+        raise MissingInputError(f"{what} not found: {os.fspath(p)}")
     try:
         return json.loads(read_text(p))
     except json.JSONDecodeError as e:

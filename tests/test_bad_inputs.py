@@ -286,6 +286,10 @@ def case_shard_emptied(assets, tmp):  # item 10
     return train_args(d, tmp / "w"), [d], ["latents-00000-of-00002.array_record", "re-extract"]
 
 
+def case_dataset_path_missing(assets, tmp):  # a mistyped --config.data.path: one line, not a traceback
+    return train_args(tmp / "no_such_data", tmp / "w"), [], ["dataset description not found", "no_such_data"]
+
+
 def case_dataset_json_no_shards(assets, tmp):  # item 10
     d = copy_data(assets, tmp)
     edit_json(d / "dataset.json", lambda m: m.pop("shards"))
