@@ -21,11 +21,9 @@ check-python:
 	else command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; sfd_jax needs Python >= 3.11"; exit 1; }; \
 		$(PYTHON) -c '$(PYTHON_CHECK)'; fi
 
-# --no-compile: pip would byte-compile all ~2 GB of packages (83 s of a fresh install here, 51 s without); Python
-# compiles the modules it actually imports on first use instead.
 $(VENV)/.installed: requirements.txt requirements-torch.txt | check-python
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -r requirements.txt -r requirements-torch.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-torch.txt
 	touch $@
 
 install: check-python $(VENV)/.installed
