@@ -21,6 +21,7 @@ sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -278,6 +279,26 @@ def features(vit: Dinov2, images_u8: np.ndarray, batch: int = 1000) -> np.ndarra
     return np.concatenate(out)
 
 
+@functools.partial(jax.jit, static_argnums=5)
+def _fit_probe(params, x, y, lr, l2, steps: int):
+    """`steps` full-batch Adam steps of the L2-regularised softmax regression; one compiled program for every probe
+    of the same shapes (the demo probes two encoders)."""
+    tx = optax.adam(lr)
+
+    def loss(p):
+        logits = x @ p["w"] + p["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(p["w"] ** 2)
+
+    def body(carry, _):
+        p, s = carry
+        value, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), value
+
+    (p, _), values = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+    return p, values[-1]
+
+
 def linear_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -296,24 +317,7 @@ def linear_probe(
     xte = jnp.asarray((test_x - mean) / std, jnp.float32)
     ytr = jnp.asarray(train_y, jnp.int32)
     params = {"w": jnp.zeros((xtr.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-    tx = optax.adam(lr)
-
-    def loss(p):
-        logits = xtr @ p["w"] + p["b"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ytr).mean() + l2 * jnp.sum(p["w"] ** 2)
-
-    @jax.jit
-    def fit(params):
-        def body(carry, _):
-            p, s = carry
-            value, g = jax.value_and_grad(loss)(p)
-            u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s), value
-
-        (p, _), values = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
-        return p, values[-1]
-
-    params, final_loss = fit(params)
+    params, final_loss = _fit_probe(params, xtr, ytr, jnp.float32(lr), jnp.float32(l2), steps)
     acc = lambda x, y: float(np.mean(np.asarray((x @ params["w"] + params["b"]).argmax(-1)) == y))
     return {
         "train_accuracy": acc(xtr, np.asarray(train_y)),
