@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     data = make_iterator(config.data, batch_size=args.batch, process_index=0, process_count=1, seed=0)
     host_batch = next(data)
     batch = parallel.host_to_global(host_batch, run.mesh)
-    state, aux = setup.init()
+    state, aux = setup.init(int(config.seed))
 
     t0 = time.perf_counter()
     lowered = train_step.lower(state, aux, batch)

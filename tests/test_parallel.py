@@ -94,7 +94,7 @@ def sharded_and_single():
     results = {}
     for name, ici, devices in (("single", (1, 1, 1), jax.devices()[:1]), ("sharded", (2, 4, 1), jax.devices())):
         run = build(tiny_config(ici=ici), devices=devices)
-        state, aux = run.setup.init()
+        state, aux = run.setup.init(int(run.config.seed))
         init_params = jax.device_get(state.params)
         data = loop.make_data_iterator(run.config, batch_size=16, process_index=0, process_count=1)
         losses = []

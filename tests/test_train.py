@@ -194,7 +194,7 @@ def test_nonfinite_stop_raises_with_the_step_and_saves_nothing_after_it(tmp_path
 def test_nonfinite_update_is_dropped_on_device():
     """The step itself: a NaN batch leaves params, EMA and optimizer state untouched and advances the step."""
     run = build(tiny_config(1))
-    state, aux = run.setup.init()
+    state, aux = run.setup.init(int(run.config.seed))
     data = loop.make_data_iterator(run.config, batch_size=16, process_index=0, process_count=1)
     batch = next(data)
     batch["x1"][0, 0, 0, 0] = np.inf

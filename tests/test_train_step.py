@@ -152,8 +152,8 @@ def test_label_dropout_replaces_labels_by_the_null_class(monkeypatch):
         return jnp.zeros((), jnp.float32), {"y": y.astype(jnp.float32)}
 
     mesh = parallel.make_mesh((-1, 1, 1))
-    setup = TrainSetup(Tiny, optax.sgd(0.1), mesh, {}, 0)
-    state, aux = setup.init()
+    setup = TrainSetup(Tiny, optax.sgd(0.1), mesh, {})
+    state, aux = setup.init(0)
     y0 = np.arange(8, dtype=np.int32)
     batch = {"x1": np.zeros((8, 1, 1, 48), np.float32), "y": y0, "dino": np.zeros((8, 1, 1), np.float32)}
     step = jax.jit(make_train_step(setup.graphdef, setup.tx, recorder, None, label_dropout=0.5, null_class=77))
@@ -181,7 +181,7 @@ def test_ablate_no_semantic_step_trains_on_the_texture_channels(monkeypatch):
     config.optim.label_dropout = 0.0
     run = build_lib.build(config)
     assert run.model_cfg.in_channels == 32 and run.loss_cfg.semantic_chans == 0
-    state, aux = run.setup.init()
+    state, aux = run.setup.init(0)
     batch = batch_for(run, seed=1)
     params0 = parallel.global_to_host(state.params)
     key = jax.random.fold_in(state.rng, state.step)
@@ -234,11 +234,11 @@ def _setups():
     dit_cfg = build_lib.model_config(c)
     mesh = parallel.make_mesh((1, -1, 1))
     tx = make_optimizer(c.optim, 10)[0]
-    yield TrainSetup(lambda rngs: LightningDiT(dit_cfg, rngs=rngs), tx, mesh, parallel.parse_rules(c.mesh.rules), 0)
+    yield TrainSetup(lambda rngs: LightningDiT(dit_cfg, rngs=rngs), tx, mesh, parallel.parse_rules(c.mesh.rules))
     s = load_config(str(REPO / "configs" / "semvae.py:tiny"))
     semvae_cfg = semvae_trainer.semvae_config(s)
     tx = semvae_trainer.make_optimizer(s.optim)[0]
-    yield TrainSetup(lambda rngs: sv.SemVAE(semvae_cfg, rngs=rngs), tx, mesh, parallel.parse_rules(s.mesh.rules), 1)
+    yield TrainSetup(lambda rngs: sv.SemVAE(semvae_cfg, rngs=rngs), tx, mesh, parallel.parse_rules(s.mesh.rules))
     t = load_config(str(REPO / "configs" / "texture_vae.py:tiny"))
     yield texture_vae_trainer._setup(t, texture_vae_trainer._mesh(t))
 
@@ -291,3 +291,20 @@ def test_texture_vae_and_semvae_reuse_programs_only_for_the_same_step_settings()
     base = semvae()
     assert semvae() is base and semvae(**{"train.num_steps": 3}) is base
     assert semvae(**{"loss.kl": 0.5}) is not base and semvae(layer_norm_eps=1e-5) is not base
+
+
+def test_runs_that_differ_only_in_their_seed_share_programs_not_weights():
+    """The seed is an argument of the initialiser, not part of the setup: an ablation's seeds reuse one setup and one
+    compiled step, and each seed still starts from its own weights and training key (the skeleton passes
+    config.seed)."""
+    first, second = sfd_config(), sfd_config()
+    second.seed = 1
+    a, b = build_lib.build(first), build_lib.build(second)
+    assert b.setup is a.setup and b.train_step is a.train_step
+    s0, s1 = (jax.device_get(a.setup.init(seed)[0]) for seed in (0, 1))
+    assert not np.array_equal(s0.rng, s1.rng)
+    random_leaves = [(x, y) for x, y in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)) if np.ptp(x) > 0]
+    assert random_leaves and all(not np.array_equal(x, y) for x, y in random_leaves)  # constant-initialised stay
+    again = jax.device_get(a.setup.init(1)[0])
+    for x, y in zip(jax.tree.leaves(s1), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(x, y)

@@ -103,7 +103,7 @@ def loss_config(config):
 
 # The sharded-state recipe and the compiled step depend only on these parts of the config, the global batch and the
 # devices. (train.num_steps is not among them because make_optimizer's schedules ignore it; add it if one decays.)
-_STEP_FIELDS = ("model", "diffusion", "repa", "optim", "mesh", "seed")
+_STEP_FIELDS = ("model", "diffusion", "repa", "optim", "mesh")
 _BUILD_CACHE = ProgramCache(size=4)
 
 
@@ -151,7 +151,7 @@ def _build_step(config, devices, model_cfg, model_channels: int, loss_cfg) -> tu
     mesh = parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn), devices)
     rules = parallel.parse_rules(config.mesh.rules)
     tx, schedule = make_optimizer(config.optim, int(config.train.num_steps))
-    setup = TrainSetup(lambda rngs: LightningDiT(model_cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
+    setup = TrainSetup(lambda rngs: LightningDiT(model_cfg, rngs=rngs), tx, mesh, rules)
     step_fn = make_train_step(
         setup.graphdef,
         tx,

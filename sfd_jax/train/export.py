@@ -52,7 +52,7 @@ def export_ema_from_workdir(workdir: str, out: str, step: int | None = None, *, 
             state, _, _ = ckpt.restore(step, run.setup.abstract_state)
     finally:
         ckpt.close()
-    aux = run.setup.init_aux()
+    aux = run.setup.init_aux(int(config.seed))
     export_ema(
         out,
         run.model_cfg,

@@ -256,10 +256,11 @@ def run(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
         derived["device_count"],
     )
     make_data = _data_fn(config, derived["per_process_batch"])
-    aux = run_.setup.init_aux()
+    aux = run_.setup.init_aux(int(config.seed))
     task = skeleton.Task(
         name="DiT",
         setup=run_.setup,
+        seed=int(config.seed),
         step=_step_fn(config, run_, aux),
         make_data=make_data,
         saved_config=saved_config,

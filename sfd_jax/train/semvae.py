@@ -234,7 +234,7 @@ def load_frozen_dino(config, mesh, rules):
 # Runs in one process whose steps read the same settings (the tests, the demo's two SemVAEs) share the sharded-state
 # recipe and the jitted steps; new jitted functions for each run would trace and compile them again. The frozen
 # DINOv2 enters through its graph (architecture), not its weights, which are an argument of the steps.
-_PROGRAM_FIELDS = ("model", "optim", "loss", "mesh", "seed", "data")
+_PROGRAM_FIELDS = ("model", "optim", "loss", "mesh", "data")
 _PROGRAMS = ProgramCache(size=4)
 
 
@@ -245,7 +245,7 @@ def setup_and_steps(config, mesh, dino_graphdef, dino_params) -> tuple[TrainSetu
     def build():
         cfg, tx = semvae_config(config), make_optimizer(config.optim)[0]
         rules = parallel.parse_rules(config.mesh.rules)
-        setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules, config.seed)
+        setup = TrainSetup(lambda rngs: sv.SemVAE(cfg, rngs=rngs), tx, mesh, rules)
         return (setup, *make_steps(config, setup, dino_graphdef, mesh, dino_shardings))
 
     return _PROGRAMS.get(config_key(config, _PROGRAM_FIELDS, mesh=mesh, dino=str(dino_graphdef)), build)
@@ -383,6 +383,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     task = skeleton.Task(
         name="SemVAE",
         setup=setup,
+        seed=int(config.seed),
         step=lambda state, batch: train_step(state, dino_params, parallel.host_to_global({"x": batch}, mesh)["x"]),
         make_data=_data_fn(config, train_items),
         saved_config=saved_config,

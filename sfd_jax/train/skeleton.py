@@ -72,7 +72,8 @@ class Task:
     """
 
     name: str
-    setup: Any  # TrainSetup: abstract_state and init()
+    setup: Any  # TrainSetup: abstract_state and init(seed)
+    seed: int  # config.seed: the initial weights and the state's training key of a fresh run
     step: Callable
     make_data: Callable[[int, dict | None], Data]
     saved_config: dict  # JSON saved with every checkpoint; its 'config' entry is compared on resume
@@ -249,7 +250,7 @@ class _Loop:
     def _restore(self):
         restored = self.ckpt.restore_latest(self.task.setup.abstract_state)
         if restored is None:
-            return 0, self.task.setup.init()[0], None
+            return 0, self.task.setup.init(self.task.seed)[0], None
         step, state, data_state, saved = restored
         warn_config_changes(saved.get("config", {}), self.task.saved_config.get("config", {}))
         held = int(jax.device_get(state.step))

@@ -97,7 +97,6 @@ class TrainSetup:
     tx: optax.GradientTransformation
     mesh: jax.sharding.Mesh
     rules: dict
-    seed: int
 
     def __post_init__(self):
         abstract_model = nnx.eval_shape(lambda: self.model_factory(nnx.Rngs(0)))
@@ -136,13 +135,15 @@ class TrainSetup:
         )
         return state, nnx.to_pure_dict(aux)
 
-    def init(self) -> tuple[TrainState, dict]:
-        """Fresh (state, aux), created shard by shard on the devices."""
-        return self._init_jit(jax.random.PRNGKey(self.seed))
+    # The seed is an argument, not part of the setup: runs that differ only in their seed (an ablation's seeds, a
+    # test's runs) share one setup and its compiled programs.
+    def init(self, seed: int) -> tuple[TrainState, dict]:
+        """Fresh (state, aux) of run seed `seed`, created shard by shard on the devices."""
+        return self._init_jit(jax.random.PRNGKey(seed))
 
-    def init_aux(self) -> dict:
+    def init_aux(self, seed: int) -> dict:
         """Only the non-Param buffers (for a restore); XLA drops the unused weight initialisers."""
-        return self._init_aux_jit(jax.random.PRNGKey(self.seed))
+        return self._init_aux_jit(jax.random.PRNGKey(seed))
 
     def merge(self, params, aux) -> nnx.Module:
         """A model holding `params` (e.g. the EMA weights) for evaluation or export."""

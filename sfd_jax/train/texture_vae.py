@@ -205,14 +205,14 @@ def _setup(config, mesh) -> TrainSetup:
     cfg = _model_config(config)
     tx, _ = make_optimizer(config.optim, config.train.num_steps)
     rules = parallel.parse_rules(config.mesh.rules)
-    return TrainSetup(lambda rngs: TextureVAE(cfg, rngs=rngs), tx, mesh, rules, int(config.seed))
+    return TrainSetup(lambda rngs: TextureVAE(cfg, rngs=rngs), tx, mesh, rules)
 
 
-def _aux(setup: TrainSetup):
+def _aux(setup: TrainSetup, seed: int):
     """The model's non-Param state; TextureVAE has none, which spares compiling the initialisers just to drop them."""
     if not jax.tree.leaves(setup.abstract_aux):
         return setup.abstract_aux  # an empty tree: nothing abstract left in it
-    return setup.init_aux()
+    return setup.init_aux(seed)
 
 
 def _mesh(config):
@@ -268,7 +268,7 @@ def make_evaluate(config, workdir: str, reconstruct, mesh, aux, eval_source):
 
 # Runs in one process whose programs read the same settings (the tests, a sweep) share the sharded-state recipe, the
 # jitted step and the jitted reconstruction; new jitted functions for each run would trace and compile them again.
-_PROGRAM_FIELDS = ("model", "optim", "loss", "mesh", "seed")
+_PROGRAM_FIELDS = ("model", "optim", "loss", "mesh")
 _PROGRAMS = ProgramCache(size=4)
 
 
@@ -336,7 +336,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     t = config.train
     model_cfg = _model_config(config)
     setup, train_step, reconstruct = _setup_and_programs(config, mesh)
-    aux = _aux(setup)
+    aux = _aux(setup, int(config.seed))
     saved_config = {
         "config": config.to_dict(),
         "model": model_cfg.to_dict(),
@@ -360,6 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     task = skeleton.Task(
         name="texture VAE",
         setup=setup,
+        seed=int(config.seed),
         step=step,
         make_data=_data_fn(config, source),
         saved_config=saved_config,
