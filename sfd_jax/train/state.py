@@ -142,7 +142,10 @@ class TrainSetup:
         return self._init_jit(jax.random.PRNGKey(seed))
 
     def init_aux(self, seed: int) -> dict:
-        """Only the non-Param buffers (for a restore); XLA drops the unused weight initialisers."""
+        """Only the non-Param buffers (for a restore); XLA drops the unused weight initialisers. A model without
+        buffers (the texture VAE) gets its empty tree without compiling an initialiser just to drop its output."""
+        if not jax.tree.leaves(self.abstract_aux):
+            return self.abstract_aux
         return self._init_aux_jit(jax.random.PRNGKey(seed))
 
     def merge(self, params, aux) -> nnx.Module:

@@ -208,13 +208,6 @@ def _setup(config, mesh) -> TrainSetup:
     return TrainSetup(lambda rngs: TextureVAE(cfg, rngs=rngs), tx, mesh, rules)
 
 
-def _aux(setup: TrainSetup, seed: int):
-    """The model's non-Param state; TextureVAE has none, which spares compiling the initialisers just to drop them."""
-    if not jax.tree.leaves(setup.abstract_aux):
-        return setup.abstract_aux  # an empty tree: nothing abstract left in it
-    return setup.init_aux(seed)
-
-
 def _mesh(config):
     return parallel.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.get("dcn", (1, 1, 1))))
 
@@ -336,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     t = config.train
     model_cfg = _model_config(config)
     setup, train_step, reconstruct = _setup_and_programs(config, mesh)
-    aux = _aux(setup, int(config.seed))
+    aux = setup.init_aux(int(config.seed))
     saved_config = {
         "config": config.to_dict(),
         "model": model_cfg.to_dict(),
