@@ -190,6 +190,34 @@ def test_workdir_refuses_other_settings_and_missing_data(finished, tmp_path):
         demo.run(_config(tmp_path / "empty"), str(tmp_path / "w"))
 
 
+def test_workdir_of_an_older_version_keeps_its_stages(finished, tmp_path, caplog):
+    """A workdir made before a setting existed (or after one was removed) is not "other settings": its stages are
+    kept and the saved config is brought up to date, so that changing the new setting later is refused."""
+    from sfd_jax import demo
+    from sfd_jax.demo.pipeline import CONFIG_FILE
+
+    workdir = str(tmp_path / "old")
+    shutil.copytree(finished["workdir"], workdir)
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["demo"]["grid_columns"]  # a setting added since
+    saved["demo"]["retired_setting"] = 1  # one removed since
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    with caplog.at_level("WARNING", logger="sfd_jax.demo"):
+        report = demo.run(_config(finished["data"]), workdir)
+    assert sorted(report["wall_time_s"]["cached_in_this_run"]) == sorted(finished["report"]["wall_time_s"]["stages"])
+    assert "demo.grid_columns, demo.retired_setting" in caplog.text
+    with open(path) as f:
+        updated = json.load(f)["demo"]
+    assert updated["grid_columns"] == 4 and "retired_setting" not in updated
+    other = _config(finished["data"])
+    other.demo.grid_columns = 5
+    with pytest.raises(ValueError, match="demo.grid_columns"):
+        demo.run(other, workdir)
+
+
 def test_a_vfm_checkpoint_replaces_the_random_dinov2_and_sets_the_geometry(tmp_path):
     """With demo.vfm_checkpoint the given DINOv2 is used as is: its patch size fixes the input size that gives the
     latent grid, its width the SemVAE input and the REPA target width."""

@@ -49,26 +49,48 @@ class Stages:
 
 
 def _check_workdir_config(workdir: str, config) -> None:
-    """A workdir belongs to one config: cached stages made with other settings would be silently mixed."""
+    """A workdir belongs to one config: cached stages made with other settings would be silently mixed.
+
+    Only a setting present in both configs with another value is a change. A setting that exists on one side only
+    was added to (or removed from) the code since the workdir was made: its cached stages ran with the behaviour
+    that existed then, which a new field's default keeps. Those are reported, and the saved config is brought up to
+    date, so that a later change of such a field is caught like any other.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        changed = sorted(_diff(saved, current))
+        changed, one_sided = _diff(saved, current)
         if changed:
             raise ValueError(
-                f"{workdir} holds a demo run with other settings ({', '.join(changed[:8])}); pass "
+                f"{workdir} holds a demo run with other settings ({', '.join(sorted(changed)[:8])}); pass "
                 "another --workdir (or delete this one) to run with the new config"
             )
+        if one_sided:
+            log.warning(
+                "[demo] %s was made by an older version: settings %s are new or gone; its finished stages are kept",
+                workdir,
+                ", ".join(sorted(one_sided)[:8]),
+            )
+            write_json(path, current)
     else:
         write_json(path, current)
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def _diff(a, b, prefix: str = "") -> tuple[list[str], list[str]]:
+    """(paths whose values differ, paths present on one side only) of two JSON trees."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ([] if a == b else [prefix.rstrip(".")]), []
+    changed, one_sided = [], []
+    for k in set(a) | set(b):
+        if k not in a or k not in b:
+            one_sided.append(f"{prefix}{k}")
+            continue
+        c, o = _diff(a[k], b[k], f"{prefix}{k}.")
+        changed += c
+        one_sided += o
+    return changed, one_sided
 
 
 def machine_rate(n: int = 2048, repeats: int = 5) -> dict:
