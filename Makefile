@@ -24,10 +24,10 @@ check-python:
 $(VENV)/.installed: requirements.txt requirements-torch.txt | check-python
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile -r requirements.txt -r requirements-torch.txt
-	@# Byte-compiled on every core instead of by pip, one file at a time: the whole install took 67 / 78 / 96 s
-	@# against 78 / 82 / 106 s in three A/B pairs on 2 cores. The .pyc files are needed: machines that set PYTHONDONTWRITEBYTECODE=1 would otherwise recompile
-	@# jax, flax and torch from source in every process. A file that does not compile (torch ships one written for
-	@# Python 3.12) is skipped, as pip skips it.
+	@# Byte-compiled on every core instead of by pip, one file at a time: the whole install took 67 / 78 / 96 s against
+	@# 78 / 82 / 106 s in three A/B pairs on 2 cores. The .pyc files are needed: machines that set
+	@# PYTHONDONTWRITEBYTECODE=1 would otherwise recompile jax, flax and torch from source in every process. A file
+	@# that does not compile (torch ships one written for Python 3.12) is skipped, as pip skips it.
 	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
