@@ -397,6 +397,34 @@ def test_install_refuses_unknown_accelerator(fakes):
     assert fakes.calls() == []
 
 
+# `make install`'s uv reads pip's package sources through launch/pip_sources_for_uv.py
+def test_pip_sources_reach_uv_as_pip_reads_them(tmp_path):
+    """The real pip parses a pip.conf and PIP_* variables; every find-links and extra index reaches uv once, the
+    index-url of PIP_INDEX_URL wins over the file's (as in pip), and uv takes the best version from any index."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text(
+        "[global]\nindex-url = https://mirror.example/simple\nfind-links = /wheels/a /wheels/b\n"
+        "extra-index-url =\n    file:///local/simple\n    https://more.example/simple\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=str(conf), PIP_FIND_LINKS="/wheels/b /wheels/c", PIP_INDEX_URL="https://env.example/s")
+    out = subprocess.run(
+        [sys.executable, str(LAUNCH / "pip_sources_for_uv.py")], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    pairs = list(zip(out[::2], out[1::2]))
+    assert pairs[0] == ("--index-strategy", "unsafe-best-match")
+    # (the machine's own /etc/pip.conf may add sources of its own; these must be there, each once)
+    for flag, value in [
+        ("--find-links", "/wheels/a"),
+        ("--find-links", "/wheels/b"),
+        ("--find-links", "/wheels/c"),
+        ("--extra-index-url", "file:///local/simple"),
+        ("--extra-index-url", "https://more.example/simple"),
+    ]:
+        assert pairs.count((flag, value)) == 1, (flag, value, out)
+    assert [v for f, v in pairs if f == "--index-url"] == ["https://env.example/s"]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # SLURM: requeue on the time limit, plain stop on SIGTERM
 # ------------------------------------------------------------------------------------------------------------------
