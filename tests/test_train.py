@@ -243,3 +243,21 @@ def test_synthetic_batches_depend_on_seed_and_step_only():
     chex.assert_trees_all_equal(next(resumed), next(whole))
     other_seed = next(SyntheticLatents(batch_size=8, seed=6, num_classes=10))
     assert not np.array_equal(other_seed["x1"], full["x1"])
+
+
+def test_metrics_writer_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports torch whenever it is installed (it is, beside the tests); the writer keeps it out of a
+    training process, and torch still imports normally afterwards."""
+    code = (
+        "import sys\n"
+        "from sfd_jax.train.metrics import MetricsWriter\n"
+        f"w = MetricsWriter({str(tmp_path)!r}, enabled=True)\n"
+        "w.write(1, {'loss': 0.5})\n"
+        "w.close()\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+        "import torch\n"
+        "print('torch', torch.__version__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "torch imported: False" in out and "torch 2." in out, out
+    assert [e.name for e in (tmp_path / "tb").iterdir()][0].startswith("events.out.tfevents"), "no TensorBoard events"
