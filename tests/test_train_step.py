@@ -21,7 +21,7 @@ from sfd_jax.programs import ProgramCache
 from sfd_jax.train import build as build_lib
 from sfd_jax.train import semvae as semvae_trainer
 from sfd_jax.train.state import TrainState, make_optimizer
-from sfd_jax.train.step import guarded_update
+from sfd_jax.train.step import _all_finite, guarded_update
 
 
 def sfd_config(**diffusion):
@@ -63,6 +63,25 @@ def test_ema_formula_and_nonfinite_guard():
     skipped, info = guarded_update(state, optax.sgd(0.5), {"w": jnp.asarray(g, jnp.float32)}, jnp.float32(np.nan), 0.9)
     np.testing.assert_array_equal(np.asarray(skipped.ema_params["w"]), np.float32(e))
     assert not bool(info["finite"]) and int(skipped.step) == 5
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_guard_sees_every_element_of_every_state_leaf(bad):
+    """The guard's one reduction per parameter (parameter, EMA and Adam moments summed as x * 0) flags a single
+    non-finite element in any float leaf: params, EMA, mu, nu, also a bfloat16 parameter, compiled by XLA."""
+    params = {"a": jnp.ones((3, 2)), "b": {"c": jnp.full(4, 0.5, jnp.bfloat16), "d": jnp.zeros(())}}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    state = (params, jax.tree.map(lambda x: x * 2, params), tx.init(params))
+    check = jax.jit(_all_finite)
+    assert bool(check(*state))
+    leaves, treedef = jax.tree.flatten(state)
+    floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    assert len(floats) == 12  # 3 parameters x (value, EMA, mu, nu)
+    for i in floats:
+        for position in range(leaves[i].size):
+            broken = list(leaves)
+            broken[i] = leaves[i].ravel().at[position].set(bad).reshape(leaves[i].shape)
+            assert not bool(check(*jax.tree.unflatten(treedef, broken))), (i, position)
 
 
 # ----------------------------------------------------------------------------------- warm-up and clipping
