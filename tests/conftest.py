@@ -106,42 +106,53 @@ def inception_net_weights():
     return regenerate_weights(load_golden("inception_fid.npz", EVAL), "net/")
 
 
-# Heaviest test files first (seconds, summed `--durations=0` on 2 cores): under `-n 2 --dist loadfile` xdist hands
-# out files in collection order, so the long ones start at once and the short ones fill in behind them.
-FILE_SECONDS = {  # measured on 2 busy cores (load 8-16), before this ordering and the child compilation cache
-    "test_multiprocess.py": 602,
-    "test_demo.py": 425,  # with the ablation tests, which reuse its finished workdir
-    # added since, measured in one full run on 2 cores shared with another job (setup + calls)
-    "test_trainer_guards.py": 300,
-    "test_gcs.py": 150,
-    "test_bad_inputs.py": 140,
-    "test_trainer_sharding.py": 115,
-    "test_benchmarks.py": 85,
-    "test_inference.py": 80,
-    "test_preemption.py": 70,
-    "test_vfm_ssl.py": 60,
-    "test_launch.py": 30,
-    "test_texture_vae_train.py": 214,
-    "test_train.py": 183,
-    "test_dit.py": 155,
-    "test_semvae_train.py": 118,
-    "test_metrics.py": 116,
-    "test_parallel.py": 97,
-    "test_sampler.py": 80,
-    "test_sample.py": 74,
-    "test_inception.py": 62,
-    "test_pipeline.py": 53,
-    "test_extract.py": 47,
-    "test_texture_vae.py": 35,
-    "test_classifier.py": 31,
-    "test_dinov2.py": 25,
-    "test_convert_dit.py": 23,
-    "test_semvae.py": 18,
-    "test_losses.py": 13,
-    "test_schedule.py": 7,
-    "test_checkpoint.py": 6,
-    "test_preprocess.py": 5,
+# Heaviest test files first (seconds: setup + call + teardown summed per file from `--durations=0`, one cold run
+# under `-n 2` on 2 cores, 2026-12-06). `make test` passes --no-loadscope-reorder: by default xdist hands out files
+# by their number of tests, not in collection order, and would ignore this one. The long files start at once and
+# the short ones fill in behind them (a file missing here goes last).
+FILE_SECONDS = {
+    "test_demo.py": 162,
+    "test_multiprocess.py": 127,
+    "test_trainer_guards.py": 90,
+    "test_dit.py": 49,
+    "test_sampler.py": 49,
+    "test_gcs.py": 49,
+    "test_benchmarks.py": 44,
+    "test_trainer_sharding.py": 44,
+    "test_bad_inputs.py": 42,
+    "test_sample.py": 37,
+    "test_train.py": 36,
+    "test_train_step.py": 36,
+    "test_recipes.py": 35,
+    "test_metrics.py": 34,
+    "test_vfm_ssl.py": 29,
+    "test_inference.py": 26,
+    "test_extract.py": 22,
+    "test_preemption.py": 20,
+    "test_timestep_embedder.py": 16,
+    "test_texture_vae_train.py": 16,
+    "test_texture_vae.py": 14,
+    "test_dinov2.py": 14,
+    "test_parallel.py": 14,
+    "test_semvae.py": 14,
+    "test_semvae_loss_weights.py": 12,
+    "test_inception.py": 12,
+    "test_losses.py": 11,
+    "test_launch.py": 11,
+    "test_extract_semantic.py": 10,
+    "test_pipeline.py": 5,
+    "test_checkpoint.py": 5,
+    "test_semvae_train.py": 5,
+    "test_schedule.py": 5,
+    "test_classifier.py": 4,
+    "test_profiling.py": 3,
+    "test_convert_dit.py": 2,
+    "test_preprocess.py": 2,
+    "test_imports.py": 1,
     "test_sources.py": 1,
+    "test_programs.py": 0,
+    "test_config.py": 0,
+    "test_convert_stats.py": 0,
 }
 
 

@@ -170,9 +170,11 @@ def test_flops_against_xla_cost_analysis(main_model, inputs):
 
 def test_reference_init_predicts_zero():
     cfg = DiTConfig.from_size("tiny")
-    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+    # compiled: the same values, one program instead of one per eager operation
+    model = nnx.jit(lambda: LightningDiT(cfg, rngs=nnx.Rngs(0)))()
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 48))
-    out, repa = model(x, jnp.array([0.1, 0.9]), jnp.array([0.4, 1.0]), jnp.array([3, 1000]), train=True)
+    forward = nnx.jit(lambda m, *a: m(*a, train=True))
+    out, repa = forward(model, x, jnp.array([0.1, 0.9]), jnp.array([0.4, 1.0]), jnp.array([3, 1000]))
     assert float(jnp.max(jnp.abs(out))) == 0.0
     assert float(jnp.max(jnp.abs(repa))) > 0.0  # the projector is xavier-initialised, not zero
     qkv = np.asarray(model.blocks[0].attn.qkv.kernel[...])

@@ -126,16 +126,17 @@ def test_records_hold_image_and_flip_tokens(reference_run, folder, encoders):
     assert [r["index"] for r in recs] == list(range(NUM_IMAGES))
     assert [r["label"] for r in recs] == [int(label) for label in src.labels]
     # REPA targets: DINOv2 tokens of the reference preprocessing (numpy path) of the crop and of its mirror image.
+    patch_tokens = nnx.jit(lambda m, p: m.patch_tokens(p))  # compiled: one program, not one per eager operation
     for i in (0, 9):
         crop = adm_center_crop(src[i][0], 32)
         for flip, key in ((False, "dino"), (True, "dino_flip")):
             pixels = dino_transform(crop[:, ::-1] if flip else crop, 112)
-            want = np.asarray(encoders.dinov2.patch_tokens(pixels[None]))[0]
+            want = np.asarray(patch_tokens(encoders.dinov2, pixels[None]))[0]
             np.testing.assert_allclose(recs[i][key].astype(np.float32), want, rtol=2e-3, atol=2e-3)
     # Posterior samples: μ + σ·ε with fresh noise per image and per flip.
     crop = adm_center_crop(src[5][0], 32)
     x = crop.astype(np.float32) / 127.5 - 1
-    mean, logvar = (np.asarray(a)[0] for a in encoders.texture_vae.encode(x[None]))
+    mean, logvar = (np.asarray(a)[0] for a in nnx.jit(lambda m, v: m.encode(v))(encoders.texture_vae, x[None]))
     eps = (recs[5]["texture"] - mean) / np.exp(0.5 * logvar)
     assert 0.5 < eps.std() < 1.5 and abs(eps.mean()) < 0.3
     assert not np.allclose(recs[5]["texture"], recs[5]["texture_flip"])
