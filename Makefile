@@ -47,7 +47,7 @@ install: check-python $(VENV)/.installed
 
 test: install fashion-mnist
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu FASHION_MNIST=$(FASHION_MNIST) \
-		$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests $(PYTEST_ARGS)
+		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 # ruff (settings in pyproject.toml): lint, and check that the tree is formatted; `make format` formats it.
 lint: install

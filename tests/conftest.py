@@ -92,6 +92,22 @@ def assert_trees_close(got, ref, rel: float, *, err_msg: str = "") -> None:
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # xdist would re-sort files by test count, undoing FILE_SECONDS
         config.option.loadscopereorder = False
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controlling process only
+        config._sfd_machine = _machine_rate()
+
+
+def _machine_rate() -> str:
+    """This machine's plain 2048² fp32 matmul rate now, printed after the run: the suite's time scales roughly with
+    its inverse, and on a shared VM it moves by a third within the hour (127 against 200 GFLOP/s seen here)."""
+    from sfd_jax.demo.pipeline import machine_rate
+
+    m = machine_rate()
+    return f"2048² fp32 matmul {m['matmul_2048_fp32_gflops']:.0f} GFLOP/s, load average {m['load_average']}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if getattr(config, "_sfd_machine", None):
+        terminalreporter.write_line(f"machine at the start: {config._sfd_machine}")
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +123,9 @@ def inception_net_weights():
 
 
 # Heaviest test files first (seconds: setup + call + teardown summed per file from `--durations=0`, one cold run
-# under `-n 2` on 2 cores, 2026-12-06). `make test` passes --no-loadscope-reorder: by default xdist hands out files
-# by their number of tests, not in collection order, and would ignore this one. The long files start at once and
-# the short ones fill in behind them (a file missing here goes last).
+# under `-n 2` on 2 cores, 2026-12-06). xdist hands out files in collection order (pytest_configure above stops it
+# re-sorting them by test count): the long files start at once and the short ones fill in behind them; a file
+# missing here goes last, which is where the previous table had left test_recipes and test_train_step.
 FILE_SECONDS = {
     "test_demo.py": 162,
     "test_multiprocess.py": 127,
