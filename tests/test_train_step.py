@@ -84,6 +84,19 @@ def test_nonfinite_guard_sees_every_element_of_every_state_leaf(bad):
             assert not bool(check(*jax.tree.unflatten(treedef, broken))), (i, position)
 
 
+def test_nonfinite_guard_with_factored_moments():
+    """Adafactor's moments have the parameters' tree but other shapes (rows, columns): checked, not broadcast."""
+    params = {"a": jnp.ones((6, 4)), "b": jnp.ones((3,))}
+    state = (params, params, optax.adafactor(1e-3, min_dim_size_to_factor=2).init(params))
+    assert bool(jax.jit(_all_finite)(*state))
+    leaves, treedef = jax.tree.flatten(state)
+    for i, x in enumerate(leaves):
+        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
+            broken = list(leaves)
+            broken[i] = x.ravel().at[0].set(np.inf).reshape(x.shape)
+            assert not bool(jax.jit(_all_finite)(*jax.tree.unflatten(treedef, broken))), (i, x.shape)
+
+
 # ----------------------------------------------------------------------------------- warm-up and clipping
 def numpy_adamw(grads, p, lrs, *, b1, b2, eps, wd, clip):
     """AdamW (decoupled weight decay, bias-corrected moments) after global-norm clipping, in float64."""

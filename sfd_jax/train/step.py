@@ -119,9 +119,11 @@ def _all_finite(params, ema, opt_state) -> jax.Array:
     groups += [] if jax.tree.structure(ema) == treedef else [(x,) for x in jax.tree.leaves(ema)]
     sums = []
     for group in groups:
-        floats = [x for x in group if jnp.issubdtype(x.dtype, jnp.inexact)]
-        if floats:
-            sums.append(jnp.sum(sum(x * 0 for x in floats), dtype=jnp.float32))
+        by_shape: dict[tuple, list] = {}  # a factored moment (Adafactor's rows/columns) has the tree, not the shape
+        for x in group:
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                by_shape.setdefault(x.shape, []).append(x)
+        sums += [jnp.sum(sum(x * 0 for x in same), dtype=jnp.float32) for same in by_shape.values()]
     return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
 
 
