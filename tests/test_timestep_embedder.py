@@ -9,11 +9,12 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import sfd_jax  # noqa: F401
 from sfd_jax.convert.common import ConversionError
 from sfd_jax.convert.dit import export_dit, load_dit, restore_dit, save_dit
-from sfd_jax.models.lightningdit import DiTConfig
+from sfd_jax.models.lightningdit import DiTConfig, LightningDiT
 from sfd_jax.train import build
 
 CFG = DiTConfig.from_size("tiny", in_channels=32, semantic_chans=0, num_classes=10)
@@ -27,18 +28,10 @@ def random_split_state_dict(seed):
     return {k: v if k in fixed else (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in sd.items()}
 
 
-def build_random(cfg):
-    from flax import nnx
-    from sfd_jax.models.lightningdit import LightningDiT
-
-    return nnx.jit(lambda: LightningDiT(cfg, rngs=nnx.Rngs(0)))()  # one program, not one per eager operation
-
-
-def forward(model, *args):
-    """The model's eval forward, compiled (the comparisons here do not need eager op-by-op execution)."""
-    from flax import nnx
-
-    return nnx.jit(lambda m, *a: m(*a))(model, *args)
+# Compiled once each (per config / per model structure) instead of one XLA compilation per eager operation; the
+# comparisons here do not need op-by-op execution.
+build_random = nnx.jit(lambda cfg: LightningDiT(cfg, rngs=nnx.Rngs(0)), static_argnums=0)
+forward = nnx.jit(lambda model, *args: model(*args))  # the eval forward
 
 
 def joint_by_hand(sd):

@@ -65,6 +65,18 @@ def test_ema_formula_and_nonfinite_guard():
     assert not bool(info["finite"]) and int(skipped.step) == 5
 
 
+def _with_one_bad_element(state, bad, every_position=True):
+    """(leaf index, position, `state` with that one element of that float leaf set to `bad`) for every float leaf
+    and every position in it (or only its first)."""
+    leaves, treedef = jax.tree.flatten(state)
+    for i, x in enumerate(leaves):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            for position in range(x.size if every_position else min(x.size, 1)):
+                broken = list(leaves)
+                broken[i] = x.ravel().at[position].set(bad).reshape(x.shape)
+                yield i, position, jax.tree.unflatten(treedef, broken)
+
+
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_nonfinite_guard_sees_every_element_of_every_state_leaf(bad):
     """The guard's one reduction per parameter (parameter, EMA and Adam moments summed as x * 0) flags a single
@@ -74,27 +86,20 @@ def test_nonfinite_guard_sees_every_element_of_every_state_leaf(bad):
     state = (params, jax.tree.map(lambda x: x * 2, params), tx.init(params))
     check = jax.jit(_all_finite)
     assert bool(check(*state))
-    leaves, treedef = jax.tree.flatten(state)
-    floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
     assert len(floats) == 12  # 3 parameters x (value, EMA, mu, nu)
-    for i in floats:
-        for position in range(leaves[i].size):
-            broken = list(leaves)
-            broken[i] = leaves[i].ravel().at[position].set(bad).reshape(leaves[i].shape)
-            assert not bool(check(*jax.tree.unflatten(treedef, broken))), (i, position)
+    for i, position, broken in _with_one_bad_element(state, bad):
+        assert not bool(check(*broken)), (i, position)
 
 
 def test_nonfinite_guard_with_factored_moments():
     """Adafactor's moments have the parameters' tree but other shapes (rows, columns): checked, not broadcast."""
     params = {"a": jnp.ones((6, 4)), "b": jnp.ones((3,))}
     state = (params, params, optax.adafactor(1e-3, min_dim_size_to_factor=2).init(params))
-    assert bool(jax.jit(_all_finite)(*state))
-    leaves, treedef = jax.tree.flatten(state)
-    for i, x in enumerate(leaves):
-        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
-            broken = list(leaves)
-            broken[i] = x.ravel().at[0].set(np.inf).reshape(x.shape)
-            assert not bool(jax.jit(_all_finite)(*jax.tree.unflatten(treedef, broken))), (i, x.shape)
+    check = jax.jit(_all_finite)
+    assert bool(check(*state))
+    for i, _, broken in _with_one_bad_element(state, np.inf, every_position=False):
+        assert not bool(check(*broken)), i
 
 
 # ----------------------------------------------------------------------------------- warm-up and clipping

@@ -86,7 +86,7 @@ def _torch_hidden() -> Iterator[None]:
     try:
         yield
     finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
+        if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
 
 

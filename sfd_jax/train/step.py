@@ -111,12 +111,9 @@ def _all_finite(params, ema, opt_state) -> jax.Array:
     """
     treedef = jax.tree.structure(params)
     is_like_params = lambda t: treedef.num_leaves > 1 and jax.tree.structure(t) == treedef  # noqa: E731
-    parts = jax.tree.leaves(opt_state, is_leaf=is_like_params)
-    moments = [t for t in parts if is_like_params(t)]  # e.g. Adam's mu and nu
-    aligned = [params, *([ema] if jax.tree.structure(ema) == treedef else []), *moments]
-    groups = list(zip(*(jax.tree.leaves(t) for t in aligned)))
+    parts = jax.tree.leaves((ema, opt_state), is_leaf=is_like_params)  # the EMA, Adam's mu and nu: whole trees
+    groups = list(zip(*(jax.tree.leaves(t) for t in [params] + [t for t in parts if is_like_params(t)])))
     groups += [(x,) for t in parts if not is_like_params(t) for x in jax.tree.leaves(t)]
-    groups += [] if jax.tree.structure(ema) == treedef else [(x,) for x in jax.tree.leaves(ema)]
     sums = []
     for group in groups:
         by_shape: dict[tuple, list] = {}  # a factored moment (Adafactor's rows/columns) has the tree, not the shape
