@@ -21,7 +21,7 @@ import pathlib
 import statistics
 import time
 
-from common import emit, environment, log, matmul_peak
+from common import emit, environment, log, matmul_peak, random_dit
 
 
 def build(size: str, batch: int, seed: int = 0):
@@ -30,15 +30,10 @@ def build(size: str, batch: int, seed: int = 0):
     from flax import nnx
 
     from sfd_jax.diffusion.losses import LossConfig, sfd_loss
-    from sfd_jax.models.lightningdit import DiTConfig, LightningDiT, forward_flops_per_image
+    from sfd_jax.models.lightningdit import DiTConfig, forward_flops_per_image
 
     cfg = DiTConfig(depth=4, hidden_size=256, num_heads=4) if size == "d4w256" else DiTConfig.from_size(size)
-    model = LightningDiT(cfg, rngs=nnx.Rngs(seed))
-    # adaLN / final layer start at zero; random weights make every path carry signal (and gradient).
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+    graphdef, params, rest = nnx.split(random_dit(cfg, seed), nnx.Param, ...)  # every path carries signal
     k1, k2, k3 = jax.random.split(jax.random.key(seed + 2), 3)
     x1 = jax.random.normal(k1, (batch, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
     y = jax.random.randint(k2, (batch,), 0, cfg.num_classes)

@@ -22,16 +22,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sfd_jax.convert.dit import load_dit  # noqa: E402
 from sfd_jax.diffusion.sampler import CFG, AutoGuidance, sample  # noqa: E402
-from sfd_jax.models.lightningdit import DiTConfig, LightningDiT  # noqa: E402
+from sfd_jax.models.lightningdit import DiTConfig  # noqa: E402
+from common import random_dit  # noqa: E402
 
 OFFICIAL = REPO / "tests" / "golden" / "official"
 
@@ -47,16 +46,7 @@ def _golden():
 
 def _random_model(size: str, dtype: str, seed: int):
     cfg = DiTConfig.from_size(size, dtype=dtype)
-    model = LightningDiT(cfg, rngs=nnx.Rngs(seed))
-    # Zero-initialised adaLN / final layers would make the field trivially 0: perturb every parameter.
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [
-        x + 0.02 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        for x, k in zip(leaves, keys)
-    ]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), cfg
+    return random_dit(cfg, seed), cfg  # perturbed: zero-initialised adaLN / final layers would make the field 0
 
 
 def _errors(x, exact):

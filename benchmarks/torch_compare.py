@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from common import emit, environment, log, matmul_peak
+from common import emit, environment, log, matmul_peak, random_dit
 
 
 def torch_model(w: dict, cfg):
@@ -109,15 +109,10 @@ def main(argv=None) -> dict:
     import torch
     from flax import nnx
 
-    from sfd_jax.models.lightningdit import DiTConfig, LightningDiT, forward_flops_per_image
+    from sfd_jax.models.lightningdit import DiTConfig, forward_flops_per_image
 
     cfg = DiTConfig(depth=4, hidden_size=256, num_heads=4) if args.size == "d4w256" else DiTConfig.from_size(args.size)
-    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # Zero-initialised adaLN/final layers would hide most of the network: perturb every weight.
-    leaves, tree = jax.tree.flatten(params)
-    ks = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [leaf + 0.02 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, ks)])
+    graphdef, params, rest = nnx.split(random_dit(cfg, 0), nnx.Param, ...)  # every weight carries signal
 
     b, s = args.batch, cfg.input_size
     r = np.random.default_rng(0)
