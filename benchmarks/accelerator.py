@@ -10,7 +10,7 @@ Sections of the JSON:
 - `attention`: which `jax.nn.dot_product_attention` implementation the run used: 'cudnn' where it compiles and
   runs on this device (NVIDIA GPUs), else 'xla'; the train step runs with it;
 - `sampler`: images/s of Dopri5 at the paper's tolerance (rtol 1e-3, atol 1e-6) and of Euler with 250 steps, XL,
-  random weights (cost only);
+  random weights (cost only; the dry run samples the golden tiny DiT);
 - `bf16_vs_fp32`: the golden model (tests/golden/official/dit.npz) evaluated in bf16 and in fp32 on the same
   inputs: max |bf16 − fp32| / max |fp32| of the velocity.
 """
@@ -89,14 +89,18 @@ def memory_section() -> dict:
     return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
 
 
-def sampler_section(size, batch, euler_steps) -> list[dict]:
+def sampler_section(size, batch, euler_steps, dry_run) -> list[dict]:
     import jax
     import numpy as np
 
     from sampler import _random_model
+    from sfd_jax.convert.dit import load_dit
     from sfd_jax.diffusion.sampler import sample
 
-    model, cfg = _random_model(size, "bfloat16", 0)
+    if dry_run:  # the golden tiny DiT: loading it compiles nothing, a random initialisation compiles for seconds
+        cfg, model = load_dit(_golden_state_dict(), dtype="bfloat16")
+    else:
+        model, cfg = _random_model(size, "bfloat16", 0)
     z0 = np.asarray(
         jax.random.normal(jax.random.key(0), (batch, cfg.input_size, cfg.input_size, cfg.in_channels)), np.float32
     )
@@ -130,16 +134,22 @@ def sampler_section(size, batch, euler_steps) -> list[dict]:
     return rows
 
 
+def _golden_state_dict() -> dict:
+    import numpy as np
+
+    if not GOLDEN.exists():
+        raise FileNotFoundError(f"golden model {GOLDEN} is missing (needed for the bf16-vs-fp32 check and the dry run)")
+    with np.load(GOLDEN) as d:
+        return {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
+
+
 def bf16_section(batch: int = 4) -> dict:
     import jax
     import numpy as np
 
     from sfd_jax.convert.dit import load_dit
 
-    if not GOLDEN.exists():
-        raise FileNotFoundError(f"golden model {GOLDEN} is missing (needed for the bf16-vs-fp32 check)")
-    d = dict(np.load(GOLDEN))
-    sd = {k[3:]: v for k, v in d.items() if k.startswith("sd/")}
+    sd = _golden_state_dict()
     outs = {}
     for dtype in ("float32", "bfloat16"):
         cfg, model = load_dit(sd, dtype=dtype)
@@ -183,7 +193,7 @@ def main(argv=None) -> dict:
     }
     result["train"] = train_section(size, batches, steps, repeats, impl, args.dry_run)
     result["memory"] = memory_section()
-    result["sampler"] = sampler_section(size, s_batch, euler)
+    result["sampler"] = sampler_section(size, s_batch, euler, args.dry_run)
     result["bf16_vs_fp32"] = bf16_section()
     result["total_s"] = time.perf_counter() - t0
     emit(result)
