@@ -22,9 +22,7 @@ import contextlib
 import io
 import time
 
-from common import REPO, emit, environment, log
-
-GOLDEN = REPO / "tests" / "golden" / "official" / "dit.npz"
+from common import emit, environment, golden_dit_state_dicts, log
 
 
 def attention_impl(platform: str) -> tuple[str, str | None]:
@@ -98,7 +96,7 @@ def sampler_section(size, batch, euler_steps, dry_run) -> list[dict]:
     from sfd_jax.diffusion.sampler import sample
 
     if dry_run:  # the golden tiny DiT: loading it compiles nothing, a random initialisation compiles for seconds
-        cfg, model = load_dit(_golden_state_dict(), dtype="bfloat16")
+        cfg, model = load_dit(golden_dit_state_dicts()[0], dtype="bfloat16")
     else:
         model, cfg = _random_model(size, "bfloat16", 0)
     z0 = np.asarray(
@@ -134,22 +132,13 @@ def sampler_section(size, batch, euler_steps, dry_run) -> list[dict]:
     return rows
 
 
-def _golden_state_dict() -> dict:
-    import numpy as np
-
-    if not GOLDEN.exists():
-        raise FileNotFoundError(f"golden model {GOLDEN} is missing (needed for the bf16-vs-fp32 check and the dry run)")
-    with np.load(GOLDEN) as d:
-        return {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
-
-
 def bf16_section(batch: int = 4) -> dict:
     import jax
     import numpy as np
 
     from sfd_jax.convert.dit import load_dit
 
-    sd = _golden_state_dict()
+    sd = golden_dit_state_dicts()[0]
     outs = {}
     for dtype in ("float32", "bfloat16"):
         cfg, model = load_dit(sd, dtype=dtype)

@@ -44,6 +44,22 @@ def load_config(spec: str, overrides=()):
     return load(spec, overrides)
 
 
+GOLDEN_DIT = REPO / "tests" / "golden" / "official" / "dit.npz"
+
+
+@functools.cache
+def golden_dit_state_dicts() -> tuple[dict, dict]:
+    """(model, AutoGuidance guide) state dicts of the golden tiny DiT (`sd/…` and `guide_sd/…` in GOLDEN_DIT), read
+    once per process. Callers must not modify them."""
+    import numpy as np
+
+    if not GOLDEN_DIT.exists():
+        raise FileNotFoundError(f"golden model {GOLDEN_DIT} is missing (it ships with the repository)")
+    with np.load(GOLDEN_DIT) as d:
+        part = lambda prefix: {k[len(prefix) :]: d[k] for k in d.files if k.startswith(prefix)}  # noqa: E731
+        return part("sd/"), part("guide_sd/")
+
+
 def random_dit(cfg, seed: int = 0, scale: float = 0.02):
     """A LightningDiT whose every parameter is perturbed by scale·N(0, 1).
 

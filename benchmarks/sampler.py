@@ -30,15 +30,15 @@ sys.path.insert(0, str(REPO))
 from sfd_jax.convert.dit import load_dit  # noqa: E402
 from sfd_jax.diffusion.sampler import CFG, AutoGuidance, sample  # noqa: E402
 from sfd_jax.models.lightningdit import DiTConfig  # noqa: E402
-from common import random_dit  # noqa: E402
+from common import golden_dit_state_dicts, random_dit  # noqa: E402
 
 OFFICIAL = REPO / "tests" / "golden" / "official"
 
 
 def _golden():
-    d = dict(np.load(OFFICIAL / "dit.npz"))
-    _, main = load_dit({k[3:]: v for k, v in d.items() if k.startswith("sd/")})
-    _, guide = load_dit({k[9:]: v for k, v in d.items() if k.startswith("guide_sd/")})
+    main_sd, guide_sd = golden_dit_state_dicts()
+    _, main = load_dit(main_sd)
+    _, guide = load_dit(guide_sd)
     ref = dict(np.load(OFFICIAL / "dopri5.npz"))
     nhwc = lambda a: np.moveaxis(a, 1, -1)
     return main, guide, nhwc(ref["z0"]), ref["y"], nhwc(ref["final_exact"]), int(ref["nfe_dopri5"])
