@@ -40,6 +40,14 @@ def test_augment_keeps_shape_and_range_and_differs_per_key():
     assert not np.allclose(a, b)
 
 
+def test_config_refuses_a_warmup_as_long_as_the_run():
+    from sfd_jax.train.vfm_ssl import SSLConfig
+
+    with pytest.raises(ValueError, match=r"warmup_steps \(50\) must be .* smaller than steps \(40\)"):
+        SSLConfig(steps=40, warmup_steps=50)
+    SSLConfig(steps=40, warmup_steps=39)  # the last step still decays
+
+
 def test_linear_probe_separates_separable_features():
     from sfd_jax.train.vfm_ssl import linear_probe
 

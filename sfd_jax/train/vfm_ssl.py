@@ -64,6 +64,11 @@ class SSLConfig:
                 f"SSLConfig: steps ({self.steps}) must be >= 1 and batch_size ({self.batch_size}) >= 2 "
                 "(NT-Xent needs negatives)"
             )
+        if not 0 <= self.warmup_steps < self.steps:
+            # The cosine decay after the warm-up needs at least one step (optax's error would not name the field).
+            raise ValueError(
+                f"SSLConfig.warmup_steps ({self.warmup_steps}) must be at least 0 and smaller than steps ({self.steps})"
+            )
         if not 0 < self.crop_min_area <= 1:
             raise ValueError(f"SSLConfig.crop_min_area must lie in (0, 1], got {self.crop_min_area}")
         if self.temperature <= 0:
