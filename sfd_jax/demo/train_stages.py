@@ -14,10 +14,10 @@ from sfd_jax.demo.data import Subset, fashion_mnist
 log = logging.getLogger("sfd_jax.demo")
 
 RANDOM_VFM_WARNING = (
-    "DINOv2 IS RANDOMLY INITIALISED: random ViT features stand in for pretrained DINOv2 features "
-    "(no weights can be downloaded here). The pipeline is the real one, but the semantic latent "
-    "and REPA targets carry no pretrained semantics; pass --config.demo.vfm_checkpoint=<a "
-    "transformers Dinov2WithRegisters directory> for real features."
+    "DINOv2 IS RANDOMLY INITIALISED (dino.ssl.steps = 0): random ViT features stand in for pretrained "
+    "DINOv2 features. The pipeline is the real one, but the semantic latent and REPA targets carry no "
+    "semantics; leave dino.ssl.steps at its default to pretrain the encoder here, or pass "
+    "--config.demo.vfm_checkpoint=<a transformers Dinov2WithRegisters directory> for real features."
 )
 
 
