@@ -5,9 +5,10 @@
 Stages (each cached in the workdir; a re-run skips finished stages, a killed run resumes): a small
 DINOv2-with-registers (patch 8: a 4×4 token grid, the same grid as the latent) pretrained self-supervised on the
 training images, and its linear probe against the random initialisation → texture VAE (f8, 32×32 → 4×4×32) →
-SemVAE on the DINOv2 tokens (→ 4×4×16; a second one on the random encoder's, for comparison) → latent extraction (ArrayRecord + stats.json) → SFD DiT (Δt = 0.3, REPA on the DINOv2 tokens) with an early EMA
-snapshot as the AutoGuidance guide → class-balanced Dopri5 sampling, unguided and guided → a SmallCNN judge:
-test accuracy, class consistency, FID in its feature space. Expected: ≤ 10 minutes; report.json, samples.png and
+SemVAE on the DINOv2 tokens (→ 4×4×16; a second one on the random encoder's, for comparison) → latent extraction
+(ArrayRecord + stats.json) → SFD DiT (Δt = 0.3, REPA on the DINOv2 tokens) with an early EMA snapshot as the
+AutoGuidance guide → class-balanced Dopri5 sampling, unguided and guided → a SmallCNN judge: test accuracy, class
+consistency, FID in its feature space. Expected: ≤ 10 minutes; report.json, samples.png and
 loss.png in the workdir (numbers in docs/demo.md).
 
 Variants:
