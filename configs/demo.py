@@ -63,7 +63,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # f8 rather than f4: 16 DiT tokens instead of 64 make a DiT step ~4.5× cheaper on the CPU, which buys the DiT the
     # training steps it needs inside the time budget. Width 8 at 32×32 (channels 8, 16, 32, 32): the full-resolution
     # decoder levels are most of the cost, and this VAE trains at ~1.8× the images/s of width 16 with (1, 2, 2, 2)
-    # for nearly the same reconstructions (docs/demo.md, "Budgets").
+    # for nearly the same reconstructions, except sandals' thin straps (docs/demo.md, "Budgets").
     tv = _sibling("texture_vae", "demo")
     tv.model.update(ch=8, ch_mult=(1, 2, 4, 4))
     tv.optim.lr = 2e-3
@@ -135,8 +135,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     dit.diffusion.delta_t = 0.3
     # grad_clip: the zero-initialised output layer makes the velocity-cosine loss's first gradients ~1e6; unclipped
     # they would inflate Adam's second moment for thousands of steps. label_dropout 0: AutoGuidance needs no
-    # unconditional model, so every example trains the class-conditional one. With lr 3e-3 as well, 1,400 steps reach
-    # 81% class consistency with AutoGuidance, where lr 2e-3 with dropout 0.1 reached 77.5% in 2,000 (docs/demo.md).
+    # unconditional model, so every example trains the class-conditional one. With lr 3e-3 as well, 1,400 steps beat
+    # 2,000 of lr 2e-3 with dropout 0.1 on the same data: 81.2% against 77.5% with AutoGuidance (docs/demo.md).
     dit.optim.update(lr=3e-3, ema_decay=0.995, warmup_steps=100, grad_clip=1.0, label_dropout=0.0)
     dit.train.update(
         batch_size=128,
