@@ -8,8 +8,8 @@ training images, and its linear probe against the random initialisation → text
 SemVAE on the DINOv2 tokens (→ 4×4×16; a second one on the random encoder's, for comparison) → latent extraction
 (ArrayRecord + stats.json) → SFD DiT (Δt = 0.3, REPA on the DINOv2 tokens) with an early EMA snapshot as the
 AutoGuidance guide → class-balanced Dopri5 sampling, unguided and guided → a SmallCNN judge: test accuracy, class
-consistency, FID in its feature space. Expected: ≤ 10 minutes; report.json, samples.png and
-loss.png in the workdir (numbers in docs/demo.md).
+consistency, FID in its feature space. Expected: ≤ 10 minutes; report.json, samples.png and loss.png in the workdir
+(numbers in docs/demo.md).
 
 Variants:
 - `default` the real demo.
