@@ -3,6 +3,7 @@
     python benchmarks/backward.py                       # depth 4, width 256, 4 heads, batch 8 (issue config)
     python benchmarks/backward.py --size=b --batch=8
     python benchmarks/backward.py --profile=/tmp/prof   # also: per-op table from the XLA:CPU profiler
+    taskset -c 0 python benchmarks/backward.py --profile=/tmp/prof  # one core: the per-kind sums add up to the step
 
 Rounds of (2048² fp32 matmul peak, forward, forward + backward), all in this process, so every ratio compares
 figures taken under the same load of a shared machine. Reported per round and as medians:
@@ -58,12 +59,15 @@ def clock(fn, n):
     return (time.perf_counter() - w) / n, (time.process_time() - c) / n
 
 
+PROFILE_CALLS = 3
+
+
 def profile_table(fn, logdir: str, top: int = 10) -> dict:
     """Runs fn under jax.profiler and sums the XLA:CPU per-op events of the trace by HLO op name."""
     import jax
 
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
-        for _ in range(3):
+        for _ in range(PROFILE_CALLS):
             jax.block_until_ready(fn())
     path = sorted(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))[-1]
     events = json.load(gzip.open(path))
@@ -73,6 +77,32 @@ def profile_table(fn, logdir: str, top: int = 10) -> dict:
         if e.get("ph") == "X" and "dur" in e:
             per_op[e["name"]] = per_op.get(e["name"], 0.0) + float(e["dur"])
     return per_op
+
+
+def categories(per_op: dict, hlo_text: str) -> dict:
+    """ms per call of the thunks of one program by kind: YNNPACK dots (`ynn_fusion*`), Eigen dots (plain `dot`
+    instructions, the weight gradients XLA:CPU does not give to YNNPACK), transposes/copies, and every other fusion.
+    Only thunks named in the compiled HLO count (the trace also holds Python and runtime events). Pinned to one core
+    (`taskset -c 0`) the thunks run one at a time, so the sums add up to the step; on more cores they overlap."""
+    import re
+
+    names = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", hlo_text, re.M)}
+    sums = {"ynnpack_dots": 0.0, "eigen_dots": 0.0, "transposes_copies": 0.0, "other_fusions": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    for name, us in per_op.items():
+        if name not in names:
+            continue
+        if name.startswith("ynn"):
+            kind = "ynnpack_dots"
+        elif " dot(" in names[name]:
+            kind = "eigen_dots"
+        elif "transpose" in name or "copy" in name:
+            kind = "transposes_copies"
+        else:
+            kind = "other_fusions"
+        sums[kind] += us / 1e3 / PROFILE_CALLS
+        counts[kind] += 1
+    return {k: {"ms": round(v, 1), "thunks": counts[k]} for k, v in sums.items()}
 
 
 def main(argv=None) -> dict:
@@ -129,11 +159,12 @@ def main(argv=None) -> dict:
         "env": env,
     }
     if args.profile:
-        out = {}
-        for name, fn in (("fwd", f), ("fwdbwd", fb)):
-            per_op = profile_table(fn, f"{args.profile}/{name}")
-            out[name] = per_op
+        out, cats = {}, {}
+        for name, fn, jitted in (("fwd", f, fwd), ("fwdbwd", fb, fwdbwd)):
+            out[name] = profile_table(fn, f"{args.profile}/{name}")
+            cats[name] = categories(out[name], jitted.lower(params, *inputs).compile().as_text())
         result["profile"] = {k: sorted(v.items(), key=lambda kv: -kv[1])[:40] for k, v in out.items()}
+        result["profile"]["categories_ms_per_call"] = cats
     result["env"]["load_avg_1m_end"] = environment().get("load_avg_1m")
     emit(result)
     return result
