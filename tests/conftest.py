@@ -7,9 +7,13 @@ import pathlib
 # take TEST_XLA_FLAGS and add their own). Compile time is most of the suite's time (768 of ~1,700 CPU seconds in a
 # py-spy profile), and XLA's CPU backend optimisation level mostly buys run time the tiny test programs do not need:
 # at level 1 instead of the default 3 the tiny demo's test ran in 79 s instead of 101 s on the idle 2-core machine.
-# Programs mean the same at every level; users' programs compile at the default, and
+# Programs mean the same at levels 1 and 3; users' programs compile at the default, and
 # tests/test_train_step.py checks that the initialisers (which TrainSetup always compiles at level 1 on CPU) give the
-# bits of a level-3 compile.
+# bits of a level-3 compile. Level 0 is not used: with the legacy emitters (--xla_cpu_use_fusion_emitters=false) it
+# cut the suite's XLA compile time from 625 to 396 s, but a sample from two processes then differed from one
+# process's by one uint8 step in one of 49,152 values (tests/test_multiprocess.py; level 0 also moves initial DiT
+# weights by 2 ULP, sfd_jax/train/state.py). The FAST_COMPILE preset, --xla_llvm_disable_expensive_passes and a
+# smaller codegen split changed nothing measurable.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
